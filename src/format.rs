@@ -1,0 +1,841 @@
+//! Every persisted type of the store, in one place: the store config, the blob
+//! header, the pack header and record framing, and the encodings of the values
+//! kept in the redb tables. `docs/format.md` is the written contract; this file
+//! implements it byte for byte. Each structure carries a magic number and/or a
+//! version, and an unknown version is a typed error, never a guess.
+//!
+//! This module calls nothing else in the crate.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Errors decoding a persisted structure.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("bad magic in {what}")]
+    BadMagic { what: &'static str },
+    #[error("{what} has format version {found}; this build understands {supported}")]
+    UnknownVersion {
+        what: &'static str,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{what} is truncated ({len} bytes)")]
+    Truncated { what: &'static str, len: usize },
+    #[error("unknown compression code {0}")]
+    UnknownCompression(u8),
+    #[error("unknown sealing code {0}")]
+    UnknownSealing(u8),
+    #[error("{what} is malformed: {why}")]
+    Malformed { what: &'static str, why: String },
+}
+
+// ---------------------------------------------------------------- ids
+
+/// SHA-1 of a chunk's plaintext: the chunk's name everywhere.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 20]);
+
+impl ChunkId {
+    pub fn of(data: &[u8]) -> ChunkId {
+        use sha1::Digest;
+        let digest = sha1::Sha1::digest(data);
+        let mut id = [0u8; 20];
+        id.copy_from_slice(&digest);
+        ChunkId(id)
+    }
+
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(40);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    pub fn from_hex(s: &str) -> Option<ChunkId> {
+        if s.len() != 40 {
+            return None;
+        }
+        let mut id = [0u8; 20];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(ChunkId(id))
+    }
+
+    /// The first eight bytes, for the negative cache's bit index.
+    pub fn prefix_u64(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[..8]);
+        u64::from_be_bytes(b)
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A pack file's number. Pack ids are never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PackId(pub u64);
+
+impl fmt::Display for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pack {:012x}", self.0)
+    }
+}
+
+impl PackId {
+    /// File name relative to `packs/`: a two-hex-digit fan-out directory keeps
+    /// directories small on a store with many packs.
+    pub fn rel_path(&self) -> String {
+        format!("{:02x}/{:012x}.pack", self.0 & 0xff, self.0)
+    }
+}
+
+/// Who holds a reference: the local volume, or on a target, one client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OwnerId(pub u32);
+
+impl OwnerId {
+    /// The local volume (the mounted filesystem and its snapshots).
+    pub const LOCAL: OwnerId = OwnerId(1);
+}
+
+impl fmt::Display for OwnerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "owner {}", self.0)
+    }
+}
+
+// ---------------------------------------------------------------- config
+
+pub const STORE_MAGIC: &str = "dedupfs-store";
+pub const STORE_FORMAT_VERSION: u32 = 1;
+pub const CONFIG_FILE: &str = "config.json";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Zstd,
+    Lz4,
+}
+
+impl Compression {
+    pub fn code(self) -> u8 {
+        match self {
+            Compression::None => 0,
+            Compression::Zstd => 1,
+            Compression::Lz4 => 2,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Result<Compression, FormatError> {
+        match code {
+            0 => Ok(Compression::None),
+            1 => Ok(Compression::Zstd),
+            2 => Ok(Compression::Lz4),
+            c => Err(FormatError::UnknownCompression(c)),
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Compression::None),
+            "zstd" => Ok(Compression::Zstd),
+            "lz4" => Ok(Compression::Lz4),
+            other => Err(format!("unknown compression '{other}' (zstd, lz4 or none)")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkerParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl Default for ChunkerParams {
+    fn default() -> Self {
+        ChunkerParams {
+            min: 4 * 1024,
+            avg: 16 * 1024,
+            max: 64 * 1024,
+        }
+    }
+}
+
+impl ChunkerParams {
+    /// The bounds the fastcdc v2020 implementation accepts, plus our own
+    /// ordering rule; checked at `init` so a store never records parameters
+    /// the chunker would reject.
+    pub fn validate(&self) -> Result<(), String> {
+        let ChunkerParams { min, avg, max } = *self;
+        if !(64..=1_048_576).contains(&min) {
+            return Err(format!("chunk-min {min} is outside 64..=1048576"));
+        }
+        if !(256..=4_194_304).contains(&avg) {
+            return Err(format!("chunk-avg {avg} is outside 256..=4194304"));
+        }
+        if !(1024..=16_777_216).contains(&max) {
+            return Err(format!("chunk-max {max} is outside 1024..=16777216"));
+        }
+        if min % 2 != 0 || avg % 2 != 0 || max % 2 != 0 {
+            return Err("chunk sizes must be even".into());
+        }
+        if !(min < avg && avg < max) {
+            return Err(format!(
+                "need chunk-min < chunk-avg < chunk-max, got {min}/{avg}/{max}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `STORE/config.json`. Written once at `init` (new file, fsync, rename).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreConfig {
+    /// Always [`STORE_MAGIC`].
+    pub format: String,
+    pub version: u32,
+    /// Random id of this store, hex; names it to mirrors and logs.
+    pub store_id: String,
+    pub chunker: ChunkerParams,
+    pub compression: Compression,
+    /// zstd level when `compression` is zstd.
+    pub zstd_level: i32,
+    /// Target pack size; a pack is sealed once it passes this.
+    pub pack_target_bytes: u64,
+}
+
+impl StoreConfig {
+    pub fn new(chunker: ChunkerParams, compression: Compression, store_id: String) -> StoreConfig {
+        StoreConfig {
+            format: STORE_MAGIC.to_string(),
+            version: STORE_FORMAT_VERSION,
+            store_id,
+            chunker,
+            compression,
+            zstd_level: 3,
+            pack_target_bytes: 32 * 1024 * 1024,
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<StoreConfig, FormatError> {
+        // Check the version before the full shape, so that a newer format with
+        // new fields is reported as a version problem, not a parse error.
+        let raw: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| FormatError::Malformed {
+                what: "config.json",
+                why: e.to_string(),
+            })?;
+        if raw.get("format").and_then(|v| v.as_str()) != Some(STORE_MAGIC) {
+            return Err(FormatError::BadMagic {
+                what: "config.json",
+            });
+        }
+        let version = raw.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        if version != STORE_FORMAT_VERSION {
+            return Err(FormatError::UnknownVersion {
+                what: "store",
+                found: version,
+                supported: STORE_FORMAT_VERSION,
+            });
+        }
+        let cfg: StoreConfig = serde_json::from_value(raw).map_err(|e| FormatError::Malformed {
+            what: "config.json",
+            why: e.to_string(),
+        })?;
+        cfg.chunker
+            .validate()
+            .map_err(|why| FormatError::Malformed {
+                what: "config.json",
+                why,
+            })?;
+        Ok(cfg)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing a plain struct of strings and integers cannot fail.
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+}
+
+// ---------------------------------------------------------------- blob
+
+pub const BLOB_VERSION: u8 = 1;
+pub const BLOB_HEADER_LEN: usize = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sealing {
+    None,
+    /// Convergent AEAD (decision 8); used on the wire to untrusted remotes.
+    Convergent,
+}
+
+/// The header in front of every blob, on disk and on the wire.
+///
+/// ```text
+/// 0      1            2        3         4..8
+/// version compression sealing  reserved  raw_len (u32 LE)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobHeader {
+    pub compression: Compression,
+    pub sealing: Sealing,
+    /// Length of the plaintext chunk.
+    pub raw_len: u32,
+}
+
+impl BlobHeader {
+    pub fn encode(&self) -> [u8; BLOB_HEADER_LEN] {
+        let mut h = [0u8; BLOB_HEADER_LEN];
+        h[0] = BLOB_VERSION;
+        h[1] = self.compression.code();
+        h[2] = match self.sealing {
+            Sealing::None => 0,
+            Sealing::Convergent => 1,
+        };
+        h[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
+        h
+    }
+
+    pub fn decode(b: &[u8]) -> Result<BlobHeader, FormatError> {
+        if b.len() < BLOB_HEADER_LEN {
+            return Err(FormatError::Truncated {
+                what: "blob header",
+                len: b.len(),
+            });
+        }
+        if b[0] != BLOB_VERSION {
+            return Err(FormatError::UnknownVersion {
+                what: "blob",
+                found: b[0] as u32,
+                supported: BLOB_VERSION as u32,
+            });
+        }
+        let compression = Compression::from_code(b[1])?;
+        let sealing = match b[2] {
+            0 => Sealing::None,
+            1 => Sealing::Convergent,
+            c => return Err(FormatError::UnknownSealing(c)),
+        };
+        Ok(BlobHeader {
+            compression,
+            sealing,
+            raw_len: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        })
+    }
+}
+
+// ---------------------------------------------------------------- pack
+
+pub const PACK_MAGIC: &[u8; 8] = b"DDFSPACK";
+pub const PACK_VERSION: u32 = 1;
+pub const PACK_HEADER_LEN: usize = 32;
+
+/// ```text
+/// 0..8 magic "DDFSPACK" | 8..12 version u32 LE | 12..20 pack id u64 LE | 20..32 zero
+/// ```
+pub fn encode_pack_header(id: PackId) -> [u8; PACK_HEADER_LEN] {
+    let mut h = [0u8; PACK_HEADER_LEN];
+    h[..8].copy_from_slice(PACK_MAGIC);
+    h[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
+    h[12..20].copy_from_slice(&id.0.to_le_bytes());
+    h
+}
+
+pub fn decode_pack_header(b: &[u8]) -> Result<PackId, FormatError> {
+    if b.len() < PACK_HEADER_LEN {
+        return Err(FormatError::Truncated {
+            what: "pack header",
+            len: b.len(),
+        });
+    }
+    if &b[..8] != PACK_MAGIC {
+        return Err(FormatError::BadMagic {
+            what: "pack header",
+        });
+    }
+    let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    if version != PACK_VERSION {
+        return Err(FormatError::UnknownVersion {
+            what: "pack",
+            found: version,
+            supported: PACK_VERSION,
+        });
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&b[12..20]);
+    Ok(PackId(u64::from_le_bytes(id)))
+}
+
+pub const RECORD_MAGIC: &[u8; 4] = b"DBR1";
+pub const RECORD_HEADER_LEN: usize = 32;
+
+/// One blob in a pack, framed so that a pack is its own index:
+///
+/// ```text
+/// 0..4 magic "DBR1" | 4..24 chunk id | 24..28 blob_len u32 LE | 28..32 crc32 LE
+/// 32..32+blob_len   blob (BlobHeader + payload)
+/// ```
+///
+/// The CRC covers bytes 0..28 and the blob; it tells a torn or damaged record
+/// from a whole one when a pack is scanned without the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub id: ChunkId,
+    pub blob_len: u32,
+    pub crc: u32,
+}
+
+impl RecordHeader {
+    pub fn for_blob(id: ChunkId, blob_header: &[u8], payload: &[u8]) -> RecordHeader {
+        let blob_len = (blob_header.len() + payload.len()) as u32;
+        let mut h = crc32fast::Hasher::new();
+        h.update(RECORD_MAGIC);
+        h.update(&id.0);
+        h.update(&blob_len.to_le_bytes());
+        h.update(blob_header);
+        h.update(payload);
+        RecordHeader {
+            id,
+            blob_len,
+            crc: h.finalize(),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        h[..4].copy_from_slice(RECORD_MAGIC);
+        h[4..24].copy_from_slice(&self.id.0);
+        h[24..28].copy_from_slice(&self.blob_len.to_le_bytes());
+        h[28..32].copy_from_slice(&self.crc.to_le_bytes());
+        h
+    }
+
+    pub fn decode(b: &[u8]) -> Result<RecordHeader, FormatError> {
+        if b.len() < RECORD_HEADER_LEN {
+            return Err(FormatError::Truncated {
+                what: "record header",
+                len: b.len(),
+            });
+        }
+        if &b[..4] != RECORD_MAGIC {
+            return Err(FormatError::BadMagic {
+                what: "record header",
+            });
+        }
+        let mut id = [0u8; 20];
+        id.copy_from_slice(&b[4..24]);
+        Ok(RecordHeader {
+            id: ChunkId(id),
+            blob_len: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
+            crc: u32::from_le_bytes([b[28], b[29], b[30], b[31]]),
+        })
+    }
+
+    /// Whether `blob` (the bytes after the header) matches the stored CRC.
+    pub fn crc_matches(&self, blob: &[u8]) -> bool {
+        let mut h = crc32fast::Hasher::new();
+        h.update(RECORD_MAGIC);
+        h.update(&self.id.0);
+        h.update(&self.blob_len.to_le_bytes());
+        h.update(blob);
+        h.finalize() == self.crc
+    }
+
+    pub fn record_len(&self) -> u64 {
+        RECORD_HEADER_LEN as u64 + self.blob_len as u64
+    }
+}
+
+// ---------------------------------------------------------------- index values
+
+pub const CHUNK_ENTRY_VERSION: u8 = 1;
+
+/// Value of the `chunks` table (key: the 20-byte chunk id).
+///
+/// ```text
+/// 0 version | 1..9 pack u64 | 9..17 offset u64 | 17..21 record_len u32
+/// 21..25 raw_len u32 | 25..33 dead_since u64 | 33..35 owner count u16
+/// then per owner: owner u32, count u64
+/// ```
+///
+/// `dead_since` is 0 while any owner holds the chunk; otherwise the commit
+/// sequence at which it lost its last reference (or was written unreferenced).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkEntry {
+    pub pack: PackId,
+    pub offset: u64,
+    /// Bytes the record takes in the pack, header included.
+    pub record_len: u32,
+    pub raw_len: u32,
+    pub dead_since: u64,
+    pub owners: Vec<(OwnerId, u64)>,
+}
+
+impl ChunkEntry {
+    pub fn is_live(&self) -> bool {
+        !self.owners.is_empty()
+    }
+
+    pub fn total_refs(&self) -> u64 {
+        self.owners.iter().map(|(_, c)| *c).sum()
+    }
+
+    pub fn refs_of(&self, owner: OwnerId) -> u64 {
+        self.owners
+            .iter()
+            .find(|(o, _)| *o == owner)
+            .map(|(_, c)| *c)
+            .unwrap_or(0)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(35 + 12 * self.owners.len());
+        v.push(CHUNK_ENTRY_VERSION);
+        v.extend_from_slice(&self.pack.0.to_le_bytes());
+        v.extend_from_slice(&self.offset.to_le_bytes());
+        v.extend_from_slice(&self.record_len.to_le_bytes());
+        v.extend_from_slice(&self.raw_len.to_le_bytes());
+        v.extend_from_slice(&self.dead_since.to_le_bytes());
+        v.extend_from_slice(&(self.owners.len() as u16).to_le_bytes());
+        for (o, c) in &self.owners {
+            v.extend_from_slice(&o.0.to_le_bytes());
+            v.extend_from_slice(&c.to_le_bytes());
+        }
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<ChunkEntry, FormatError> {
+        let mut r = Reader::new(b, "chunk entry");
+        let version = r.u8()?;
+        if version != CHUNK_ENTRY_VERSION {
+            return Err(FormatError::UnknownVersion {
+                what: "chunk entry",
+                found: version as u32,
+                supported: CHUNK_ENTRY_VERSION as u32,
+            });
+        }
+        let pack = PackId(r.u64()?);
+        let offset = r.u64()?;
+        let record_len = r.u32()?;
+        let raw_len = r.u32()?;
+        let dead_since = r.u64()?;
+        let n = r.u16()? as usize;
+        let mut owners = Vec::with_capacity(n);
+        for _ in 0..n {
+            owners.push((OwnerId(r.u32()?), r.u64()?));
+        }
+        r.finish()?;
+        Ok(ChunkEntry {
+            pack,
+            offset,
+            record_len,
+            raw_len,
+            dead_since,
+            owners,
+        })
+    }
+}
+
+/// Value of the `packs` table (key: pack id).
+///
+/// ```text
+/// 0 version | 1..9 committed_len u64 | 9..17 dead_bytes u64 | 17 sealed u8
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PackEntry {
+    /// Bytes of the pack file that the index vouches for; anything past this
+    /// is a torn or uncommitted tail.
+    pub committed_len: u64,
+    /// Bytes of records in this pack that no live entry needs.
+    pub dead_bytes: u64,
+    /// No more appends will happen to this pack.
+    pub sealed: bool,
+}
+
+impl PackEntry {
+    pub fn encode(&self) -> [u8; 18] {
+        let mut v = [0u8; 18];
+        v[0] = 1;
+        v[1..9].copy_from_slice(&self.committed_len.to_le_bytes());
+        v[9..17].copy_from_slice(&self.dead_bytes.to_le_bytes());
+        v[17] = self.sealed as u8;
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<PackEntry, FormatError> {
+        let mut r = Reader::new(b, "pack entry");
+        let version = r.u8()?;
+        if version != 1 {
+            return Err(FormatError::UnknownVersion {
+                what: "pack entry",
+                found: version as u32,
+                supported: 1,
+            });
+        }
+        let e = PackEntry {
+            committed_len: r.u64()?,
+            dead_bytes: r.u64()?,
+            sealed: r.u8()? != 0,
+        };
+        r.finish()?;
+        Ok(e)
+    }
+
+    pub fn dead_fraction(&self) -> f64 {
+        let body = self.committed_len.saturating_sub(PACK_HEADER_LEN as u64);
+        if body == 0 {
+            0.0
+        } else {
+            self.dead_bytes as f64 / body as f64
+        }
+    }
+}
+
+/// A chunk as a stream refers to it: its name and plaintext length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    pub len: u32,
+}
+
+pub const CHUNK_LIST_VERSION: u8 = 1;
+
+/// A chunk list (an object's or a file's content): version byte, then
+/// 24 bytes per chunk (20-byte id, u32 LE length).
+pub fn encode_chunk_list(chunks: &[ChunkRef]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + 24 * chunks.len());
+    v.push(CHUNK_LIST_VERSION);
+    for c in chunks {
+        v.extend_from_slice(&c.id.0);
+        v.extend_from_slice(&c.len.to_le_bytes());
+    }
+    v
+}
+
+pub fn decode_chunk_list(b: &[u8]) -> Result<Vec<ChunkRef>, FormatError> {
+    let Some((&version, rest)) = b.split_first() else {
+        return Err(FormatError::Truncated {
+            what: "chunk list",
+            len: 0,
+        });
+    };
+    if version != CHUNK_LIST_VERSION {
+        return Err(FormatError::UnknownVersion {
+            what: "chunk list",
+            found: version as u32,
+            supported: CHUNK_LIST_VERSION as u32,
+        });
+    }
+    if rest.len() % 24 != 0 {
+        return Err(FormatError::Truncated {
+            what: "chunk list",
+            len: b.len(),
+        });
+    }
+    Ok(rest
+        .chunks_exact(24)
+        .map(|c| {
+            let mut id = [0u8; 20];
+            id.copy_from_slice(&c[..20]);
+            ChunkRef {
+                id: ChunkId(id),
+                len: u32::from_le_bytes([c[20], c[21], c[22], c[23]]),
+            }
+        })
+        .collect())
+}
+
+/// The ref deltas of the last index commit that carried any, kept so that a
+/// crash between the index commit and the meta commit can be undone at open.
+/// Version byte, then per delta: chunk id, owner u32, delta i64 (all LE).
+pub fn encode_ref_deltas(deltas: &[(ChunkId, OwnerId, i64)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + 32 * deltas.len());
+    v.push(1);
+    for (id, o, d) in deltas {
+        v.extend_from_slice(&id.0);
+        v.extend_from_slice(&o.0.to_le_bytes());
+        v.extend_from_slice(&d.to_le_bytes());
+    }
+    v
+}
+
+pub fn decode_ref_deltas(b: &[u8]) -> Result<Vec<(ChunkId, OwnerId, i64)>, FormatError> {
+    let mut r = Reader::new(b, "ref deltas");
+    let version = r.u8()?;
+    if version != 1 {
+        return Err(FormatError::UnknownVersion {
+            what: "ref deltas",
+            found: version as u32,
+            supported: 1,
+        });
+    }
+    let mut out = Vec::new();
+    while !r.is_empty() {
+        let mut id = [0u8; 20];
+        id.copy_from_slice(r.take(20)?);
+        let owner = OwnerId(r.u32()?);
+        let delta = r.u64()? as i64;
+        out.push((ChunkId(id), owner, delta));
+    }
+    Ok(out)
+}
+
+/// A little-endian cursor that turns running off the end into a typed error.
+struct Reader<'a> {
+    b: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8], what: &'static str) -> Self {
+        Reader { b, what }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        if self.b.len() < n {
+            return Err(FormatError::Truncated {
+                what: self.what,
+                len: self.b.len(),
+            });
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FormatError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn is_empty(&self) -> bool {
+        self.b.is_empty()
+    }
+    fn finish(self) -> Result<(), FormatError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(FormatError::Malformed {
+                what: self.what,
+                why: format!("{} trailing bytes", self.b.len()),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_entry_round_trips() {
+        let e = ChunkEntry {
+            pack: PackId(7),
+            offset: 4096,
+            record_len: 1234,
+            raw_len: 16384,
+            dead_since: 0,
+            owners: vec![(OwnerId(1), 3), (OwnerId(9), 1)],
+        };
+        assert_eq!(ChunkEntry::decode(&e.encode()).unwrap(), e);
+        let mut bad = e.encode();
+        bad[0] = 2;
+        assert!(matches!(
+            ChunkEntry::decode(&bad),
+            Err(FormatError::UnknownVersion { found: 2, .. })
+        ));
+        assert!(ChunkEntry::decode(&e.encode()[..20]).is_err());
+    }
+
+    #[test]
+    fn record_crc_detects_damage() {
+        let id = ChunkId::of(b"hello");
+        let bh = BlobHeader {
+            compression: Compression::None,
+            sealing: Sealing::None,
+            raw_len: 5,
+        }
+        .encode();
+        let rh = RecordHeader::for_blob(id, &bh, b"hello");
+        let mut blob = bh.to_vec();
+        blob.extend_from_slice(b"hello");
+        assert!(rh.crc_matches(&blob));
+        blob[9] ^= 1;
+        assert!(!rh.crc_matches(&blob));
+        assert_eq!(RecordHeader::decode(&rh.encode()).unwrap(), rh);
+    }
+
+    #[test]
+    fn config_rejects_unknown_version_and_foreign_files() {
+        let cfg = StoreConfig::new(ChunkerParams::default(), Compression::Zstd, "ab".into());
+        assert_eq!(StoreConfig::decode(&cfg.encode()).unwrap(), cfg);
+        let newer = String::from_utf8(cfg.encode())
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 99");
+        assert!(matches!(
+            StoreConfig::decode(newer.as_bytes()),
+            Err(FormatError::UnknownVersion { found: 99, .. })
+        ));
+        assert!(matches!(
+            StoreConfig::decode(b"{\"format\":\"other\"}"),
+            Err(FormatError::BadMagic { .. })
+        ));
+        assert!(StoreConfig::decode(b"not json").is_err());
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let id = ChunkId::of(b"x");
+        assert_eq!(ChunkId::from_hex(&id.to_hex()), Some(id));
+        assert_eq!(ChunkId::from_hex("zz"), None);
+    }
+
+    #[test]
+    fn chunk_list_and_deltas_round_trip() {
+        let l = vec![
+            ChunkRef {
+                id: ChunkId::of(b"a"),
+                len: 1,
+            },
+            ChunkRef {
+                id: ChunkId::of(b"b"),
+                len: 70000,
+            },
+        ];
+        assert_eq!(decode_chunk_list(&encode_chunk_list(&l)).unwrap(), l);
+        let d = vec![(ChunkId::of(b"a"), OwnerId(1), -3i64)];
+        assert_eq!(decode_ref_deltas(&encode_ref_deltas(&d)).unwrap(), d);
+    }
+}

@@ -1,0 +1,23 @@
+//! dedupfs: a deduplicating filesystem for a home directory.
+//!
+//! Layers, lowest first; each calls only those below it:
+//! `format` (persisted types) -> `chunker` -> `store` (packs + chunk index)
+//! -> `meta` (records that hold references) -> `repo` (orders store and meta
+//! commits, fsck, stats) -> the `dedupfs` binary (a thin CLI).
+#![forbid(unsafe_code)]
+
+pub mod chunker;
+pub mod format;
+pub mod meta;
+pub mod repo;
+pub mod store;
+
+/// Progress of a long operation; the CLI draws it, the library only reports.
+pub trait Progress: Sync {
+    fn set_len(&self, _len: u64) {}
+    fn inc(&self, _n: u64) {}
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}

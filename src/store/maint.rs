@@ -1,0 +1,600 @@
+//! Store maintenance: gc (pack compaction), verification, and rebuilding the
+//! index from the packs. Each works on packs in offset order, so the cost is
+//! one sequential pass over what it touches.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+use super::pack::{self, PackWriter};
+use super::{
+    CHUNKS, Counters, Error, INDEX_FILE, INDEX_FORMAT_VERSION, PACKS, Result, STATE, Store, UNDO,
+    adjust_pack,
+};
+use crate::Progress;
+use crate::format::{ChunkEntry, ChunkId, OwnerId, PACK_HEADER_LEN, PackEntry, PackId};
+
+fn decode_entry(v: &[u8]) -> Result<ChunkEntry> {
+    ChunkEntry::decode(v).map_err(|e| Error::Db(e.to_string()))
+}
+
+fn all_packs(store: &Store) -> Result<Vec<(PackId, PackEntry)>> {
+    let rt = store.db.begin_read()?;
+    let t = rt.open_table(PACKS)?;
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        out.push((
+            PackId(k.value()),
+            PackEntry::decode(v.value()).map_err(|e| Error::Db(e.to_string()))?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Removes index entries for records a shortened or missing pack no longer
+/// holds, so nothing in the index points past a pack's end.
+pub(super) fn forget_lost_records(store: &Store, shortened: &[(PackId, u64)]) -> Result<()> {
+    let limits: HashMap<PackId, u64> = shortened.iter().copied().collect();
+    let tx = store.db.begin_write()?;
+    {
+        let mut chunks = tx.open_table(CHUNKS)?;
+        let mut st = tx.open_table(STATE)?;
+        let mut counters = Counters::load(&st)?;
+        let mut lost = Vec::new();
+        for row in chunks.iter()? {
+            let (k, v) = row?;
+            let e = decode_entry(v.value())?;
+            if let Some(&end) = limits.get(&e.pack)
+                && e.offset + e.record_len as u64 > end
+            {
+                lost.push((ChunkId(*k.value()), e));
+            }
+        }
+        for (id, e) in &lost {
+            if e.is_live() {
+                log::error!("chunk {id} (referenced) was in the lost part of {}", e.pack);
+                counters.live_chunks -= 1;
+                counters.live_raw_bytes -= e.raw_len as u64;
+                counters.live_stored_bytes -= e.record_len as u64;
+                counters.logical_bytes = counters
+                    .logical_bytes
+                    .saturating_sub(e.raw_len as u64 * e.total_refs());
+            }
+            counters.total_chunks -= 1;
+            chunks.remove(&id.0)?;
+        }
+        let mut packs = tx.open_table(PACKS)?;
+        for (id, end) in shortened {
+            if *end < PACK_HEADER_LEN as u64 {
+                packs.remove(id.0)?;
+                continue;
+            }
+            // What is left past the last whole record is dead weight.
+            adjust_pack(&mut packs, *id, |p| {
+                p.committed_len = *end;
+                p.sealed = true;
+            })?;
+        }
+        counters.save(&mut st)?;
+    }
+    tx.commit()?;
+    recount_pack_dead_bytes(store)?;
+    Ok(())
+}
+
+/// Sets every pack's dead bytes to its body minus its live records: the
+/// definition the incremental accounting maintains.
+fn recount_pack_dead_bytes(store: &Store) -> Result<()> {
+    let tx = store.db.begin_write()?;
+    {
+        let chunks = tx.open_table(CHUNKS)?;
+        let mut live: HashMap<PackId, u64> = HashMap::new();
+        for row in chunks.iter()? {
+            let (_, v) = row?;
+            let e = decode_entry(v.value())?;
+            if e.is_live() {
+                *live.entry(e.pack).or_default() += e.record_len as u64;
+            }
+        }
+        let mut packs = tx.open_table(PACKS)?;
+        let ids: Vec<u64> = packs
+            .iter()?
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for id in ids {
+            let l = live.get(&PackId(id)).copied().unwrap_or(0);
+            adjust_pack(&mut packs, PackId(id), |p| {
+                p.dead_bytes = p
+                    .committed_len
+                    .saturating_sub(PACK_HEADER_LEN as u64)
+                    .saturating_sub(l);
+            })?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// For one old pack: the records copied (id, new pack, new offset) and the
+/// dead ones left behind.
+type CompactionPlan = (PackId, Vec<(ChunkId, PackId, u64)>, Vec<ChunkId>);
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GcReport {
+    pub packs_compacted: u64,
+    pub chunks_moved: u64,
+    pub chunks_dropped: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// Compacts every idle pack whose dead fraction is at least `threshold`:
+/// live records (and dead ones a running batch may still claim) are copied
+/// to a new pack, the index is pointed at the copies in one commit, and only
+/// then are the old packs deleted.
+pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcReport> {
+    let _gc = store.gc_lock.lock();
+    let active = store.active_packs.lock().clone();
+    let candidates: Vec<(PackId, PackEntry)> = all_packs(store)?
+        .into_iter()
+        .filter(|(id, e)| !active.contains(id) && e.dead_fraction() >= threshold)
+        .collect();
+    let mut report = GcReport::default();
+    if candidates.is_empty() {
+        return Ok(report);
+    }
+    progress.set_len(candidates.iter().map(|(_, e)| e.committed_len).sum());
+    let mut writer: Option<PackWriter> = None;
+    let mut plans: Vec<CompactionPlan> = Vec::new();
+    let oldest = store.oldest_batch_seq();
+    for (pid, pentry) in &candidates {
+        report.bytes_before += pentry.committed_len;
+        let path = pack::pack_path(store.dir(), *pid);
+        let (_, scan) =
+            pack::scan_pack(&path, true).map_err(|e| Error::io(format!("scanning {pid}"), e))?;
+        let file = fs::File::open(&path).map_err(|e| Error::io(format!("opening {pid}"), e))?;
+        let rt = store.db.begin_read()?;
+        let mut moved = Vec::new();
+        let mut dropped = Vec::new();
+        for rec in scan.records.iter().filter(|r| r.intact) {
+            let Some(e) = super::lookup_in(&rt, &rec.header.id)? else {
+                continue;
+            };
+            if e.pack != *pid || e.offset != rec.offset {
+                continue; // a duplicate or superseded copy
+            }
+            if !e.is_live() && e.dead_since < oldest {
+                dropped.push(rec.header.id);
+                continue;
+            }
+            let bytes = pack::read_record(&file, rec.offset, e.record_len)
+                .map_err(|why| Error::io(format!("reading {pid}"), std::io::Error::other(why)))?;
+            if writer.is_none() {
+                writer = Some(store.take_writer()?);
+            }
+            if let Some(w) = writer.as_mut() {
+                let off = w
+                    .append_raw(&bytes)
+                    .map_err(|e| Error::io(format!("appending to {}", w.id), e))?;
+                moved.push((rec.header.id, w.id, off));
+            }
+        }
+        progress.inc(pentry.committed_len);
+        plans.push((*pid, moved, dropped));
+    }
+    if let Some(w) = writer.as_mut() {
+        w.sync()
+            .map_err(|e| Error::io(format!("syncing {}", w.id), e))?;
+    }
+    let _c = store.commit_lock.lock();
+    let oldest = store.oldest_batch_seq();
+    let tx = store.db.begin_write()?;
+    let mut removed_packs = Vec::new();
+    {
+        let mut chunks = tx.open_table(CHUNKS)?;
+        let mut packs = tx.open_table(PACKS)?;
+        let mut st = tx.open_table(STATE)?;
+        let mut counters = Counters::load(&st)?;
+        let mut new_dead = 0u64;
+        'packs: for (pid, moved, dropped) in &plans {
+            // Re-check drops under the commit lock: a chunk revived since the
+            // scan keeps the whole pack for another round.
+            for id in dropped {
+                if let Some(v) = chunks.get(&id.0)? {
+                    let e = decode_entry(v.value())?;
+                    if e.pack == *pid && (e.is_live() || e.dead_since >= oldest) {
+                        log::info!("gc: {pid} kept, chunk {id} was claimed meanwhile");
+                        // The copies become dead weight in the new pack.
+                        new_dead += moved
+                            .iter()
+                            .filter_map(|(id, _, _)| {
+                                chunks
+                                    .get(&id.0)
+                                    .ok()
+                                    .flatten()
+                                    .and_then(|v| decode_entry(v.value()).ok())
+                                    .map(|e| e.record_len as u64)
+                            })
+                            .sum::<u64>();
+                        continue 'packs;
+                    }
+                }
+            }
+            for (id, npack, noff) in moved {
+                let Some(v) = chunks.get(&id.0)? else {
+                    continue;
+                };
+                let mut e = decode_entry(v.value())?;
+                drop(v);
+                if e.pack != *pid {
+                    new_dead += e.record_len as u64;
+                    continue;
+                }
+                if !e.is_live() {
+                    new_dead += e.record_len as u64;
+                }
+                e.pack = *npack;
+                e.offset = *noff;
+                chunks.insert(&id.0, e.encode().as_slice())?;
+                report.chunks_moved += 1;
+            }
+            for id in dropped {
+                chunks.remove(&id.0)?;
+                counters.total_chunks -= 1;
+                report.chunks_dropped += 1;
+            }
+            packs.remove(pid.0)?;
+            removed_packs.push(*pid);
+        }
+        if let Some(w) = writer.as_ref() {
+            let len = w.len;
+            adjust_pack(&mut packs, w.id, |p| {
+                p.committed_len = len;
+                p.dead_bytes += new_dead;
+            })?;
+        }
+        counters.commits += 1;
+        let seq = st.get("commit_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
+        st.insert("commit_seq", seq)?;
+        counters.save(&mut st)?;
+    }
+    tx.commit()?;
+    if let Some(mut w) = writer {
+        w.committed_len = w.len;
+        report.bytes_after += w.len;
+        store.return_writer(w, true);
+    }
+    for pid in &removed_packs {
+        store.forget_pack_file(*pid);
+        let path = pack::pack_path(store.dir(), *pid);
+        if let Err(e) = fs::remove_file(&path) {
+            log::warn!("gc: cannot remove {}: {e}", path.display());
+        }
+        report.packs_compacted += 1;
+    }
+    if let Ok(d) = fs::File::open(store.dir().join("packs")) {
+        let _ = d.sync_all();
+    }
+    Ok(report)
+}
+
+/// One chunk that did not verify.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BadChunk {
+    pub chunk: String,
+    pub pack: u64,
+    pub offset: u64,
+    pub why: String,
+}
+
+/// A chunk whose owners in the index differ from the references held.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RefMismatch {
+    pub chunk: String,
+    /// (owner, count) pairs the layer above holds.
+    pub expected: Vec<(u32, u64)>,
+    /// (owner, count) pairs the index records.
+    pub found: Vec<(u32, u64)>,
+}
+
+/// The references held per chunk: (owner, count) sorted by owner, no zeros.
+pub type RefMap = HashMap<ChunkId, Vec<(OwnerId, u64)>>;
+
+/// What the store-level check found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct VerifyReport {
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    pub corrupt: Vec<BadChunk>,
+    /// References the layer above holds to chunks the index lacks.
+    pub missing: Vec<String>,
+    pub refcount_mismatches: Vec<RefMismatch>,
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty()
+            && self.missing.is_empty()
+            && self.refcount_mismatches.is_empty()
+            && self.problems.is_empty()
+    }
+}
+
+/// Reads every indexed blob and checks it against its name, compares each
+/// chunk's owners with `expected` (the references the layer above holds),
+/// and checks the counters and pack accounting.
+pub fn verify(store: &Store, expected: &RefMap, progress: &dyn Progress) -> Result<VerifyReport> {
+    let mut report = VerifyReport::default();
+    let rt = store.db.begin_read()?;
+    let chunks = rt.open_table(CHUNKS)?;
+    let mut by_pack: HashMap<PackId, Vec<(u64, ChunkId, u32)>> = HashMap::new();
+    let mut counted = Counters::default();
+    let mut live_per_pack: HashMap<PackId, u64> = HashMap::new();
+    let mut matched = 0usize;
+    for row in chunks.iter()? {
+        let (k, v) = row?;
+        let id = ChunkId(*k.value());
+        let e = match ChunkEntry::decode(v.value()) {
+            Ok(e) => e,
+            Err(err) => {
+                report.problems.push(format!("entry of chunk {id}: {err}"));
+                continue;
+            }
+        };
+        counted.total_chunks += 1;
+        if e.is_live() {
+            counted.live_chunks += 1;
+            counted.live_raw_bytes += e.raw_len as u64;
+            counted.live_stored_bytes += e.record_len as u64;
+            counted.logical_bytes += e.raw_len as u64 * e.total_refs();
+            *live_per_pack.entry(e.pack).or_default() += e.record_len as u64;
+        }
+        let want = match expected.get(&id) {
+            Some(w) => {
+                matched += 1;
+                w.as_slice()
+            }
+            None => &[],
+        };
+        if want != e.owners.as_slice() {
+            report.refcount_mismatches.push(RefMismatch {
+                chunk: id.to_hex(),
+                expected: want.iter().map(|(o, c)| (o.0, *c)).collect(),
+                found: e.owners.iter().map(|(o, c)| (o.0, *c)).collect(),
+            });
+        }
+        by_pack
+            .entry(e.pack)
+            .or_default()
+            .push((e.offset, id, e.record_len));
+    }
+    if matched < expected.len() {
+        for id in expected.keys() {
+            if chunks.get(&id.0)?.is_none() {
+                report.missing.push(id.to_hex());
+            }
+        }
+        report.missing.sort();
+    }
+    drop(chunks);
+    let st = rt.open_table(STATE)?;
+    let stored = Counters::load(&st)?;
+    counted.commits = stored.commits;
+    if stored != counted {
+        report.problems.push(format!(
+            "stored counters {stored:?} differ from recomputed {counted:?}"
+        ));
+    }
+    let packs = all_packs(store)?;
+    progress.set_len(packs.iter().map(|(_, e)| e.committed_len).sum());
+    for (pid, pe) in &packs {
+        let live = live_per_pack.get(pid).copied().unwrap_or(0);
+        let want_dead = pe
+            .committed_len
+            .saturating_sub(PACK_HEADER_LEN as u64)
+            .saturating_sub(live);
+        if want_dead != pe.dead_bytes {
+            report.problems.push(format!(
+                "{pid}: dead bytes recorded {} but {} by its records",
+                pe.dead_bytes, want_dead
+            ));
+        }
+        let mut list = by_pack.remove(pid).unwrap_or_default();
+        list.sort();
+        let path = pack::pack_path(store.dir(), *pid);
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                report.problems.push(format!("{pid}: cannot open: {e}"));
+                continue;
+            }
+        };
+        for (offset, id, len) in list {
+            report.chunks_checked += 1;
+            report.bytes_checked += len as u64;
+            let bad = |why: String| BadChunk {
+                chunk: id.to_hex(),
+                pack: pid.0,
+                offset,
+                why,
+            };
+            if offset + len as u64 > pe.committed_len {
+                report
+                    .corrupt
+                    .push(bad("record lies past the pack's committed end".into()));
+                continue;
+            }
+            let res = pack::read_record(&file, offset, len).and_then(|rec| {
+                let blob = pack::check_record(&rec, &id)?;
+                pack::decode_blob(blob, &id).map(|_| ())
+            });
+            if let Err(why) = res {
+                report.corrupt.push(bad(why));
+            }
+        }
+        progress.inc(pe.committed_len);
+    }
+    for (pid, list) in by_pack {
+        report.problems.push(format!(
+            "{} index entries point into {pid}, which the index does not list",
+            list.len()
+        ));
+    }
+    Ok(report)
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RebuildReport {
+    pub packs_scanned: u64,
+    pub chunks_found: u64,
+    pub damaged_records: u64,
+    pub duplicate_records: u64,
+    /// Referenced chunks no pack holds.
+    pub missing: Vec<String>,
+    pub old_index_kept_as: Option<String>,
+}
+
+/// Rebuilds `index.redb` from the packs alone plus `refs`, the references
+/// the layer above holds. The old file, if any, is kept beside it. The
+/// caller holds the store lock.
+pub fn rebuild_index(
+    dir: &Path,
+    refs: &RefMap,
+    ref_seq: u64,
+    progress: &dyn Progress,
+) -> Result<RebuildReport> {
+    let mut report = RebuildReport::default();
+    let files = pack::list_pack_files(dir).map_err(|e| Error::io("listing packs", e))?;
+    progress.set_len(
+        files
+            .iter()
+            .filter_map(|(_, p)| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum(),
+    );
+    let new_path = dir.join("index.redb.new");
+    let _ = fs::remove_file(&new_path);
+    let db = Database::create(&new_path)?;
+    let tx = db.begin_write()?;
+    {
+        let mut chunks = tx.open_table(CHUNKS)?;
+        let mut packs = tx.open_table(PACKS)?;
+        tx.open_table(UNDO)?;
+        for (pid, path) in &files {
+            let (hdr_id, scan) = match pack::scan_pack(path, true) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::error!("{}: unreadable pack, skipped: {e}", path.display());
+                    continue;
+                }
+            };
+            if hdr_id != *pid {
+                log::warn!("{}: header names {hdr_id}", path.display());
+            }
+            report.packs_scanned += 1;
+            for rec in &scan.records {
+                if !rec.intact {
+                    report.damaged_records += 1;
+                    log::error!(
+                        "{pid}: record of chunk {} at offset {} is damaged; skipped",
+                        rec.header.id,
+                        rec.offset
+                    );
+                    continue;
+                }
+                if chunks.get(&rec.header.id.0)?.is_some() {
+                    report.duplicate_records += 1;
+                    continue;
+                }
+                let raw_len = rec.raw_len;
+                let e = ChunkEntry {
+                    pack: *pid,
+                    offset: rec.offset,
+                    record_len: rec.header.record_len() as u32,
+                    raw_len,
+                    dead_since: 1,
+                    owners: Vec::new(),
+                };
+                chunks.insert(&rec.header.id.0, e.encode().as_slice())?;
+                report.chunks_found += 1;
+            }
+            packs.insert(
+                pid.0,
+                PackEntry {
+                    committed_len: scan.file_len,
+                    dead_bytes: 0,
+                    sealed: true,
+                }
+                .encode()
+                .as_slice(),
+            )?;
+            progress.inc(scan.file_len);
+        }
+        for (id, owners) in refs {
+            let Some(v) = chunks.get(&id.0)? else {
+                report.missing.push(id.to_hex());
+                continue;
+            };
+            let mut e = decode_entry(v.value())?;
+            drop(v);
+            e.owners = owners.clone();
+            e.dead_since = 0;
+            chunks.insert(&id.0, e.encode().as_slice())?;
+        }
+        report.missing.sort();
+        let mut counters = Counters::default();
+        let mut live: HashMap<PackId, u64> = HashMap::new();
+        for row in chunks.iter()? {
+            let (_, v) = row?;
+            let e = decode_entry(v.value())?;
+            counters.total_chunks += 1;
+            if e.is_live() {
+                counters.live_chunks += 1;
+                counters.live_raw_bytes += e.raw_len as u64;
+                counters.live_stored_bytes += e.record_len as u64;
+                counters.logical_bytes += e.raw_len as u64 * e.total_refs();
+                *live.entry(e.pack).or_default() += e.record_len as u64;
+            }
+        }
+        let ids: Vec<u64> = packs
+            .iter()?
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for id in ids {
+            let l = live.get(&PackId(id)).copied().unwrap_or(0);
+            adjust_pack(&mut packs, PackId(id), |p| {
+                p.dead_bytes = p
+                    .committed_len
+                    .saturating_sub(PACK_HEADER_LEN as u64)
+                    .saturating_sub(l);
+            })?;
+        }
+        let mut st = tx.open_table(STATE)?;
+        st.insert("index_format", INDEX_FORMAT_VERSION)?;
+        st.insert("commit_seq", 1)?;
+        st.insert("ref_seq", ref_seq)?;
+        counters.save(&mut st)?;
+        let _ = chunks.len()?;
+    }
+    tx.commit()?;
+    drop(db);
+    let path = dir.join(INDEX_FILE);
+    if path.exists() {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let kept = dir.join(format!("index.redb.broken-{secs}"));
+        fs::rename(&path, &kept).map_err(|e| Error::io("setting the old index aside", e))?;
+        report.old_index_kept_as = Some(kept.display().to_string());
+    }
+    fs::rename(&new_path, &path).map_err(|e| Error::io("installing the new index", e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("syncing the store directory", e))?;
+    Ok(report)
+}

@@ -1,0 +1,1082 @@
+//! The chunkstore: chunk blobs in append-only packs, and `index.redb`, which
+//! maps each chunk to its place, size, and owners with a reference count each.
+//!
+//! Invariants this module keeps:
+//! - A chunk's index entry points at a record that was synced before the
+//!   commit that wrote the entry (blobs first, then the index).
+//! - A pack is never written below its committed length.
+//! - A dead chunk (no owners) is removed only by gc, and only when no batch
+//!   that could still reference it is running (see `Batch::start_seq`).
+//! - The index is derived state: `maint::rebuild_index` recreates it from the
+//!   packs plus the references the layer above reports.
+//!
+//! Calls `format`, `chunker`; knows nothing of the layers above it.
+
+pub mod maint;
+pub mod negcache;
+pub mod pack;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use lru::LruCache;
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
+use thiserror::Error;
+
+use crate::chunker;
+use crate::format::{
+    self, CONFIG_FILE, ChunkEntry, ChunkId, ChunkRef, ChunkerParams, Compression, FormatError,
+    OwnerId, PACK_HEADER_LEN, PackEntry, PackId, StoreConfig,
+};
+use negcache::NegCache;
+use pack::PackWriter;
+
+pub const CHUNKS: TableDefinition<&[u8; 20], &[u8]> = TableDefinition::new("chunks");
+pub const PACKS: TableDefinition<u64, &[u8]> = TableDefinition::new("packs");
+pub const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
+pub const UNDO: TableDefinition<&str, &[u8]> = TableDefinition::new("undo");
+
+pub const INDEX_FILE: &str = "index.redb";
+pub const INDEX_FORMAT_VERSION: u64 = 1;
+
+/// Chunks a batch may hold uncommitted before it commits them on its own
+/// (their places, not yet their references), bounding a batch's memory.
+const FLUSH_EVERY_CHUNKS: usize = 8192;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{path}: not a dedupfs store ({why})")]
+    NotAStore { path: PathBuf, why: String },
+    #[error("{path}: {err}")]
+    Format { path: PathBuf, err: FormatError },
+    #[error("store {0} is in use by another process (is it mounted?)")]
+    Locked(PathBuf),
+    #[error("index {path} is unusable: {why}; `dedupfs fsck --repair` rebuilds it from the packs")]
+    IndexDamaged { path: PathBuf, why: String },
+    #[error("chunk {chunk} in {pack} at offset {offset} is corrupt: {why}")]
+    Corrupt {
+        chunk: ChunkId,
+        pack: PackId,
+        offset: u64,
+        why: String,
+    },
+    #[error("chunk {0} is not in the store")]
+    NotFound(ChunkId),
+    #[error("{owner} holds no reference to chunk {chunk} to drop")]
+    RefUnderflow { chunk: ChunkId, owner: OwnerId },
+    #[error("{context}: {err}")]
+    Io { context: String, err: io::Error },
+    #[error("index database: {0}")]
+    Db(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            err: source,
+        }
+    }
+
+    /// The OS error this maps to, for the filesystem layer.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
+            Error::NotFound(_) | Error::Corrupt { .. } => libc::EIO,
+            Error::Locked(_) => libc::EBUSY,
+            Error::Invalid(_) => libc::EINVAL,
+            _ => libc::EIO,
+        }
+    }
+
+    pub fn is_no_space(&self) -> bool {
+        self.errno() == libc::ENOSPC
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        Error::io("store I/O", e)
+    }
+}
+
+/// redb reports I/O failures (ENOSPC among them) wrapped in its own types;
+/// keep the OS error so callers see the real cause.
+fn db_err(e: impl Into<redb::Error>) -> Error {
+    match e.into() {
+        redb::Error::Io(io) => Error::io("index database", io),
+        other => Error::Db(other.to_string()),
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Error { db_err(e) }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Running totals kept in the `state` table, updated in every commit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Sum over live chunks of plaintext length times total references.
+    pub logical_bytes: u64,
+    pub live_chunks: u64,
+    pub live_raw_bytes: u64,
+    pub live_stored_bytes: u64,
+    pub total_chunks: u64,
+    pub commits: u64,
+}
+
+impl Counters {
+    const KEYS: [&'static str; 6] = [
+        "logical_bytes",
+        "live_chunks",
+        "live_raw_bytes",
+        "live_stored_bytes",
+        "total_chunks",
+        "commits",
+    ];
+
+    fn fields_mut(&mut self) -> [&mut u64; 6] {
+        [
+            &mut self.logical_bytes,
+            &mut self.live_chunks,
+            &mut self.live_raw_bytes,
+            &mut self.live_stored_bytes,
+            &mut self.total_chunks,
+            &mut self.commits,
+        ]
+    }
+
+    pub fn load(t: &impl ReadableTable<&'static str, u64>) -> Result<Counters> {
+        let mut c = Counters::default();
+        for (k, f) in Self::KEYS.iter().zip(c.fields_mut()) {
+            *f = t.get(*k)?.map(|v| v.value()).unwrap_or(0);
+        }
+        Ok(c)
+    }
+
+    pub fn save(mut self, t: &mut redb::Table<&'static str, u64>) -> Result<()> {
+        for (k, f) in Self::KEYS.iter().zip(self.fields_mut()) {
+            t.insert(*k, *f)?;
+        }
+        Ok(())
+    }
+}
+
+/// Shared state of an open store.
+pub struct Store {
+    dir: PathBuf,
+    config: StoreConfig,
+    db: Database,
+    _lock: File,
+    negcache: RwLock<NegCache>,
+    /// Idle pack writers with room left.
+    writers: Mutex<Vec<PackWriter>>,
+    /// Packs in `writers` or checked out by a batch: gc leaves them alone.
+    active_packs: Mutex<HashSet<PackId>>,
+    next_pack: AtomicU64,
+    files: Mutex<LruCache<PackId, Arc<File>>>,
+    /// Serialises index commits (and, above us, the meta commit that follows
+    /// each). Lock order: commit_lock before any other lock here.
+    commit_lock: Mutex<()>,
+    /// Running batches by id, with the commit sequence each started at.
+    batches: Mutex<BTreeMap<u64, u64>>,
+    next_batch: AtomicU64,
+    gc_lock: Mutex<()>,
+}
+
+/// Options for `init`.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub chunker: ChunkerParams,
+    pub compression: Compression,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunker: ChunkerParams::default(),
+            compression: Compression::Zstd,
+        }
+    }
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes `bytes` to `path` durably: new file, fsync, rename, fsync dir.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// Whether `dir` looks like a store (has a config file).
+pub fn is_store(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).is_file()
+}
+
+impl Store {
+    /// Creates a new store in `dir`, which must be absent or empty.
+    pub fn init(dir: &Path, opts: &InitOptions) -> Result<()> {
+        opts.chunker.validate().map_err(Error::Invalid)?;
+        if dir.exists() {
+            let mut entries =
+                fs::read_dir(dir).map_err(|e| Error::io(format!("{}", dir.display()), e))?;
+            if entries.next().is_some() {
+                return Err(Error::Invalid(format!(
+                    "{} exists and is not empty",
+                    dir.display()
+                )));
+            }
+        }
+        fs::create_dir_all(dir.join("packs"))
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let db = Database::create(dir.join(INDEX_FILE))?;
+        let tx = db.begin_write()?;
+        {
+            tx.open_table(CHUNKS)?;
+            tx.open_table(PACKS)?;
+            tx.open_table(UNDO)?;
+            let mut st = tx.open_table(STATE)?;
+            st.insert("index_format", INDEX_FORMAT_VERSION)?;
+            st.insert("commit_seq", 1)?;
+            st.insert("ref_seq", 0)?;
+        }
+        tx.commit()?;
+        drop(db);
+        let cfg = StoreConfig::new(opts.chunker, opts.compression, random_id());
+        // The config goes last: a directory without it is not a store yet.
+        write_file_atomic(&dir.join(CONFIG_FILE), &cfg.encode())
+            .map_err(|e| Error::io("writing config.json", e))?;
+        Ok(())
+    }
+
+    /// Reads and checks a store's config without opening anything else.
+    pub fn read_config(dir: &Path) -> Result<StoreConfig> {
+        let path = dir.join(CONFIG_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::NotAStore {
+                    path: dir.to_path_buf(),
+                    why: "no config.json".into(),
+                });
+            }
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        StoreConfig::decode(&bytes).map_err(|source| match source {
+            FormatError::BadMagic { .. } | FormatError::Malformed { .. } => Error::NotAStore {
+                path: dir.to_path_buf(),
+                why: source.to_string(),
+            },
+            err => Error::Format { path, err },
+        })
+    }
+
+    /// Takes the store's lock file; fails if another process holds it.
+    pub fn lock(dir: &Path) -> Result<File> {
+        let path = dir.join("lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        match f.try_lock() {
+            Ok(()) => Ok(f),
+            Err(fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
+            Err(fs::TryLockError::Error(e)) => Err(Error::io("locking the store", e)),
+        }
+    }
+
+    /// Opens the index database, turning every way it can be unusable into
+    /// one clear error.
+    fn open_index(dir: &Path) -> Result<Database> {
+        let path = dir.join(INDEX_FILE);
+        let damaged = |why: String| Error::IndexDamaged {
+            path: path.clone(),
+            why,
+        };
+        if !path.is_file() {
+            return Err(damaged("the file is missing".into()));
+        }
+        let db = Database::builder()
+            .set_cache_size(64 << 20)
+            .set_repair_callback(|_| {})
+            .open(&path)
+            .map_err(|e| damaged(e.to_string()))?;
+        let rt = db.begin_read().map_err(|e| damaged(e.to_string()))?;
+        let st = rt.open_table(STATE).map_err(|e| damaged(e.to_string()))?;
+        let v = st
+            .get("index_format")
+            .map_err(|e| damaged(e.to_string()))?
+            .map(|v| v.value());
+        match v {
+            Some(INDEX_FORMAT_VERSION) => {}
+            Some(other) => {
+                return Err(Error::Format {
+                    path,
+                    err: FormatError::UnknownVersion {
+                        what: "index",
+                        found: other as u32,
+                        supported: INDEX_FORMAT_VERSION as u32,
+                    },
+                });
+            }
+            None => return Err(damaged("no format version recorded".into())),
+        }
+        rt.open_table(CHUNKS).map_err(|e| damaged(e.to_string()))?;
+        rt.open_table(UNDO).map_err(|e| damaged(e.to_string()))?;
+        rt.open_table(PACKS).map_err(|e| damaged(e.to_string()))?;
+        Ok(db)
+    }
+
+    /// Opens an existing store for exclusive use, recovering from a crash
+    /// (torn pack tails, packs never committed) on the way.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let config = Self::read_config(dir)?;
+        let lock = Self::lock(dir)?;
+        let db = Self::open_index(dir)?;
+        Self::from_parts(dir, config, lock, db, true)
+    }
+
+    fn from_parts(
+        dir: &Path,
+        config: StoreConfig,
+        lock: File,
+        db: Database,
+        recover: bool,
+    ) -> Result<Store> {
+        let store = Store {
+            dir: dir.to_path_buf(),
+            config,
+            db,
+            _lock: lock,
+            negcache: RwLock::new(NegCache::with_capacity(0)),
+            writers: Mutex::new(Vec::new()),
+            active_packs: Mutex::new(HashSet::new()),
+            next_pack: AtomicU64::new(1),
+            files: Mutex::new(LruCache::new(
+                NonZeroUsize::new(128).unwrap_or(NonZeroUsize::MIN),
+            )),
+            commit_lock: Mutex::new(()),
+            batches: Mutex::new(BTreeMap::new()),
+            next_batch: AtomicU64::new(1),
+            gc_lock: Mutex::new(()),
+        };
+        if recover {
+            store.recover_packs()?;
+        }
+        store.rebuild_negcache()?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// Brings pack files in line with the index after a crash: cuts
+    /// uncommitted tails, removes packs no commit ever named, and drops
+    /// index entries that a shortened pack no longer holds.
+    fn recover_packs(&self) -> Result<()> {
+        let files = pack::list_pack_files(&self.dir).map_err(|e| Error::io("listing packs", e))?;
+        let rt = self.db.begin_read()?;
+        let packs = rt.open_table(PACKS)?;
+        let mut known: HashMap<PackId, PackEntry> = HashMap::new();
+        for row in packs.iter()? {
+            let (k, v) = row?;
+            let e = PackEntry::decode(v.value()).map_err(|e| Error::IndexDamaged {
+                path: self.dir.join(INDEX_FILE),
+                why: e.to_string(),
+            })?;
+            known.insert(PackId(k.value()), e);
+        }
+        drop(packs);
+        drop(rt);
+        let mut max_id = known.keys().map(|p| p.0).max().unwrap_or(0);
+        let mut shortened = Vec::new();
+        for (id, path) in &files {
+            max_id = max_id.max(id.0);
+            let Some(entry) = known.get(id) else {
+                log::warn!("removing {id}: no commit ever named it (crash before commit)");
+                fs::remove_file(path).map_err(|e| Error::io(format!("removing {id}"), e))?;
+                continue;
+            };
+            let len = fs::metadata(path)
+                .map_err(|e| Error::io(format!("stat {id}"), e))?
+                .len();
+            if len > entry.committed_len {
+                log::warn!(
+                    "{id}: cutting {} uncommitted bytes past offset {}",
+                    len - entry.committed_len,
+                    entry.committed_len
+                );
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| Error::io(format!("opening {id}"), e))?;
+                f.set_len(entry.committed_len)
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| Error::io(format!("truncating {id}"), e))?;
+            } else if len < entry.committed_len {
+                log::error!(
+                    "{id} is {len} bytes but the index vouches for {}: records past the end are lost",
+                    entry.committed_len
+                );
+                shortened.push((*id, len));
+            }
+        }
+        let on_disk: HashSet<PackId> = files.iter().map(|(id, _)| *id).collect();
+        for id in known.keys() {
+            if !on_disk.contains(id) {
+                log::error!("{id} is missing from disk: its chunks are lost");
+                shortened.push((*id, 0));
+            }
+        }
+        if !shortened.is_empty() {
+            maint::forget_lost_records(self, &shortened)?;
+        }
+        self.next_pack.store(max_id + 1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Sizes the negative cache for the index and fills it.
+    fn rebuild_negcache(&self) -> Result<()> {
+        let rt = self.db.begin_read()?;
+        let chunks = rt.open_table(CHUNKS)?;
+        let n = chunks.len()?;
+        let cache = NegCache::with_capacity(n.max(1) * 2);
+        for row in chunks.iter()? {
+            let (k, _) = row?;
+            cache.insert(&ChunkId(*k.value()));
+        }
+        *self.negcache.write() = cache;
+        Ok(())
+    }
+
+    pub fn negcache_bytes(&self) -> usize {
+        self.negcache.read().size_bytes()
+    }
+
+    /// Looks a chunk up in the index.
+    pub fn lookup(&self, id: &ChunkId) -> Result<Option<ChunkEntry>> {
+        let rt = self.db.begin_read()?;
+        lookup_in(&rt, id)
+    }
+
+    fn pack_file(&self, id: PackId) -> io::Result<Arc<File>> {
+        if let Some(f) = self.files.lock().get(&id) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(pack::pack_path(&self.dir, id))?);
+        self.files.lock().put(id, f.clone());
+        Ok(f)
+    }
+
+    fn forget_pack_file(&self, id: PackId) {
+        self.files.lock().pop(&id);
+    }
+
+    /// Reads a chunk and checks it against its name. A mismatch is an error
+    /// naming the chunk and the pack, never wrong bytes.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        // gc may move a chunk between our lookup and our read; one retry
+        // after the pack vanished sees the new place.
+        for attempt in 0..2 {
+            let entry = self.lookup(id)?.ok_or(Error::NotFound(*id))?;
+            let file = match self.pack_file(entry.pack) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => continue,
+                Err(e) => return Err(Error::io(format!("opening {}", entry.pack), e)),
+            };
+            return self.read_entry(id, &entry, &file);
+        }
+        Err(Error::NotFound(*id))
+    }
+
+    fn read_entry(&self, id: &ChunkId, entry: &ChunkEntry, file: &File) -> Result<Vec<u8>> {
+        let corrupt = |why: String| {
+            log::error!(
+                "chunk {id} in {} at offset {} is corrupt: {why}",
+                entry.pack,
+                entry.offset
+            );
+            Error::Corrupt {
+                chunk: *id,
+                pack: entry.pack,
+                offset: entry.offset,
+                why,
+            }
+        };
+        let rec = pack::read_record(file, entry.offset, entry.record_len).map_err(corrupt)?;
+        let blob = pack::check_record(&rec, id).map_err(corrupt)?;
+        pack::decode_blob(blob, id).map_err(corrupt)
+    }
+
+    /// Starts a batch: the unit of group commit.
+    pub fn batch(&self) -> Result<Batch<'_>> {
+        let start_seq = self.commit_seq()?;
+        let id = self.next_batch.fetch_add(1, Ordering::SeqCst);
+        self.batches.lock().insert(id, start_seq);
+        Ok(Batch {
+            store: self,
+            id,
+            start_seq,
+            writer: None,
+            full: Vec::new(),
+            new: HashMap::new(),
+            deltas: HashMap::new(),
+            scratch: Vec::new(),
+            read: None,
+            lookups: 0,
+        })
+    }
+
+    pub fn commit_seq(&self) -> Result<u64> {
+        let rt = self.db.begin_read()?;
+        let st = rt.open_table(STATE)?;
+        Ok(st.get("commit_seq")?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    pub fn ref_seq(&self) -> Result<u64> {
+        let rt = self.db.begin_read()?;
+        let st = rt.open_table(STATE)?;
+        Ok(st.get("ref_seq")?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Commit sequence of the oldest running batch: dead chunks that died at
+    /// or after it may still be referenced by that batch.
+    fn oldest_batch_seq(&self) -> u64 {
+        self.batches
+            .lock()
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    pub fn lock_commits(&self) -> MutexGuard<'_, ()> {
+        self.commit_lock.lock()
+    }
+
+    fn take_writer(&self) -> Result<PackWriter> {
+        if let Some(w) = self.writers.lock().pop() {
+            return Ok(w);
+        }
+        let id = PackId(self.next_pack.fetch_add(1, Ordering::SeqCst));
+        let w = PackWriter::create(&self.dir, id)
+            .map_err(|e| Error::io(format!("creating {id}"), e))?;
+        self.active_packs.lock().insert(id);
+        Ok(w)
+    }
+
+    /// Gives a writer back after a batch: to the pool if it has room and no
+    /// uncommitted bytes, otherwise it is retired.
+    fn return_writer(&self, mut w: PackWriter, keep: bool) {
+        if w.has_uncommitted()
+            && let Err(e) = w.rollback()
+        {
+            log::error!("{}: cannot cut uncommitted tail: {e}", w.id);
+        }
+        if w.committed_len == 0 {
+            // Never named by a commit: nothing can refer to it.
+            let _ = fs::remove_file(pack::pack_path(&self.dir, w.id));
+        }
+        if keep && w.committed_len != 0 && w.len < self.config.pack_target_bytes {
+            self.writers.lock().push(w);
+        } else {
+            self.active_packs.lock().remove(&w.id);
+        }
+    }
+
+    /// Undoes ref deltas whose meta commit failed (the index went first).
+    pub fn undo_ref_deltas(&self, deltas: &[(ChunkId, OwnerId, i64)]) -> Result<()> {
+        let reversed: Vec<_> = deltas.iter().map(|(c, o, d)| (*c, *o, -*d)).collect();
+        let tx = self.db.begin_write()?;
+        {
+            let mut st = tx.open_table(STATE)?;
+            let seq = st.get("commit_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
+            let ref_seq = st.get("ref_seq")?.map(|v| v.value()).unwrap_or(0);
+            let mut counters = Counters::load(&st)?;
+            let mut chunks = tx.open_table(CHUNKS)?;
+            let mut packs = tx.open_table(PACKS)?;
+            apply_deltas(&mut chunks, &mut packs, &mut counters, &reversed, seq)?;
+            counters.save(&mut st)?;
+            st.insert("commit_seq", seq)?;
+            st.insert("ref_seq", ref_seq.saturating_sub(1))?;
+            let mut undo = tx.open_table(UNDO)?;
+            undo.remove("last")?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The ref deltas of the newest ref-carrying commit, if still recorded.
+    pub fn last_ref_deltas(&self) -> Result<Option<Vec<(ChunkId, OwnerId, i64)>>> {
+        let rt = self.db.begin_read()?;
+        let undo = rt.open_table(UNDO)?;
+        let Some(v) = undo.get("last")? else {
+            return Ok(None);
+        };
+        format::decode_ref_deltas(v.value())
+            .map(Some)
+            .map_err(|e| Error::IndexDamaged {
+                path: self.dir.join(INDEX_FILE),
+                why: e.to_string(),
+            })
+    }
+
+    /// Counters, pack totals, and the negative cache size.
+    pub fn stats(&self) -> Result<StoreStats> {
+        let rt = self.db.begin_read()?;
+        let st = rt.open_table(STATE)?;
+        let counters = Counters::load(&st)?;
+        let packs = rt.open_table(PACKS)?;
+        let mut pack_count = 0;
+        let mut pack_bytes = 0;
+        let mut dead_bytes = 0;
+        for row in packs.iter()? {
+            let (_, v) = row?;
+            let e = PackEntry::decode(v.value()).map_err(|e| Error::Db(e.to_string()))?;
+            pack_count += 1;
+            pack_bytes += e.committed_len;
+            dead_bytes += e.dead_bytes;
+        }
+        Ok(StoreStats {
+            counters,
+            pack_count,
+            pack_bytes,
+            dead_bytes,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct StoreStats {
+    pub counters: Counters,
+    pub pack_count: u64,
+    pub pack_bytes: u64,
+    pub dead_bytes: u64,
+}
+
+pub fn lookup_in(rt: &ReadTransaction, id: &ChunkId) -> Result<Option<ChunkEntry>> {
+    let t = rt.open_table(CHUNKS)?;
+    match t.get(&id.0)? {
+        None => Ok(None),
+        Some(v) => ChunkEntry::decode(v.value())
+            .map(Some)
+            .map_err(|e| Error::Db(format!("entry of chunk {id}: {e}"))),
+    }
+}
+
+/// Applies reference deltas inside a write transaction, keeping pack dead
+/// bytes and counters in step with each chunk's live/dead transitions.
+pub fn apply_deltas(
+    chunks: &mut redb::Table<&'static [u8; 20], &'static [u8]>,
+    packs: &mut redb::Table<u64, &'static [u8]>,
+    counters: &mut Counters,
+    deltas: &[(ChunkId, OwnerId, i64)],
+    seq: u64,
+) -> Result<()> {
+    let mut dead_change: HashMap<PackId, i64> = HashMap::new();
+    for (id, owner, delta) in deltas {
+        if *delta == 0 {
+            continue;
+        }
+        let mut e = match chunks.get(&id.0)? {
+            Some(v) => ChunkEntry::decode(v.value()).map_err(|e| Error::Db(e.to_string()))?,
+            None => return Err(Error::NotFound(*id)),
+        };
+        let was_live = e.is_live();
+        let slot = e.owners.iter().position(|(o, _)| o == owner);
+        let old = slot.map(|i| e.owners[i].1).unwrap_or(0) as i64;
+        let new = old + delta;
+        if new < 0 {
+            return Err(Error::RefUnderflow {
+                chunk: *id,
+                owner: *owner,
+            });
+        }
+        match (slot, new) {
+            (Some(i), 0) => {
+                e.owners.remove(i);
+            }
+            (Some(i), n) => e.owners[i].1 = n as u64,
+            (None, n) => e.owners.push((*owner, n as u64)),
+        }
+        e.owners.sort();
+        let raw = e.raw_len as u64;
+        if *delta > 0 {
+            counters.logical_bytes += raw * (*delta as u64);
+        } else {
+            counters.logical_bytes = counters
+                .logical_bytes
+                .saturating_sub(raw * (-*delta) as u64);
+        }
+        match (was_live, e.is_live()) {
+            (true, false) => {
+                e.dead_since = seq;
+                *dead_change.entry(e.pack).or_default() += e.record_len as i64;
+                counters.live_chunks -= 1;
+                counters.live_raw_bytes -= raw;
+                counters.live_stored_bytes -= e.record_len as u64;
+            }
+            (false, true) => {
+                e.dead_since = 0;
+                *dead_change.entry(e.pack).or_default() -= e.record_len as i64;
+                counters.live_chunks += 1;
+                counters.live_raw_bytes += raw;
+                counters.live_stored_bytes += e.record_len as u64;
+            }
+            _ => {}
+        }
+        chunks.insert(&id.0, e.encode().as_slice())?;
+    }
+    for (pack, change) in dead_change {
+        adjust_pack(packs, pack, |p| {
+            p.dead_bytes = (p.dead_bytes as i64 + change).max(0) as u64;
+        })?;
+    }
+    Ok(())
+}
+
+pub fn adjust_pack(
+    packs: &mut redb::Table<u64, &'static [u8]>,
+    pack: PackId,
+    f: impl FnOnce(&mut PackEntry),
+) -> Result<()> {
+    let mut e = match packs.get(pack.0)? {
+        Some(v) => PackEntry::decode(v.value()).map_err(|e| Error::Db(e.to_string()))?,
+        None => PackEntry {
+            committed_len: PACK_HEADER_LEN as u64,
+            ..Default::default()
+        },
+    };
+    f(&mut e);
+    packs.insert(pack.0, e.encode().as_slice())?;
+    Ok(())
+}
+
+/// A chunk written by a batch and not yet committed.
+#[derive(Clone, Copy)]
+struct NewChunk {
+    pack: PackId,
+    offset: u64,
+    record_len: u32,
+    raw_len: u32,
+}
+
+/// What a commit did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommitInfo {
+    /// The index's ref sequence after this commit, if it carried references.
+    pub ref_seq: Option<u64>,
+    pub new_chunks: usize,
+}
+
+/// A unit of ingest and reference changes that commits at once: all the
+/// chunks it wrote are synced, then one index transaction names them and
+/// applies its reference deltas. Dropping a batch without committing throws
+/// its writes away.
+pub struct Batch<'s> {
+    store: &'s Store,
+    id: u64,
+    start_seq: u64,
+    writer: Option<PackWriter>,
+    /// Writers that filled up during this batch, committed with it.
+    full: Vec<PackWriter>,
+    new: HashMap<ChunkId, NewChunk>,
+    deltas: HashMap<(ChunkId, OwnerId), i64>,
+    scratch: Vec<u8>,
+    read: Option<ReadTransaction>,
+    lookups: u32,
+}
+
+impl<'s> Batch<'s> {
+    pub fn store(&self) -> &'s Store {
+        self.store
+    }
+
+    /// Splits `reader` into chunks and stores each one the store lacks.
+    pub fn ingest(&mut self, reader: impl Read) -> Result<Vec<ChunkRef>> {
+        let mut out = Vec::new();
+        let params = self.store.config.chunker;
+        chunker::chunk_stream(params, reader, |data| -> Result<()> {
+            out.push(self.put_chunk(data)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn lookup(&mut self, id: &ChunkId) -> Result<Option<ChunkEntry>> {
+        // A slightly stale snapshot is safe: a chunk it shows live can only
+        // die after this batch started, and gc keeps such chunks.
+        if self.read.is_none() || self.lookups >= 4096 {
+            self.read = Some(self.store.db.begin_read()?);
+            self.lookups = 0;
+        }
+        self.lookups += 1;
+        match &self.read {
+            Some(rt) => lookup_in(rt, id),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores one chunk unless the store already holds it in a form this
+    /// batch can rely on. Returns its reference.
+    pub fn put_chunk(&mut self, data: &[u8]) -> Result<ChunkRef> {
+        let id = ChunkId::of(data);
+        let r = ChunkRef {
+            id,
+            len: data.len() as u32,
+        };
+        if self.new.contains_key(&id) {
+            return Ok(r);
+        }
+        let maybe = self.store.negcache.read().may_contain(&id);
+        if maybe && let Some(e) = self.lookup(&id)? {
+            // A dead chunk that died before we started may be collected
+            // before we commit; store our own copy instead.
+            if e.is_live() || e.dead_since >= self.start_seq {
+                return Ok(r);
+            }
+        }
+        self.store.negcache.read().insert(&id);
+        let cfg = &self.store.config;
+        let (bh, compressed) =
+            pack::encode_blob(data, cfg.compression, cfg.zstd_level, &mut self.scratch);
+        let payload: &[u8] = if compressed { &self.scratch } else { data };
+        if self.writer.is_none() {
+            self.writer = Some(self.store.take_writer()?);
+        }
+        let Some(w) = self.writer.as_mut() else {
+            return Err(Error::Invalid("no pack writer".into()));
+        };
+        let (offset, record_len) = w
+            .append(id, &bh, payload)
+            .map_err(|e| Error::io(format!("appending to {}", w.id), e))?;
+        self.new.insert(
+            id,
+            NewChunk {
+                pack: w.id,
+                offset,
+                record_len,
+                raw_len: r.len,
+            },
+        );
+        if w.len >= cfg.pack_target_bytes
+            && let Some(w) = self.writer.take()
+        {
+            self.full.push(w);
+        }
+        if self.new.len() >= FLUSH_EVERY_CHUNKS {
+            self.commit_inner(false, |_| Ok(()))?;
+        }
+        Ok(r)
+    }
+
+    pub fn add_refs(&mut self, owner: OwnerId, chunks: impl IntoIterator<Item = ChunkId>) {
+        for c in chunks {
+            *self.deltas.entry((c, owner)).or_default() += 1;
+        }
+    }
+
+    pub fn drop_refs(&mut self, owner: OwnerId, chunks: impl IntoIterator<Item = ChunkId>) {
+        for c in chunks {
+            *self.deltas.entry((c, owner)).or_default() -= 1;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.new.is_empty() && self.deltas.values().all(|d| *d == 0) && self.full.is_empty()
+    }
+
+    /// Commits the batch. `then` runs while the commit lock is still held,
+    /// after the index commit, with the new ref sequence when references
+    /// changed: the layer above commits the records that hold those
+    /// references there. If `then` fails, the reference changes are undone.
+    pub fn commit(mut self, then: impl FnOnce(Option<u64>) -> Result<()>) -> Result<CommitInfo> {
+        let info = self.commit_inner(true, then)?;
+        Ok(info)
+    }
+
+    fn commit_inner(
+        &mut self,
+        final_commit: bool,
+        then: impl FnOnce(Option<u64>) -> Result<()>,
+    ) -> Result<CommitInfo> {
+        // Blobs first: everything the index will name must be on disk.
+        for w in self.full.iter_mut().chain(self.writer.as_mut()) {
+            w.sync()
+                .map_err(|e| Error::io(format!("syncing {}", w.id), e))?;
+        }
+        let deltas: Vec<(ChunkId, OwnerId, i64)> = if final_commit {
+            let mut d: Vec<_> = self
+                .deltas
+                .iter()
+                .filter(|(_, d)| **d != 0)
+                .map(|((c, o), d)| (*c, *o, *d))
+                .collect();
+            d.sort();
+            d
+        } else {
+            Vec::new()
+        };
+        let store = self.store;
+        let _guard = store.commit_lock.lock();
+        let tx = store.db.begin_write()?;
+        let ref_seq;
+        {
+            let mut st = tx.open_table(STATE)?;
+            let seq = st.get("commit_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
+            let mut counters = Counters::load(&st)?;
+            let mut chunks = tx.open_table(CHUNKS)?;
+            let mut packs = tx.open_table(PACKS)?;
+            // Pack lengths first, so dead-byte adjustments find the entries.
+            for w in self.full.iter().chain(self.writer.as_ref()) {
+                let len = w.len;
+                let sealed = len >= store.config.pack_target_bytes;
+                adjust_pack(&mut packs, w.id, |p| {
+                    p.committed_len = len;
+                    p.sealed = sealed;
+                })?;
+            }
+            let mut dead_change: HashMap<PackId, i64> = HashMap::new();
+            for (id, n) in &self.new {
+                let existing = match chunks.get(&id.0)? {
+                    Some(v) => {
+                        Some(ChunkEntry::decode(v.value()).map_err(|e| Error::Db(e.to_string()))?)
+                    }
+                    None => None,
+                };
+                match existing {
+                    Some(e) if e.is_live() => {
+                        // Another batch stored it first: our copy is dead weight.
+                        *dead_change.entry(n.pack).or_default() += n.record_len as i64;
+                        continue;
+                    }
+                    Some(_) => {
+                        // Replacing a dead entry: its old record was already
+                        // counted dead when it died.
+                    }
+                    None => counters.total_chunks += 1,
+                }
+                // Born unreferenced; the deltas below bring it to life.
+                *dead_change.entry(n.pack).or_default() += n.record_len as i64;
+                let e = ChunkEntry {
+                    pack: n.pack,
+                    offset: n.offset,
+                    record_len: n.record_len,
+                    raw_len: n.raw_len,
+                    dead_since: seq,
+                    owners: Vec::new(),
+                };
+                chunks.insert(&id.0, e.encode().as_slice())?;
+            }
+            for (pack, change) in dead_change {
+                adjust_pack(&mut packs, pack, |p| {
+                    p.dead_bytes = (p.dead_bytes as i64 + change).max(0) as u64;
+                })?;
+            }
+            apply_deltas(&mut chunks, &mut packs, &mut counters, &deltas, seq)?;
+            let mut undo = tx.open_table(UNDO)?;
+            if deltas.is_empty() {
+                ref_seq = None;
+            } else {
+                let r = st.get("ref_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
+                st.insert("ref_seq", r)?;
+                undo.insert("last", format::encode_ref_deltas(&deltas).as_slice())?;
+                ref_seq = Some(r);
+            }
+            counters.commits += 1;
+            counters.save(&mut st)?;
+            st.insert("commit_seq", seq)?;
+        }
+        tx.commit()?;
+        let new_chunks = self.new.len();
+        self.new.clear();
+        self.read = None;
+        for w in self.full.iter_mut().chain(self.writer.as_mut()) {
+            w.committed_len = w.len;
+        }
+        for w in self.full.drain(..) {
+            store.return_writer(w, false);
+        }
+        if store.negcache.read().wants_growth() {
+            store.rebuild_negcache()?;
+        }
+        if final_commit {
+            self.deltas.clear();
+            if let Err(e) = then(ref_seq) {
+                if ref_seq.is_some()
+                    && let Err(undo_err) = store.undo_ref_deltas(&deltas)
+                {
+                    // The index now counts references nobody holds; the next
+                    // open sees ref_seq ahead of meta and undoes them.
+                    log::error!("cannot undo reference changes after a failed commit: {undo_err}");
+                }
+                return Err(e);
+            }
+        }
+        Ok(CommitInfo {
+            ref_seq,
+            new_chunks,
+        })
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.store.batches.lock().remove(&self.id);
+        let clean = self.new.is_empty();
+        for w in self.full.drain(..) {
+            self.store.return_writer(w, false);
+        }
+        if let Some(w) = self.writer.take() {
+            self.store.return_writer(w, clean);
+        }
+    }
+}
