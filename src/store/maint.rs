@@ -137,6 +137,12 @@ pub struct GcReport {
 /// then are the old packs deleted.
 pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcReport> {
     let _gc = store.gc_lock.lock();
+    // Idle writers' packs are fair game: retire them, so only packs a
+    // running batch is appending to are left alone.
+    let idle: Vec<PackWriter> = store.writers.lock().drain(..).collect();
+    for w in idle {
+        store.return_writer(w, false);
+    }
     let active = store.active_packs.lock().clone();
     let candidates: Vec<(PackId, PackEntry)> = all_packs(store)?
         .into_iter()

@@ -1,0 +1,573 @@
+//! The chunkstore under bad input and faults, through the library and the
+//! `dedupfs` binary.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dedupfs::NoProgress;
+use dedupfs::format::{ChunkId, OwnerId};
+use dedupfs::repo::Repo;
+use dedupfs::store::{Error, InitOptions, pack};
+use proptest::prelude::*;
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn new_repo(dir: &Path) -> Repo {
+    Repo::init(dir, &InitOptions::default()).unwrap();
+    Repo::open(dir).unwrap()
+}
+
+fn get(repo: &Repo, name: &str) -> Result<Vec<u8>, Error> {
+    let mut v = Vec::new();
+    repo.get_object(OwnerId::LOCAL, name, &mut v)?;
+    Ok(v)
+}
+
+fn packs_of(dir: &Path) -> Vec<PathBuf> {
+    pack::list_pack_files(dir)
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dedupfs"))
+}
+
+#[test]
+fn round_trip_dedup_and_stats() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = new_repo(&t.path().join("s"));
+    let data = random_bytes(3 << 20, 1);
+    repo.put_object(OwnerId::LOCAL, "a", &data[..]).unwrap();
+    repo.put_object(OwnerId::LOCAL, "b", &data[..]).unwrap();
+    assert_eq!(get(&repo, "a").unwrap(), data);
+    assert_eq!(get(&repo, "b").unwrap(), data);
+    let s = repo.stats().unwrap();
+    assert_eq!(s.logical_bytes, 2 * data.len() as u64);
+    assert_eq!(s.unique_bytes, data.len() as u64);
+    assert!((s.dedup_ratio - 2.0).abs() < 1e-9);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+    // Replacing an object drops the old version's references.
+    repo.put_object(OwnerId::LOCAL, "a", &b"short"[..]).unwrap();
+    let s = repo.stats().unwrap();
+    assert_eq!(s.logical_bytes, data.len() as u64 + 5);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+#[test]
+fn flipped_byte_names_the_chunk_and_spares_the_rest() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = new_repo(&dir);
+    let data = random_bytes(2 << 20, 2);
+    repo.put_object(OwnerId::LOCAL, "f", &data[..]).unwrap();
+    let other = random_bytes(1 << 20, 3);
+    repo.put_object(OwnerId::LOCAL, "g", &other[..]).unwrap();
+    drop(repo);
+
+    // Flip one payload byte of a record in the middle of the first pack.
+    let p = &packs_of(&dir)[0];
+    let (_, scan) = pack::scan_pack(p, true).unwrap();
+    let victim = &scan.records[scan.records.len() / 2];
+    let f = OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let at = victim.offset + 32 + 8 + 100;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    drop(f);
+
+    let repo = Repo::open(&dir).unwrap();
+    let err = repo.store().read_chunk(&victim.header.id).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&victim.header.id.to_hex()), "{msg}");
+    assert!(msg.contains("pack"), "{msg}");
+    assert!(matches!(err, Error::Corrupt { .. }));
+    assert_eq!(err.errno(), libc::EIO);
+    // Every other chunk still reads.
+    for r in scan
+        .records
+        .iter()
+        .filter(|r| r.header.id != victim.header.id)
+    {
+        repo.store().read_chunk(&r.header.id).unwrap();
+    }
+    assert_eq!(get(&repo, "g").unwrap(), other);
+    let report = repo.fsck(&NoProgress).unwrap();
+    assert!(!report.clean);
+    let bad: Vec<_> = report
+        .store
+        .corrupt
+        .iter()
+        .map(|b| b.chunk.clone())
+        .collect();
+    assert_eq!(bad, vec![victim.header.id.to_hex()]);
+    assert_eq!(report.damaged_objects, vec!["f".to_string()]);
+}
+
+#[test]
+fn torn_tail_from_a_crashed_append_is_cut_at_open() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = new_repo(&dir);
+    let data = random_bytes(1 << 20, 4);
+    repo.put_object(OwnerId::LOCAL, "f", &data[..]).unwrap();
+    drop(repo);
+    let p = packs_of(&dir)[0].clone();
+    let committed = fs::metadata(&p).unwrap().len();
+    // Half a record, as a crash in the middle of an append leaves it.
+    let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+    f.write_all(b"DBR1").unwrap();
+    f.write_all(&random_bytes(5000, 5)).unwrap();
+    drop(f);
+    // A pack that no commit ever named.
+    let stray = p.with_file_name("0000000000ff.pack");
+    fs::write(&stray, b"DDFSPACK").unwrap();
+
+    let repo = Repo::open(&dir).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().len(), committed);
+    assert!(!stray.exists());
+    assert_eq!(get(&repo, "f").unwrap(), data);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+#[test]
+fn pack_cut_short_inside_committed_data_leaves_no_dangling_index_entries() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = new_repo(&dir);
+    let data = random_bytes(1 << 20, 6);
+    repo.put_object(OwnerId::LOCAL, "f", &data[..]).unwrap();
+    drop(repo);
+    let p = packs_of(&dir)[0].clone();
+    let len = fs::metadata(&p).unwrap().len();
+    let cut = len - 3000; // mid-blob of the last record
+    let (_, scan) = pack::scan_pack(&p, true).unwrap();
+    let lost = scan
+        .records
+        .iter()
+        .filter(|r| r.offset + r.header.record_len() > cut)
+        .count();
+    assert!(lost >= 1);
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(cut).unwrap();
+    drop(f);
+
+    let repo = Repo::open(&dir).unwrap();
+    let report = repo.fsck(&NoProgress).unwrap();
+    // The lost chunk is reported missing, nothing points past the end.
+    assert_eq!(report.store.missing.len(), lost);
+    assert!(
+        report.store.corrupt.is_empty(),
+        "{:?}",
+        report.store.corrupt
+    );
+    assert_eq!(report.damaged_objects, vec!["f".to_string()]);
+    assert!(get(&repo, "f").is_err());
+}
+
+fn damage_index(dir: &Path, how: &str) {
+    let idx = dir.join("index.redb");
+    match how {
+        "truncate" => {
+            let len = fs::metadata(&idx).unwrap().len();
+            OpenOptions::new()
+                .write(true)
+                .open(&idx)
+                .unwrap()
+                .set_len(len / 3)
+                .unwrap();
+        }
+        "junk" => fs::write(&idx, random_bytes(64 << 10, 9)).unwrap(),
+        "delete" => fs::remove_file(&idx).unwrap(),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn damaged_index_fails_clearly_writes_nothing_and_repair_rebuilds_it() {
+    for how in ["truncate", "junk", "delete"] {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("s");
+        let repo = new_repo(&dir);
+        let a = random_bytes(2 << 20, 10);
+        let b = random_bytes(300 << 10, 11);
+        repo.put_object(OwnerId::LOCAL, "a", &a[..]).unwrap();
+        repo.put_object(OwnerId::LOCAL, "b", &b[..]).unwrap();
+        repo.put_object(OwnerId::LOCAL, "a2", &a[..]).unwrap();
+        repo.remove_objects(OwnerId::LOCAL, &["b".into()]).unwrap();
+        let before = repo.stats().unwrap();
+        drop(repo);
+        damage_index(&dir, how);
+        let snapshot = fs::read(dir.join("index.redb")).ok();
+
+        let err = Repo::open(&dir).err().expect("open must fail");
+        assert!(matches!(err, Error::IndexDamaged { .. }), "{how}: {err}");
+        assert!(err.to_string().contains("fsck --repair"), "{err}");
+        for args in [&["stats"][..], &["fsck"], &["object", "ls"], &["gc"]] {
+            let out = bin().args(args).arg(&dir).output().unwrap();
+            assert_eq!(out.status.code(), Some(2), "{how} {args:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(stderr.trim().lines().count(), 1, "{how} {args:?}: {stderr}");
+            assert!(stderr.contains("index"), "{stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+        assert_eq!(
+            fs::read(dir.join("index.redb")).ok(),
+            snapshot,
+            "{how}: file changed"
+        );
+
+        let out = bin().args(["fsck", "--repair"]).arg(&dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{how}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let repo = Repo::open(&dir).unwrap();
+        assert_eq!(get(&repo, "a").unwrap(), a);
+        assert_eq!(get(&repo, "a2").unwrap(), a);
+        assert!(repo.fsck(&NoProgress).unwrap().clean);
+        let after = repo.stats().unwrap();
+        assert_eq!(after.logical_bytes, before.logical_bytes, "{how}");
+        assert_eq!(after.unique_bytes, before.unique_bytes, "{how}");
+    }
+}
+
+#[test]
+fn not_a_store_and_unknown_version_are_one_line_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let out = bin().arg("stats").arg(t.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("not a dedupfs store"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1);
+
+    let dir = t.path().join("s");
+    drop(new_repo(&dir));
+    let cfg = fs::read_to_string(dir.join("config.json")).unwrap();
+    fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"version\": 1", "\"version\": 42"),
+    )
+    .unwrap();
+    let out = bin().arg("stats").arg(&dir).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("version 42"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn a_second_opener_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let _repo = new_repo(&dir);
+    assert!(matches!(Repo::open(&dir), Err(Error::Locked(_))));
+}
+
+#[test]
+fn many_small_files_share_commits() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let mut files = Vec::new();
+    for i in 0..2000u64 {
+        let p = src.join(format!("f{i}"));
+        fs::write(&p, random_bytes(100 + (i as usize % 4000), i)).unwrap();
+        files.push((format!("f{i}"), p));
+    }
+    let repo = new_repo(&t.path().join("s"));
+    let before = repo.stats().unwrap().commits;
+    repo.put_files(OwnerId::LOCAL, files, 1, &NoProgress)
+        .unwrap();
+    let s = repo.stats().unwrap();
+    assert_eq!(s.objects, 2000);
+    assert!(
+        s.commits - before <= 2,
+        "{} commits for 2000 files",
+        s.commits - before
+    );
+    assert_eq!(
+        get(&repo, "f1234").unwrap(),
+        random_bytes(100 + 1234 % 4000, 1234)
+    );
+}
+
+#[test]
+fn gc_returns_space_to_within_ten_percent_of_live_data() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = new_repo(&dir);
+    let mut names = Vec::new();
+    for i in 0..40u64 {
+        let name = format!("o{i}");
+        repo.put_object(OwnerId::LOCAL, &name, &random_bytes(1 << 20, 100 + i)[..])
+            .unwrap();
+        names.push(name);
+    }
+    let doomed: Vec<String> = names
+        .iter()
+        .filter(|n| {
+            n.as_str() != "o7" && n.as_str() != "o30" && n.as_str() != "o11" && n.as_str() != "o25"
+        })
+        .cloned()
+        .collect();
+    repo.remove_objects(OwnerId::LOCAL, &doomed).unwrap();
+    let r = repo.gc(0.2, &NoProgress).unwrap();
+    assert!(r.packs_compacted > 0);
+    let s = repo.stats().unwrap();
+    let packs: u64 = packs_of(&dir)
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        (packs as f64) < s.unique_bytes as f64 * 1.10,
+        "packs {packs} vs live {}",
+        s.unique_bytes
+    );
+    for n in ["o7", "o11", "o25", "o30"] {
+        let i: u64 = n[1..].parse().unwrap();
+        assert_eq!(get(&repo, n).unwrap(), random_bytes(1 << 20, 100 + i));
+    }
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+    drop(repo);
+    let repo = Repo::open(&dir).unwrap();
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+#[test]
+fn concurrent_writers_and_gc_keep_counts_exact() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = new_repo(&dir);
+    // Shared blocks so writers dedup against each other's fresh chunks.
+    let blocks: Vec<Vec<u8>> = (0..12).map(|i| random_bytes(64 << 10, 500 + i)).collect();
+    let content = |w: u64, i: u64| -> Vec<u8> {
+        let mut v = Vec::new();
+        for k in 0..6 {
+            v.extend_from_slice(&blocks[((w + i * 3 + k * 5) % 12) as usize]);
+        }
+        v
+    };
+    std::thread::scope(|s| {
+        for w in 0..3u64 {
+            let repo = &repo;
+            s.spawn(move || {
+                for i in 0..15u64 {
+                    let name = format!("w{w}-{}", i % 5);
+                    repo.put_object(OwnerId::LOCAL, &name, &content(w, i)[..])
+                        .unwrap();
+                    if i % 4 == 3 {
+                        repo.remove_objects(OwnerId::LOCAL, &[name]).unwrap();
+                    }
+                }
+            });
+        }
+        s.spawn(|| {
+            for _ in 0..10 {
+                repo.gc(0.0, &NoProgress).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+    });
+    let report = repo.fsck(&NoProgress).unwrap();
+    assert!(report.clean, "{:?}", report.store);
+    for o in repo.list_objects().unwrap() {
+        get(&repo, &o.name).unwrap();
+    }
+}
+
+#[test]
+fn disk_full_fails_with_enospc_and_recovers() {
+    if !nix_root() {
+        eprintln!("skipped: needs root to mount a tmpfs");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let mnt = t.path().join("small");
+    fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let dir = mnt.join("s");
+    let filler = mnt.join("filler");
+    fs::write(&filler, vec![0u8; 16 << 20]).unwrap();
+    let repo = new_repo(&dir);
+    let kept = random_bytes(4 << 20, 77);
+    repo.put_object(OwnerId::LOCAL, "kept", &kept[..]).unwrap();
+
+    let big = random_bytes(40 << 20, 78);
+    let err = repo
+        .put_object(OwnerId::LOCAL, "big", &big[..])
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    assert_eq!(get(&repo, "kept").unwrap(), kept);
+    drop(repo);
+    let repo = Repo::open(&dir).unwrap();
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+    assert_eq!(get(&repo, "kept").unwrap(), kept);
+
+    fs::remove_file(&filler).unwrap();
+    let medium = random_bytes(20 << 20, 79);
+    repo.put_object(OwnerId::LOCAL, "medium", &medium[..])
+        .unwrap();
+    assert_eq!(get(&repo, "medium").unwrap(), medium);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+fn nix_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+#[test]
+fn kill_9_during_ingest_loses_nothing_committed() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    drop(new_repo(&dir));
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    // Mixed sizes: small files share group commits, large ones span several.
+    let mut expected: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for i in 0..60u64 {
+        let len = if i % 10 == 0 {
+            6 << 20
+        } else {
+            1000 + (i as usize * 7919) % 200_000
+        };
+        let data = random_bytes(len, 1000 + i);
+        let p = src.join(format!("f{i:03}"));
+        fs::write(&p, &data).unwrap();
+        expected.insert(p.to_string_lossy().into_owned(), data);
+    }
+    let mut seed = 12345u64;
+    for round in 0..20 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let delay_ms = 20 + (seed >> 33) % 400;
+        let mut child = bin()
+            .args(["object", "put"])
+            .arg(&dir)
+            .arg(&src)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+
+        let repo = Repo::open(&dir).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let report = repo.fsck(&NoProgress).unwrap();
+        assert!(report.clean, "round {round}: {:?}", report.store);
+        // Every object that committed reads back exactly.
+        for o in repo.list_objects().unwrap() {
+            assert_eq!(
+                &get(&repo, &o.name).unwrap(),
+                &expected[&o.name],
+                "round {round}: {}",
+                o.name
+            );
+        }
+        // Every chunk the index names is readable.
+        let rt = redb::ReadableDatabase::begin_read(repo.store().db()).unwrap();
+        let chunks = rt.open_table(dedupfs::store::CHUNKS).unwrap();
+        for row in redb::ReadableTable::iter(&chunks).unwrap() {
+            let (k, _) = row.unwrap();
+            repo.store().read_chunk(&ChunkId(*k.value())).unwrap();
+        }
+    }
+}
+
+/// A model of the objects, checked against the store after random puts,
+/// removes, and gcs.
+#[derive(Debug, Clone)]
+enum Op {
+    Put(u8, Vec<u8>),
+    Remove(u8),
+    Gc,
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..6, proptest::collection::vec(0u8..8, 1..6)).prop_map(|(n, b)| Op::Put(n, b)),
+        2 => (0u8..6).prop_map(Op::Remove),
+        1 => Just(Op::Gc),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+    #[test]
+    fn refcounts_match_a_model(ops in proptest::collection::vec(op(), 1..25)) {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("s");
+        let mut repo = Some(new_repo(&dir));
+        // Objects built from a small pool of 20 KiB blocks: lots of sharing.
+        let block = |b: u8| random_bytes(20 << 10, 9000 + b as u64);
+        let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for op in ops {
+            let r = repo.as_ref().unwrap();
+            match op {
+                Op::Put(n, blocks) => {
+                    let data: Vec<u8> = blocks.iter().flat_map(|b| block(*b)).collect();
+                    r.put_object(OwnerId::LOCAL, &format!("o{n}"), &data[..]).unwrap();
+                    model.insert(format!("o{n}"), data);
+                }
+                Op::Remove(n) => {
+                    let name = format!("o{n}");
+                    let res = r.remove_objects(OwnerId::LOCAL, std::slice::from_ref(&name));
+                    prop_assert_eq!(res.is_ok(), model.remove(&name).is_some());
+                }
+                Op::Gc => {
+                    r.gc(0.0, &NoProgress).unwrap();
+                }
+                Op::Reopen => {
+                    repo = None;
+                    repo = Some(Repo::open(&dir).unwrap());
+                }
+            }
+            let r = repo.as_ref().unwrap();
+            let report = r.fsck(&NoProgress).unwrap();
+            prop_assert!(report.clean, "{:?}", report.store);
+            let s = r.stats().unwrap();
+            prop_assert_eq!(s.logical_bytes, model.values().map(|v| v.len() as u64).sum::<u64>());
+            for (name, data) in &model {
+                prop_assert_eq!(&get(r, name).unwrap(), data);
+            }
+        }
+    }
+}
