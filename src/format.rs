@@ -702,6 +702,275 @@ pub fn decode_ref_deltas(b: &[u8]) -> Result<Vec<(ChunkId, OwnerId, i64)>, Forma
     Ok(out)
 }
 
+// ---------------------------------------------------------------- fs records
+
+/// `died` of a record no generation has replaced yet.
+pub const LIVE: u64 = u64::MAX;
+
+/// What an inode is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File = 1,
+    Dir = 2,
+    Symlink = 3,
+    Fifo = 4,
+    CharDev = 5,
+    BlockDev = 6,
+    Socket = 7,
+}
+
+impl Kind {
+    pub fn from_code(c: u8) -> Result<Kind, FormatError> {
+        Ok(match c {
+            1 => Kind::File,
+            2 => Kind::Dir,
+            3 => Kind::Symlink,
+            4 => Kind::Fifo,
+            5 => Kind::CharDev,
+            6 => Kind::BlockDev,
+            7 => Kind::Socket,
+            _ => {
+                return Err(FormatError::Malformed {
+                    what: "inode",
+                    why: format!("unknown kind {c}"),
+                });
+            }
+        })
+    }
+
+    /// The S_IFMT bits of this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            Kind::File => 0o100000,
+            Kind::Dir => 0o040000,
+            Kind::Symlink => 0o120000,
+            Kind::Fifo => 0o010000,
+            Kind::CharDev => 0o020000,
+            Kind::BlockDev => 0o060000,
+            Kind::Socket => 0o140000,
+        }
+    }
+
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & 0o170000 {
+            0o100000 | 0 => Kind::File,
+            0o040000 => Kind::Dir,
+            0o120000 => Kind::Symlink,
+            0o010000 => Kind::Fifo,
+            0o020000 => Kind::CharDev,
+            0o060000 => Kind::BlockDev,
+            0o140000 => Kind::Socket,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, PartialOrd, Ord)]
+pub struct Timespec {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timespec {
+    pub fn now() -> Timespec {
+        match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                secs: d.as_secs() as i64,
+                nanos: d.subsec_nanos(),
+            },
+            Err(_) => Timespec::default(),
+        }
+    }
+}
+
+/// Where a file's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// No bytes (a directory, a device, an empty file).
+    Empty,
+    /// Small file content or a symlink target, in the inode record itself.
+    Inline(Vec<u8>),
+    /// A chunk list in the `contents` table.
+    Chunked,
+}
+
+pub const INODE_REC_VERSION: u8 = 1;
+
+/// Value of the `inodes` table (key: ino, born generation).
+///
+/// ```text
+/// version u8 | died u64 | kind u8 | perm u32 | uid u32 | gid u32 | nlink u32
+/// rdev u32 | size u64 | atime, mtime, ctime, btime (i64 secs, u32 nanos each)
+/// content tag u8 (0 empty, 1 inline, 2 chunked) | inline: len u32 + bytes
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InodeRec {
+    pub died: u64,
+    pub kind: Kind,
+    /// Permission bits including set-id and sticky (mode & 0o7777).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub size: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub btime: Timespec,
+    pub content: Content,
+}
+
+impl InodeRec {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(96);
+        v.push(INODE_REC_VERSION);
+        v.extend_from_slice(&self.died.to_le_bytes());
+        v.push(self.kind as u8);
+        for x in [self.perm, self.uid, self.gid, self.nlink, self.rdev] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.extend_from_slice(&self.size.to_le_bytes());
+        for t in [self.atime, self.mtime, self.ctime, self.btime] {
+            v.extend_from_slice(&t.secs.to_le_bytes());
+            v.extend_from_slice(&t.nanos.to_le_bytes());
+        }
+        match &self.content {
+            Content::Empty => v.push(0),
+            Content::Inline(b) => {
+                v.push(1);
+                v.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                v.extend_from_slice(b);
+            }
+            Content::Chunked => v.push(2),
+        }
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<InodeRec, FormatError> {
+        let mut r = Reader::new(b, "inode");
+        let version = r.u8()?;
+        if version != INODE_REC_VERSION {
+            return Err(FormatError::UnknownVersion {
+                what: "inode",
+                found: version as u32,
+                supported: INODE_REC_VERSION as u32,
+            });
+        }
+        let died = r.u64()?;
+        let kind = Kind::from_code(r.u8()?)?;
+        let perm = r.u32()?;
+        let uid = r.u32()?;
+        let gid = r.u32()?;
+        let nlink = r.u32()?;
+        let rdev = r.u32()?;
+        let size = r.u64()?;
+        let mut ts = [Timespec::default(); 4];
+        for t in &mut ts {
+            t.secs = r.u64()? as i64;
+            t.nanos = r.u32()?;
+        }
+        let content = match r.u8()? {
+            0 => Content::Empty,
+            1 => {
+                let n = r.u32()? as usize;
+                Content::Inline(r.take(n)?.to_vec())
+            }
+            2 => Content::Chunked,
+            c => {
+                return Err(FormatError::Malformed {
+                    what: "inode",
+                    why: format!("unknown content tag {c}"),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(InodeRec {
+            died,
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink,
+            rdev,
+            size,
+            atime: ts[0],
+            mtime: ts[1],
+            ctime: ts[2],
+            btime: ts[3],
+            content,
+        })
+    }
+}
+
+/// Value of the `dirents` table (key: parent ino, name, born generation):
+/// version u8 | died u64 | ino u64 | kind u8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirentVal {
+    pub died: u64,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+impl DirentVal {
+    pub fn encode(&self) -> [u8; 18] {
+        let mut v = [0u8; 18];
+        v[0] = 1;
+        v[1..9].copy_from_slice(&self.died.to_le_bytes());
+        v[9..17].copy_from_slice(&self.ino.to_le_bytes());
+        v[17] = self.kind as u8;
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<DirentVal, FormatError> {
+        let mut r = Reader::new(b, "dirent");
+        let version = r.u8()?;
+        if version != 1 {
+            return Err(FormatError::UnknownVersion {
+                what: "dirent",
+                found: version as u32,
+                supported: 1,
+            });
+        }
+        let d = DirentVal {
+            died: r.u64()?,
+            ino: r.u64()?,
+            kind: Kind::from_code(r.u8()?)?,
+        };
+        r.finish()?;
+        Ok(d)
+    }
+}
+
+/// Value of the `xattrs` and `contents` tables: version u8 | died u64 | body.
+/// For xattrs the body is the value; for contents, a chunk list.
+pub fn encode_versioned(died: u64, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + body.len());
+    v.push(1);
+    v.extend_from_slice(&died.to_le_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+pub fn decode_versioned(b: &[u8]) -> Result<(u64, &[u8]), FormatError> {
+    if b.len() < 9 {
+        return Err(FormatError::Truncated {
+            what: "versioned record",
+            len: b.len(),
+        });
+    }
+    if b[0] != 1 {
+        return Err(FormatError::UnknownVersion {
+            what: "versioned record",
+            found: b[0] as u32,
+            supported: 1,
+        });
+    }
+    let mut d = [0u8; 8];
+    d.copy_from_slice(&b[1..9]);
+    Ok((u64::from_le_bytes(d), &b[9..]))
+}
+
 /// A little-endian cursor that turns running off the end into a typed error.
 struct Reader<'a> {
     b: &'a [u8],
@@ -813,6 +1082,39 @@ mod tests {
             Err(FormatError::BadMagic { .. })
         ));
         assert!(StoreConfig::decode(b"not json").is_err());
+    }
+
+    #[test]
+    fn inode_and_dirent_round_trip() {
+        let mut rec = InodeRec {
+            died: LIVE,
+            kind: Kind::File,
+            perm: 0o4755,
+            uid: 1000,
+            gid: 100,
+            nlink: 2,
+            rdev: 0,
+            size: 5,
+            atime: Timespec {
+                secs: -5,
+                nanos: 999_999_999,
+            },
+            mtime: Timespec { secs: 1, nanos: 2 },
+            ctime: Timespec::now(),
+            btime: Timespec::default(),
+            content: Content::Inline(b"hello".to_vec()),
+        };
+        assert_eq!(InodeRec::decode(&rec.encode()).unwrap(), rec);
+        rec.content = Content::Chunked;
+        assert_eq!(InodeRec::decode(&rec.encode()).unwrap(), rec);
+        let d = DirentVal {
+            died: 7,
+            ino: 42,
+            kind: Kind::Symlink,
+        };
+        assert_eq!(DirentVal::decode(&d.encode()).unwrap(), d);
+        let v = encode_versioned(9, b"xyz");
+        assert_eq!(decode_versioned(&v).unwrap(), (9, &b"xyz"[..]));
     }
 
     #[test]

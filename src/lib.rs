@@ -8,6 +8,7 @@
 
 pub mod chunker;
 pub mod format;
+pub mod fs;
 pub mod meta;
 pub mod repo;
 pub mod store;

@@ -60,6 +60,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Mount a store (created with defaults if the path is empty).
+    Mount {
+        store: PathBuf,
+        mountpoint: PathBuf,
+        /// Stay in the foreground and log to stderr too.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        /// Mount options: allow_other, allow_root, ro, rw, default_permissions, ...
+        #[arg(short = 'o', value_delimiter = ',')]
+        options: Vec<String>,
+        /// FUSE request threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Unmount a mounted store (pending ingest finishes first).
+    Umount { mountpoint: PathBuf },
     /// Named objects: byte streams kept as chunk lists (tools, tests, bench).
     #[command(subcommand)]
     Object(ObjectCmd),
@@ -311,6 +327,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Object(cmd) => return object(cmd),
+        Cmd::Mount {
+            store,
+            mountpoint,
+            foreground,
+            options,
+            threads,
+        } => return mount(&store, &mountpoint, foreground, &options, threads),
+        Cmd::Umount { mountpoint } => {
+            let store = mount_source(&mountpoint);
+            let ok = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(&mountpoint)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+                || std::process::Command::new("umount")
+                    .arg(&mountpoint)
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+            if !ok {
+                anyhow::bail!("could not unmount {}", mountpoint.display());
+            }
+            // The daemon finishes pending ingest after the kernel lets go;
+            // wait until it has released the store.
+            if let Some(store) = store {
+                let start = Instant::now();
+                while dedupfs::store::Store::lock(&store).is_err() {
+                    if start.elapsed() > std::time::Duration::from_secs(600) {
+                        anyhow::bail!("daemon of {} did not exit", store.display());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
         Cmd::Debug(DebugCmd::Pipeline {
             files,
             compression,
@@ -430,9 +481,202 @@ fn object(cmd: ObjectCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Whether `mountpoint` is in the mount table.
+fn is_mounted(mountpoint: &Path) -> bool {
+    let Ok(target) = std::fs::canonicalize(mountpoint) else {
+        return false;
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let want = target.to_string_lossy().replace(' ', "\\040");
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
+}
+
+/// The store mounted at `mountpoint` (our FSName is its absolute path).
+fn mount_source(mountpoint: &Path) -> Option<PathBuf> {
+    let target = std::fs::canonicalize(mountpoint).ok()?;
+    let want = target.to_string_lossy().replace(' ', "\\040");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split(' ');
+        let src = f.next()?;
+        let mnt = f.next()?;
+        let fstype = f.next()?;
+        (mnt == want && (fstype == "fuse" || fstype == "fuse.dedupfs"))
+            .then(|| PathBuf::from(src.replace("\\040", " ")))
+            .filter(|p| dedupfs::store::is_store(p))
+    })
+}
+
+/// Log lines go to the store's log file, and to stderr in the foreground.
+struct Tee {
+    file: Option<std::fs::File>,
+    stderr: bool,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(f) = self.file.as_mut() {
+            f.write_all(buf)?;
+        }
+        if self.stderr {
+            io::stderr().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn mount(
+    store: &Path,
+    mountpoint: &Path,
+    foreground: bool,
+    options: &[String],
+    threads: usize,
+) -> anyhow::Result<ExitCode> {
+    use fuser::{Config, MountOption, SessionACL};
+    if !mountpoint.is_dir() {
+        anyhow::bail!("mountpoint {} is not a directory", mountpoint.display());
+    }
+    if !foreground {
+        // Daemonize by running ourselves in the foreground, detached, and
+        // returning once the mount is up (or the child has failed).
+        let exe = std::env::current_exe()?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("mount").arg(store).arg(mountpoint).arg("-f");
+        cmd.arg("--threads").arg(threads.to_string());
+        if !options.is_empty() {
+            cmd.arg("-o").arg(options.join(","));
+        }
+        cmd.env("DEDUPFS_DAEMON", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn()?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = io::Read::read_to_string(&mut e, &mut err);
+                }
+                anyhow::bail!(
+                    "mount failed ({status}): {}",
+                    err.trim()
+                        .lines()
+                        .last()
+                        .unwrap_or("see the store's dedupfs.log")
+                );
+            }
+            if is_mounted(mountpoint) {
+                return Ok(ExitCode::SUCCESS);
+            }
+            if start.elapsed() > std::time::Duration::from_secs(60) {
+                anyhow::bail!("mount did not come up within 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let repo = Repo::open_or_init(store)?;
+    let daemon = std::env::var_os("DEDUPFS_DAEMON").is_some();
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(store.join("dedupfs.log"))
+        .ok();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Pipe(Box::new(Tee {
+            file: log_file,
+            stderr: !daemon,
+        })))
+        .try_init()
+        .ok();
+    let mut config = Config::default();
+    let mut read_only = false;
+    config.mount_options.push(MountOption::FSName(
+        std::fs::canonicalize(store)?.to_string_lossy().into_owned(),
+    ));
+    config
+        .mount_options
+        .push(MountOption::Subtype("dedupfs".into()));
+    config.mount_options.push(MountOption::DefaultPermissions);
+    for o in options {
+        match o.as_str() {
+            "allow_other" => config.acl = SessionACL::All,
+            "allow_root" => config.acl = SessionACL::RootAndOwner,
+            "ro" => {
+                read_only = true;
+                config.mount_options.push(MountOption::RO);
+            }
+            "rw" | "default_permissions" | "" => {}
+            "dev" => config.mount_options.push(MountOption::Dev),
+            "nodev" => config.mount_options.push(MountOption::NoDev),
+            "suid" => config.mount_options.push(MountOption::Suid),
+            "nosuid" => config.mount_options.push(MountOption::NoSuid),
+            "exec" => config.mount_options.push(MountOption::Exec),
+            "noexec" => config.mount_options.push(MountOption::NoExec),
+            "noatime" => config.mount_options.push(MountOption::NoAtime),
+            other => log::warn!("ignoring mount option '{other}'"),
+        }
+    }
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+    let vol = dedupfs::fs::volume::Volume::start(repo, read_only, 2)?;
+    let mut session =
+        fuser::Session::new(dedupfs::fs::DedupFs::new(vol.clone()), mountpoint, &config)?;
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])?;
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            log::info!("signal {sig}: unmounting");
+            if let Err(e) = unmounter.unmount() {
+                log::error!("unmount on signal failed: {e}");
+            }
+        }
+    });
+    log::info!("mounted {} on {}", store.display(), mountpoint.display());
+    let res = session.run();
+    handle.close();
+    vol.shutdown();
+    log::info!("unmounted {}", mountpoint.display());
+    res?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mount -t fuse.dedupfs STORE MNT -o OPTS` runs `dedupfs STORE MNT -o OPTS`:
+/// treat a first argument that is not a subcommand as `mount`.
+fn args() -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    const SUBCOMMANDS: [&str; 11] = [
+        "init", "stats", "fsck", "gc", "object", "debug", "mount", "umount", "help", "-h", "--help",
+    ];
+    if let Some(first) = a.get(1).and_then(|s| s.to_str())
+        && !SUBCOMMANDS.contains(&first)
+        && !first.starts_with('-')
+        && a.len() >= 3
+    {
+        a.insert(1, "mount".into());
+    }
+    a
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    let is_mount = args().get(1).is_some_and(|s| s == "mount");
+    if !is_mount {
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    }
+    let cli = Cli::parse_from(args());
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

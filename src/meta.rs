@@ -131,3 +131,375 @@ pub fn commit_objects(
     tx.commit()?;
     Ok(())
 }
+
+// ---------------------------------------------------------------- filesystem
+
+/// (ino, born) -> inode record.
+pub const INODES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("inodes");
+/// (parent, name, born) -> dirent.
+pub const DIRENTS: TableDefinition<(u64, &[u8], u64), &[u8]> = TableDefinition::new("dirents");
+/// (ino, name, born) -> versioned value.
+pub const XATTRS: TableDefinition<(u64, &[u8], u64), &[u8]> = TableDefinition::new("xattrs");
+/// (ino, born) -> versioned chunk list. These versions hold chunk references.
+pub const CONTENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("contents");
+/// Inodes whose link count reached zero, for the reaper.
+pub const ORPHANS: TableDefinition<u64, u64> = TableDefinition::new("orphans");
+
+pub const ROOT_INO: u64 = 1;
+
+/// The generation counters every versioned write needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Gens {
+    /// The current generation G: new versions are born here.
+    pub current: u64,
+    /// The generation of the newest snapshot (0: none). A version born
+    /// after it is seen by no snapshot and may change in place.
+    pub last_snap: u64,
+}
+
+impl Gens {
+    pub fn load(t: &impl ReadableTable<&'static str, u64>) -> Result<Gens> {
+        Ok(Gens {
+            current: t.get("gen")?.map(|v| v.value()).unwrap_or(1),
+            last_snap: t.get("last_snap")?.map(|v| v.value()).unwrap_or(0),
+        })
+    }
+
+    fn in_place(&self, born: u64) -> bool {
+        born > self.last_snap
+    }
+}
+
+fn corrupt(what: &str, e: format::FormatError) -> Error {
+    Error::Db(format!("{what}: {e}"))
+}
+
+pub type Inodes<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
+pub type Dirents<'t> = redb::Table<'t, (u64, &'static [u8], u64), &'static [u8]>;
+
+/// Creates the filesystem tables and the root directory if missing.
+pub fn ensure_fs(db: &Database, uid: u32, gid: u32) -> Result<()> {
+    let tx = db.begin_write()?;
+    {
+        let mut st = tx.open_table(STATE)?;
+        if st.get("gen")?.is_none() {
+            st.insert("gen", 1)?;
+            st.insert("last_snap", 0)?;
+            st.insert("next_ino", ROOT_INO + 1)?;
+        }
+        tx.open_table(DIRENTS)?;
+        tx.open_table(XATTRS)?;
+        tx.open_table(CONTENTS)?;
+        tx.open_table(ORPHANS)?;
+        let mut inodes = tx.open_table(INODES)?;
+        if live_inode(&inodes, ROOT_INO)?.is_none() {
+            let now = format::Timespec::now();
+            let root = format::InodeRec {
+                died: format::LIVE,
+                kind: format::Kind::Dir,
+                perm: 0o755,
+                uid,
+                gid,
+                nlink: 2,
+                rdev: 0,
+                size: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                btime: now,
+                content: format::Content::Empty,
+            };
+            inodes.insert((ROOT_INO, 1), root.encode().as_slice())?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The live version of an inode: (born, record).
+pub fn live_inode(
+    t: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    ino: u64,
+) -> Result<Option<(u64, format::InodeRec)>> {
+    let mut it = t.range((ino, 0)..=(ino, u64::MAX))?;
+    if let Some(row) = it.next_back() {
+        let (k, v) = row?;
+        let rec = format::InodeRec::decode(v.value()).map_err(|e| corrupt("inode", e))?;
+        if rec.died == format::LIVE {
+            return Ok(Some((k.value().1, rec)));
+        }
+    }
+    Ok(None)
+}
+
+/// Writes the live version of an inode: in place if no snapshot saw the
+/// current one, else as a new version born now.
+pub fn write_inode(t: &mut Inodes<'_>, g: Gens, ino: u64, rec: &format::InodeRec) -> Result<()> {
+    let born = match live_inode(t, ino)? {
+        Some((born, _)) if g.in_place(born) => born,
+        Some((born, mut old)) => {
+            old.died = g.current;
+            t.insert((ino, born), old.encode().as_slice())?;
+            g.current
+        }
+        None => g.current,
+    };
+    t.insert((ino, born), rec.encode().as_slice())?;
+    Ok(())
+}
+
+/// Ends the live version of an inode.
+pub fn remove_inode(t: &mut Inodes<'_>, g: Gens, ino: u64) -> Result<()> {
+    if let Some((born, mut old)) = live_inode(t, ino)? {
+        if g.in_place(born) {
+            t.remove((ino, born))?;
+        } else {
+            old.died = g.current;
+            t.insert((ino, born), old.encode().as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+pub fn lookup_dirent(
+    t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
+    parent: u64,
+    name: &[u8],
+) -> Result<Option<(u64, format::DirentVal)>> {
+    let mut it = t.range((parent, name, 0)..=(parent, name, u64::MAX))?;
+    if let Some(row) = it.next_back() {
+        let (k, v) = row?;
+        let d = format::DirentVal::decode(v.value()).map_err(|e| corrupt("dirent", e))?;
+        if d.died == format::LIVE {
+            return Ok(Some((k.value().2, d)));
+        }
+    }
+    Ok(None)
+}
+
+pub fn write_dirent(
+    t: &mut Dirents<'_>,
+    g: Gens,
+    parent: u64,
+    name: &[u8],
+    ino: u64,
+    kind: format::Kind,
+) -> Result<()> {
+    let born = match lookup_dirent(t, parent, name)? {
+        Some((born, _)) if g.in_place(born) => born,
+        Some((born, mut old)) => {
+            old.died = g.current;
+            t.insert((parent, name, born), old.encode().as_slice())?;
+            g.current
+        }
+        None => g.current,
+    };
+    let d = format::DirentVal {
+        died: format::LIVE,
+        ino,
+        kind,
+    };
+    t.insert((parent, name, born), d.encode().as_slice())?;
+    Ok(())
+}
+
+pub fn remove_dirent(t: &mut Dirents<'_>, g: Gens, parent: u64, name: &[u8]) -> Result<()> {
+    if let Some((born, mut old)) = lookup_dirent(t, parent, name)? {
+        if g.in_place(born) {
+            t.remove((parent, name, born))?;
+        } else {
+            old.died = g.current;
+            t.insert((parent, name, born), old.encode().as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+/// The live entries of a directory, in name order.
+pub fn list_dir(
+    t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
+    parent: u64,
+    limit: Option<usize>,
+) -> Result<Vec<(Vec<u8>, format::DirentVal)>> {
+    let empty: &[u8] = &[];
+    let mut out: Vec<(Vec<u8>, format::DirentVal)> = Vec::new();
+    for row in t.range((parent, empty, 0)..(parent + 1, empty, 0))? {
+        let (k, v) = row?;
+        let d = format::DirentVal::decode(v.value()).map_err(|e| corrupt("dirent", e))?;
+        if d.died != format::LIVE {
+            continue;
+        }
+        out.push((k.value().1.to_vec(), d));
+        if limit.is_some_and(|l| out.len() >= l) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+pub type Xattrs<'t> = redb::Table<'t, (u64, &'static [u8], u64), &'static [u8]>;
+
+fn live_xattr(
+    t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
+    ino: u64,
+    name: &[u8],
+) -> Result<Option<(u64, Vec<u8>)>> {
+    let mut it = t.range((ino, name, 0)..=(ino, name, u64::MAX))?;
+    if let Some(row) = it.next_back() {
+        let (k, v) = row?;
+        let (died, body) = format::decode_versioned(v.value()).map_err(|e| corrupt("xattr", e))?;
+        if died == format::LIVE {
+            return Ok(Some((k.value().2, body.to_vec())));
+        }
+    }
+    Ok(None)
+}
+
+pub fn get_xattr(
+    t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
+    ino: u64,
+    name: &[u8],
+) -> Result<Option<Vec<u8>>> {
+    Ok(live_xattr(t, ino, name)?.map(|(_, v)| v))
+}
+
+pub fn set_xattr(t: &mut Xattrs<'_>, g: Gens, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
+    let born = match live_xattr(t, ino, name)? {
+        Some((born, _)) if g.in_place(born) => born,
+        Some((born, old)) => {
+            t.insert(
+                (ino, name, born),
+                format::encode_versioned(g.current, &old).as_slice(),
+            )?;
+            g.current
+        }
+        None => g.current,
+    };
+    t.insert(
+        (ino, name, born),
+        format::encode_versioned(format::LIVE, value).as_slice(),
+    )?;
+    Ok(())
+}
+
+/// Returns whether the attribute existed.
+pub fn remove_xattr(t: &mut Xattrs<'_>, g: Gens, ino: u64, name: &[u8]) -> Result<bool> {
+    match live_xattr(t, ino, name)? {
+        None => Ok(false),
+        Some((born, old)) => {
+            if g.in_place(born) {
+                t.remove((ino, name, born))?;
+            } else {
+                t.insert(
+                    (ino, name, born),
+                    format::encode_versioned(g.current, &old).as_slice(),
+                )?;
+            }
+            Ok(true)
+        }
+    }
+}
+
+pub fn list_xattrs(
+    t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
+    ino: u64,
+) -> Result<Vec<Vec<u8>>> {
+    let empty: &[u8] = &[];
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for row in t.range((ino, empty, 0)..(ino + 1, empty, 0))? {
+        let (k, v) = row?;
+        let (died, _) = format::decode_versioned(v.value()).map_err(|e| corrupt("xattr", e))?;
+        if died == format::LIVE {
+            out.push(k.value().1.to_vec());
+        }
+    }
+    out.dedup();
+    Ok(out)
+}
+
+pub type Contents<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
+
+/// The live chunk list of a file: (born, chunks).
+pub fn live_content(
+    t: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    ino: u64,
+) -> Result<Option<(u64, Vec<ChunkRef>)>> {
+    let mut it = t.range((ino, 0)..=(ino, u64::MAX))?;
+    if let Some(row) = it.next_back() {
+        let (k, v) = row?;
+        let (died, body) =
+            format::decode_versioned(v.value()).map_err(|e| corrupt("content", e))?;
+        if died == format::LIVE {
+            let list = decode_chunk_list_body(body)?;
+            return Ok(Some((k.value().1, list)));
+        }
+    }
+    Ok(None)
+}
+
+fn decode_chunk_list_body(body: &[u8]) -> Result<Vec<ChunkRef>> {
+    format::decode_chunk_list(body).map_err(|e| corrupt("content", e))
+}
+
+/// Replaces (or with `None`, ends) a file's live chunk list. Returns the old
+/// list when its references are no longer held by any version (changed in
+/// place), so the caller drops them in the same commit.
+pub fn write_content(
+    t: &mut Contents<'_>,
+    g: Gens,
+    ino: u64,
+    new: Option<&[ChunkRef]>,
+) -> Result<Option<Vec<ChunkRef>>> {
+    let (born, freed) = match live_content(t, ino)? {
+        Some((born, old)) if g.in_place(born) => {
+            t.remove((ino, born))?;
+            (g.current, Some(old))
+        }
+        Some((born, old)) => {
+            let enc = format::encode_chunk_list(&old);
+            t.insert(
+                (ino, born),
+                format::encode_versioned(g.current, &enc).as_slice(),
+            )?;
+            (g.current, None)
+        }
+        None => (g.current, None),
+    };
+    if let Some(list) = new {
+        let enc = format::encode_chunk_list(list);
+        t.insert(
+            (ino, born),
+            format::encode_versioned(format::LIVE, &enc).as_slice(),
+        )?;
+    }
+    Ok(freed)
+}
+
+/// Every chunk reference the filesystem's content versions hold.
+pub fn for_each_content(
+    db: &Database,
+    mut f: impl FnMut(u64, &[ChunkRef]) -> Result<()>,
+) -> Result<()> {
+    let rt = db.begin_read()?;
+    let t = match rt.open_table(CONTENTS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for row in t.iter()? {
+        let (k, v) = row?;
+        let (_, body) = format::decode_versioned(v.value()).map_err(|e| corrupt("content", e))?;
+        f(k.value().0, &decode_chunk_list_body(body)?)?;
+    }
+    Ok(())
+}
+
+/// Allocates an inode number (never reused).
+pub fn alloc_ino(st: &mut redb::Table<&'static str, u64>) -> Result<u64> {
+    let n = st
+        .get("next_ino")?
+        .map(|v| v.value())
+        .unwrap_or(ROOT_INO + 1);
+    st.insert("next_ino", n + 1)?;
+    Ok(n)
+}

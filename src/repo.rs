@@ -127,6 +127,10 @@ impl Repo {
         self.store.dir()
     }
 
+    pub fn meta(&self) -> &Database {
+        &self.meta
+    }
+
     /// Ingests one stream as object `name` and commits it.
     pub fn put_object(&self, owner: OwnerId, name: &str, reader: impl Read) -> Result<ObjectInfo> {
         let mut batch = self.store.batch()?;
@@ -308,6 +312,12 @@ impl Repo {
             objects += 1;
             for c in list {
                 *counts.entry((c.id, owner)).or_default() += 1;
+            }
+            Ok(())
+        })?;
+        meta::for_each_content(meta_db, |_, list| {
+            for c in list {
+                *counts.entry((c.id, OwnerId::LOCAL)).or_default() += 1;
             }
             Ok(())
         })?;

@@ -1,0 +1,310 @@
+//! Staging: the write path of decision 6. A file open for writing keeps its
+//! new bytes in a sparse staging file and a set of dirty ranges; everything
+//! else still reads from its committed chunks (the base). Closing does not
+//! copy the file: ingest re-chunks only from the first changed chunk until
+//! the cut points line up with the base again.
+//!
+//! Invariant: the bytes of a staged file at offset o are the staging file's
+//! if o is in a dirty range, else the base's if o < base_limit, else zero;
+//! and nothing past `size` exists.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::format::{ChunkRef, Timespec};
+
+/// A file's chunk list with the offset where each chunk starts.
+#[derive(Debug, Default)]
+pub struct ChunkMap {
+    pub chunks: Vec<ChunkRef>,
+    /// `starts[i]` is chunk i's offset; one extra entry holds the total.
+    pub starts: Vec<u64>,
+}
+
+impl ChunkMap {
+    pub fn new(chunks: Vec<ChunkRef>) -> ChunkMap {
+        let mut starts = Vec::with_capacity(chunks.len() + 1);
+        let mut off = 0u64;
+        for c in &chunks {
+            starts.push(off);
+            off += c.len as u64;
+        }
+        starts.push(off);
+        ChunkMap { chunks, starts }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.starts.last().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Index of the chunk holding byte `off` (None past the end).
+    pub fn find(&self, off: u64) -> Option<usize> {
+        if off >= self.len() {
+            return None;
+        }
+        Some(self.starts.partition_point(|s| *s <= off) - 1)
+    }
+
+    /// Whether a chunk starts exactly at `off`.
+    pub fn is_cut(&self, off: u64) -> Option<usize> {
+        self.starts[..self.chunks.len()].binary_search(&off).ok()
+    }
+}
+
+/// Non-overlapping, non-adjacent half-open ranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeSet {
+    r: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    pub fn insert(&mut self, mut start: u64, mut end: u64) {
+        if start >= end {
+            return;
+        }
+        // Merge with a range starting before us that reaches us.
+        if let Some((&s, &e)) = self.r.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+            self.r.remove(&s);
+        }
+        // Swallow ranges starting inside [start, end].
+        let inside: Vec<(u64, u64)> = self.r.range(start..=end).map(|(s, e)| (*s, *e)).collect();
+        for (s, e) in inside {
+            end = end.max(e);
+            self.r.remove(&s);
+        }
+        self.r.insert(start, end);
+    }
+
+    /// Forgets everything at or past `at`.
+    pub fn truncate(&mut self, at: u64) {
+        let tail: Vec<u64> = self.r.range(at..).map(|(s, _)| *s).collect();
+        for s in tail {
+            self.r.remove(&s);
+        }
+        if let Some((&s, e)) = self.r.range_mut(..at).next_back()
+            && *e > at
+        {
+            *e = at;
+            let _ = s;
+        }
+    }
+
+    pub fn first_start(&self) -> Option<u64> {
+        self.r.keys().next().copied()
+    }
+
+    pub fn last_end(&self) -> Option<u64> {
+        self.r.values().next_back().copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.r.is_empty()
+    }
+
+    /// The dirty parts of [start, end), in order.
+    pub fn overlapping(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if let Some((&s, &e)) = self.r.range(..start).next_back()
+            && e > start
+        {
+            out.push((start, e.min(end)));
+            let _ = s;
+        }
+        for (&s, &e) in self.r.range(start..end) {
+            out.push((s, e.min(end)));
+        }
+        out
+    }
+
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.r.iter().map(|(s, e)| (*s, *e))
+    }
+}
+
+/// What is known of a staged file, persisted beside the staging file on
+/// fsync and close so a crash can replay it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Sidecar {
+    pub ino: u64,
+    pub size: u64,
+    pub base_limit: u64,
+    pub dirty: Vec<(u64, u64)>,
+    pub mtime: (i64, u32),
+}
+
+/// A file with uncommitted writes.
+pub struct Staged {
+    pub ino: u64,
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    /// Where clean ranges read from.
+    pub base: Arc<ChunkMap>,
+    /// Base bytes at or past this offset read as zero (after a truncate).
+    pub base_limit: u64,
+    pub size: u64,
+    pub dirty: RangeSet,
+    /// Open handles that may write.
+    pub writers: u32,
+    /// Bumped on every change, so ingest can tell its copy went stale.
+    pub version: u64,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    /// Queued for ingest and not yet committed.
+    pub queued: bool,
+}
+
+impl Staged {
+    pub fn write(&mut self, off: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, off)?;
+        let end = off + data.len() as u64;
+        self.dirty.insert(off, end);
+        self.size = self.size.max(end);
+        self.touch();
+        Ok(())
+    }
+
+    pub fn touch(&mut self) {
+        self.version += 1;
+        let now = Timespec::now();
+        self.mtime = now;
+        self.ctime = now;
+    }
+
+    pub fn set_size(&mut self, size: u64) -> io::Result<()> {
+        if size < self.size {
+            self.dirty.truncate(size);
+            self.base_limit = self.base_limit.min(size);
+            self.file.set_len(size)?;
+        }
+        self.size = size;
+        self.touch();
+        Ok(())
+    }
+
+    pub fn sidecar(&self) -> Sidecar {
+        Sidecar {
+            ino: self.ino,
+            size: self.size,
+            base_limit: self.base_limit,
+            dirty: self.dirty.ranges().collect(),
+            mtime: (self.mtime.secs, self.mtime.nanos),
+        }
+    }
+
+    /// A frozen view for ingest to read without holding the lock.
+    pub fn view(&self) -> StagedView {
+        StagedView {
+            file: self.file.clone(),
+            base: self.base.clone(),
+            base_limit: self.base_limit,
+            size: self.size,
+            dirty: self.dirty.clone(),
+            version: self.version,
+            mtime: self.mtime,
+            ctime: self.ctime,
+        }
+    }
+}
+
+/// An immutable copy of a staged file's layout.
+#[derive(Clone)]
+pub struct StagedView {
+    pub file: Arc<File>,
+    pub base: Arc<ChunkMap>,
+    pub base_limit: u64,
+    pub size: u64,
+    pub dirty: RangeSet,
+    pub version: u64,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+}
+
+/// One piece of a read of a staged file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    Staged(u64, u64),
+    Base(u64, u64),
+    Zero(u64, u64),
+}
+
+impl StagedView {
+    /// Splits [start, end) (already clipped to size) by where bytes live.
+    pub fn pieces(&self, start: u64, end: u64) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let clean_end = self.base_limit.min(self.base.len());
+        let mut pos = start;
+        let push_clean = |a: u64, b: u64, out: &mut Vec<Piece>| {
+            if a >= b {
+                return;
+            }
+            let mid = clean_end.clamp(a, b);
+            if a < mid {
+                out.push(Piece::Base(a, mid));
+            }
+            if mid < b {
+                out.push(Piece::Zero(mid, b));
+            }
+        };
+        for (s, e) in self.dirty.overlapping(start, end) {
+            push_clean(pos, s, &mut out);
+            out.push(Piece::Staged(s, e));
+            pos = e;
+        }
+        push_clean(pos, end, &mut out);
+        out
+    }
+
+    /// Whether the base's tail from `off` on is still the file's tail, so
+    /// re-chunking may stop at a base cut point past the last dirty byte.
+    pub fn tail_intact(&self) -> bool {
+        self.base_limit >= self.base.len() && self.size == self.base.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_set_merges_and_truncates() {
+        let mut r = RangeSet::default();
+        r.insert(10, 20);
+        r.insert(30, 40);
+        r.insert(20, 25);
+        assert_eq!(r.ranges().collect::<Vec<_>>(), vec![(10, 25), (30, 40)]);
+        r.insert(5, 35);
+        assert_eq!(r.ranges().collect::<Vec<_>>(), vec![(5, 40)]);
+        r.insert(50, 60);
+        assert_eq!(r.overlapping(0, 55), vec![(5, 40), (50, 55)]);
+        assert_eq!(r.overlapping(10, 12), vec![(10, 12)]);
+        r.truncate(52);
+        assert_eq!(r.ranges().collect::<Vec<_>>(), vec![(5, 40), (50, 52)]);
+        r.truncate(5);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn chunk_map_finds_chunks() {
+        let id = crate::format::ChunkId::of(b"");
+        let m = ChunkMap::new(vec![ChunkRef { id, len: 10 }, ChunkRef { id, len: 5 }]);
+        assert_eq!(m.len(), 15);
+        assert_eq!(m.find(0), Some(0));
+        assert_eq!(m.find(9), Some(0));
+        assert_eq!(m.find(10), Some(1));
+        assert_eq!(m.find(15), None);
+        assert_eq!(m.is_cut(10), Some(1));
+        assert_eq!(m.is_cut(11), None);
+    }
+}

@@ -1,0 +1,1617 @@
+//! The live filesystem over a repo: POSIX semantics on versioned meta
+//! records, the staging write path, the ingest pool and the reaper. Knows
+//! nothing of fuser; `fs::mod` translates requests.
+//!
+//! Lock order: `content_lock` -> a `Staged` lock (in ascending ino) -> the
+//! small maps (`staged`, `open`, `handles`, caches). No lock is held across
+//! chunking; ingest holds `content_lock` and the staged locks only across its
+//! commit.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::num::NonZeroUsize;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use lru::LruCache;
+use parking_lot::{Condvar, Mutex};
+use redb::{Durability, ReadableDatabase, ReadableTable};
+
+use super::Error;
+use super::staging::{ChunkMap, Piece, RangeSet, Sidecar, Staged, StagedView};
+use crate::format::{ChunkId, ChunkRef, Content, InodeRec, Kind, LIVE, OwnerId, Timespec};
+use crate::meta::{self, Gens};
+use crate::repo::Repo;
+use crate::store::{self, Batch};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Content at most this long lives in the inode record.
+pub const INLINE_MAX: u64 = 4096;
+pub const NAME_MAX: usize = 255;
+/// Group commit bounds for ingest.
+const INGEST_GROUP_FILES: usize = 512;
+const INGEST_GROUP_BYTES: u64 = 128 << 20;
+
+/// Attributes as the kernel sees them.
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub size: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub btime: Timespec,
+}
+
+/// What to change in `setattr`; `None` leaves a field alone.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Timespec>,
+    pub mtime: Option<Timespec>,
+    pub ctime: Option<Timespec>,
+}
+
+/// Who is asking.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+struct Handle {
+    ino: u64,
+    write: bool,
+    append: bool,
+}
+
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+enum Msg {
+    Ingest(u64),
+    Reap,
+    Stop,
+}
+
+/// Where a new version of a file's bytes ends up.
+enum NewContent {
+    Inline(Vec<u8>),
+    Chunked(Vec<ChunkRef>),
+}
+
+pub struct Volume {
+    repo: Repo,
+    staging_dir: PathBuf,
+    pub read_only: bool,
+    staged: Mutex<HashMap<u64, Arc<Mutex<Staged>>>>,
+    open: Mutex<HashMap<u64, u32>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    next_fh: AtomicU64,
+    maps: Mutex<LruCache<u64, Arc<ChunkMap>>>,
+    chunks: Mutex<LruCache<ChunkId, Arc<Vec<u8>>>>,
+    content_lock: Mutex<()>,
+    queue: Mutex<Option<SyncSender<Msg>>>,
+    /// Files queued for ingest and not yet committed, with a condvar that
+    /// fires when the count drops.
+    pending: Mutex<u64>,
+    pending_cv: Condvar,
+    /// Meta commits made without fsync since the last durable one.
+    lazy_commits: AtomicBool,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Set when a commit failed in a way that leaves memory and disk apart.
+    failed: AtomicBool,
+}
+
+fn io_err(context: &str, e: io::Error) -> Error {
+    Error::Store(store::Error::io(context, e))
+}
+
+impl Volume {
+    /// Opens the filesystem on a repo, replays staged writes a crash left,
+    /// and starts the ingest pool.
+    pub fn start(repo: Repo, read_only: bool, threads: usize) -> Result<Arc<Volume>> {
+        let uid = std::env::var("SUDO_UID")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        meta::ensure_fs(repo.meta(), uid, uid)?;
+        let staging_dir = repo.dir().join("staging");
+        fs::create_dir_all(&staging_dir).map_err(|e| io_err("creating staging/", e))?;
+        let (tx, rx) = sync_channel::<Msg>(4096);
+        let cap = |n| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
+        let vol = Arc::new(Volume {
+            repo,
+            staging_dir,
+            read_only,
+            staged: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            maps: Mutex::new(LruCache::new(cap(1024))),
+            chunks: Mutex::new(LruCache::new(cap(512))),
+            content_lock: Mutex::new(()),
+            queue: Mutex::new(Some(tx)),
+            pending: Mutex::new(0),
+            pending_cv: Condvar::new(),
+            lazy_commits: AtomicBool::new(false),
+            workers: Mutex::new(Vec::new()),
+            failed: AtomicBool::new(false),
+        });
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let v = Arc::downgrade(&vol);
+            let rx = rx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("ingest-{i}"))
+                .spawn(move || ingest_loop(v, rx))
+                .map_err(|e| io_err("starting ingest", e))?;
+            vol.workers.lock().push(h);
+        }
+        {
+            let v = Arc::downgrade(&vol);
+            let h = std::thread::Builder::new()
+                .name("meta-flush".into())
+                .spawn(move || flush_loop(v))
+                .map_err(|e| io_err("starting flusher", e))?;
+            vol.workers.lock().push(h);
+        }
+        if !read_only {
+            vol.recover_staging()?;
+            vol.send(Msg::Reap);
+        }
+        Ok(vol)
+    }
+
+    pub fn repo(&self) -> &Repo {
+        &self.repo
+    }
+
+    fn send(&self, m: Msg) {
+        if let Some(q) = self.queue.lock().as_ref()
+            && q.send(m).is_err()
+        {
+            log::error!("ingest queue is gone");
+        }
+    }
+
+    /// Finishes pending ingest, stops the workers, makes metadata durable.
+    pub fn shutdown(&self) {
+        self.wait_ingest_idle();
+        self.reap_orphans();
+        let q = self.queue.lock().take();
+        if let Some(q) = q {
+            let n = self.workers.lock().len();
+            for _ in 0..n {
+                let _ = q.send(Msg::Stop);
+            }
+        }
+        let hs: Vec<_> = self.workers.lock().drain(..).collect();
+        for h in hs {
+            let _ = h.join();
+        }
+        if let Err(e) = self.sync_meta() {
+            log::error!("final metadata sync failed: {e}");
+        }
+    }
+
+    /// Blocks until nothing is queued for ingest.
+    pub fn wait_ingest_idle(&self) {
+        let mut p = self.pending.lock();
+        while *p > 0 {
+            self.pending_cv.wait_for(&mut p, Duration::from_millis(200));
+        }
+    }
+
+    /// The staged state of a file. The map's lock is released before the
+    /// caller locks the entry (lock order: entry, then map).
+    fn staged_of(&self, ino: u64) -> Option<Arc<Mutex<Staged>>> {
+        self.staged.lock().get(&ino).cloned()
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::Errno(libc::EROFS));
+        }
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(Error::Errno(libc::EIO));
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ meta txns
+
+    /// Runs `f` in one meta write transaction. Without `durable` the commit
+    /// skips fsync; the flusher (or the next durable commit) persists it.
+    fn meta_write<T>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut MetaTx<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.check_writable()?;
+        let mut tx = self.repo.meta().begin_write().map_err(store::Error::from)?;
+        if !durable {
+            tx.set_durability(Durability::None)
+                .map_err(|e| Error::Store(store::Error::Db(e.to_string())))?;
+        }
+        let out = {
+            let st = tx.open_table(meta::STATE).map_err(store::Error::from)?;
+            let g = Gens::load(&st)?;
+            let mut m = MetaTx {
+                g,
+                inodes: tx.open_table(meta::INODES).map_err(store::Error::from)?,
+                dirents: tx.open_table(meta::DIRENTS).map_err(store::Error::from)?,
+                xattrs: tx.open_table(meta::XATTRS).map_err(store::Error::from)?,
+                orphans: tx.open_table(meta::ORPHANS).map_err(store::Error::from)?,
+                state: st,
+            };
+            f(&mut m)?
+        };
+        tx.commit().map_err(store::Error::from)?;
+        if !durable {
+            self.lazy_commits.store(true, Ordering::Relaxed);
+        }
+        Ok(out)
+    }
+
+    /// Makes every metadata commit so far durable.
+    pub fn sync_meta(&self) -> Result<()> {
+        if !self.lazy_commits.swap(false, Ordering::Relaxed) || self.read_only {
+            return Ok(());
+        }
+        let tx = self.repo.meta().begin_write().map_err(store::Error::from)?;
+        tx.commit().map_err(store::Error::from)?;
+        Ok(())
+    }
+
+    fn read_inode(&self, ino: u64) -> Result<InodeRec> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        meta::live_inode(&t, ino)?
+            .map(|(_, r)| r)
+            .ok_or(Error::Errno(libc::ENOENT))
+    }
+
+    fn attr_of(&self, ino: u64, rec: &InodeRec) -> Attr {
+        let mut a = Attr {
+            ino,
+            kind: rec.kind,
+            perm: rec.perm,
+            nlink: rec.nlink,
+            uid: rec.uid,
+            gid: rec.gid,
+            rdev: rec.rdev,
+            size: rec.size,
+            atime: rec.atime,
+            mtime: rec.mtime,
+            ctime: rec.ctime,
+            btime: rec.btime,
+        };
+        if let Some(st) = self.staged_of(ino) {
+            let st = st.lock();
+            a.size = st.size;
+            a.mtime = st.mtime;
+            a.ctime = a.ctime.max(st.ctime);
+        }
+        a
+    }
+
+    // ------------------------------------------------------------ lookups
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let rec = self.read_inode(ino)?;
+        Ok(self.attr_of(ino, &rec))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        check_name(name)?;
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
+        let (_, ent) = meta::lookup_dirent(&d, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
+        let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        let (_, rec) = meta::live_inode(&t, ent.ino)?.ok_or(Error::Errno(libc::ENOENT))?;
+        Ok(self.attr_of(ent.ino, &rec))
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let rec = self.read_inode(ino)?;
+        match (rec.kind, rec.content) {
+            (Kind::Symlink, Content::Inline(t)) => Ok(t),
+            _ => Err(Error::Errno(libc::EINVAL)),
+        }
+    }
+
+    // ------------------------------------------------------------ creation
+
+    /// Creates an inode and links it at (parent, name).
+    #[allow(clippy::too_many_arguments)]
+    pub fn make_node(
+        &self,
+        who: Caller,
+        parent: u64,
+        name: &[u8],
+        kind: Kind,
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<Attr> {
+        check_name(name)?;
+        let (ino, rec) = self.meta_write(false, |m| {
+            let mut p = m.dir(parent)?;
+            if meta::lookup_dirent(&m.dirents, parent, name)?.is_some() {
+                return Err(Error::Errno(libc::EEXIST));
+            }
+            let ino = meta::alloc_ino(&mut m.state)?;
+            let now = Timespec::now();
+            let mut perm = mode & 0o7777;
+            let mut gid = who.gid;
+            if p.perm & 0o2000 != 0 {
+                // BSD group semantics under a set-group-id directory.
+                gid = p.gid;
+                if kind == Kind::Dir {
+                    perm |= 0o2000;
+                }
+            }
+            let (size, content) = match target {
+                Some(t) => (t.len() as u64, Content::Inline(t.to_vec())),
+                None => (0, Content::Empty),
+            };
+            let rec = InodeRec {
+                died: LIVE,
+                kind,
+                perm,
+                uid: who.uid,
+                gid,
+                nlink: if kind == Kind::Dir { 2 } else { 1 },
+                rdev,
+                size,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                btime: now,
+                content,
+            };
+            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
+            meta::write_dirent(&mut m.dirents, m.g, parent, name, ino, kind)?;
+            if kind == Kind::Dir {
+                p.nlink += 1;
+            }
+            p.mtime = now;
+            p.ctime = now;
+            meta::write_inode(&mut m.inodes, m.g, parent, &p)?;
+            Ok((ino, rec))
+        })?;
+        Ok(self.attr_of(ino, &rec))
+    }
+
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr> {
+        check_name(name)?;
+        let rec = self.meta_write(false, |m| {
+            let mut p = m.dir(parent)?;
+            let mut rec = m.inode(ino)?;
+            if rec.kind == Kind::Dir {
+                return Err(Error::Errno(libc::EPERM));
+            }
+            if meta::lookup_dirent(&m.dirents, parent, name)?.is_some() {
+                return Err(Error::Errno(libc::EEXIST));
+            }
+            let now = Timespec::now();
+            rec.nlink += 1;
+            rec.ctime = now;
+            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
+            meta::write_dirent(&mut m.dirents, m.g, parent, name, ino, rec.kind)?;
+            p.mtime = now;
+            p.ctime = now;
+            meta::write_inode(&mut m.inodes, m.g, parent, &p)?;
+            Ok(rec)
+        })?;
+        Ok(self.attr_of(ino, &rec))
+    }
+
+    // ------------------------------------------------------------ removal
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        self.meta_write(false, |m| {
+            let mut p = m.dir(parent)?;
+            let (_, ent) =
+                meta::lookup_dirent(&m.dirents, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
+            if ent.kind == Kind::Dir {
+                return Err(Error::Errno(libc::EISDIR));
+            }
+            meta::remove_dirent(&mut m.dirents, m.g, parent, name)?;
+            m.drop_link(ent.ino, false)?;
+            let now = Timespec::now();
+            p.mtime = now;
+            p.ctime = now;
+            meta::write_inode(&mut m.inodes, m.g, parent, &p)?;
+            Ok(())
+        })?;
+        self.send(Msg::Reap);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        check_name(name)?;
+        if name == b"." {
+            return Err(Error::Errno(libc::EINVAL));
+        }
+        if name == b".." {
+            return Err(Error::Errno(libc::ENOTEMPTY));
+        }
+        self.meta_write(false, |m| {
+            let mut p = m.dir(parent)?;
+            let (_, ent) =
+                meta::lookup_dirent(&m.dirents, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
+            if ent.kind != Kind::Dir {
+                return Err(Error::Errno(libc::ENOTDIR));
+            }
+            if !meta::list_dir(&m.dirents, ent.ino, Some(1))?.is_empty() {
+                return Err(Error::Errno(libc::ENOTEMPTY));
+            }
+            meta::remove_dirent(&mut m.dirents, m.g, parent, name)?;
+            m.drop_link(ent.ino, true)?;
+            let now = Timespec::now();
+            p.nlink = p.nlink.saturating_sub(1);
+            p.mtime = now;
+            p.ctime = now;
+            meta::write_inode(&mut m.inodes, m.g, parent, &p)?;
+            Ok(())
+        })?;
+        self.send(Msg::Reap);
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        check_name(name)?;
+        check_name(newname)?;
+        const NOREPLACE: u32 = 1;
+        const EXCHANGE: u32 = 2;
+        if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
+            return Err(Error::Errno(libc::EINVAL));
+        }
+        self.meta_write(false, |m| {
+            let now = Timespec::now();
+            let (_, src) =
+                meta::lookup_dirent(&m.dirents, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
+            let dst = meta::lookup_dirent(&m.dirents, newparent, newname)?.map(|(_, d)| d);
+            if parent == newparent && name == newname {
+                return Ok(());
+            }
+            if flags & EXCHANGE != 0 {
+                let dst = dst.ok_or(Error::Errno(libc::ENOENT))?;
+                meta::write_dirent(&mut m.dirents, m.g, parent, name, dst.ino, dst.kind)?;
+                meta::write_dirent(&mut m.dirents, m.g, newparent, newname, src.ino, src.kind)?;
+                if parent != newparent && (src.kind == Kind::Dir) != (dst.kind == Kind::Dir) {
+                    let (gain, lose) = if src.kind == Kind::Dir {
+                        (newparent, parent)
+                    } else {
+                        (parent, newparent)
+                    };
+                    m.adjust_nlink(gain, 1)?;
+                    m.adjust_nlink(lose, -1)?;
+                }
+                for ino in [src.ino, dst.ino] {
+                    let mut r = m.inode(ino)?;
+                    r.ctime = now;
+                    meta::write_inode(&mut m.inodes, m.g, ino, &r)?;
+                }
+            } else {
+                if let Some(d) = dst {
+                    if flags & NOREPLACE != 0 {
+                        return Err(Error::Errno(libc::EEXIST));
+                    }
+                    if d.ino == src.ino {
+                        // Two links to one inode: POSIX says do nothing.
+                        return Ok(());
+                    }
+                    match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
+                        (true, false) => return Err(Error::Errno(libc::ENOTDIR)),
+                        (false, true) => return Err(Error::Errno(libc::EISDIR)),
+                        (true, true) => {
+                            if !meta::list_dir(&m.dirents, d.ino, Some(1))?.is_empty() {
+                                return Err(Error::Errno(libc::ENOTEMPTY));
+                            }
+                            m.adjust_nlink(newparent, -1)?;
+                        }
+                        (false, false) => {}
+                    }
+                    m.drop_link(d.ino, d.kind == Kind::Dir)?;
+                }
+                meta::remove_dirent(&mut m.dirents, m.g, parent, name)?;
+                meta::write_dirent(&mut m.dirents, m.g, newparent, newname, src.ino, src.kind)?;
+                if src.kind == Kind::Dir && parent != newparent {
+                    m.adjust_nlink(parent, -1)?;
+                    m.adjust_nlink(newparent, 1)?;
+                }
+                let mut r = m.inode(src.ino)?;
+                r.ctime = now;
+                meta::write_inode(&mut m.inodes, m.g, src.ino, &r)?;
+            }
+            for p in [parent, newparent] {
+                let mut r = m.inode(p)?;
+                r.mtime = now;
+                r.ctime = now;
+                meta::write_inode(&mut m.inodes, m.g, p, &r)?;
+            }
+            Ok(())
+        })?;
+        self.send(Msg::Reap);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ attributes
+
+    pub fn setattr(&self, who: Caller, ino: u64, s: &SetAttr) -> Result<Attr> {
+        if let Some(size) = s.size {
+            let rec = self.read_inode(ino)?;
+            match rec.kind {
+                Kind::Dir => return Err(Error::Errno(libc::EISDIR)),
+                Kind::File => {}
+                _ => return Err(Error::Errno(libc::EINVAL)),
+            }
+            self.check_writable()?;
+            let st = self.stage(ino, &rec)?;
+            let idle = {
+                let mut st = st.lock();
+                st.set_size(size)
+                    .map_err(|e| io_err("truncating staging", e))?;
+                st.writers == 0
+            };
+            if idle {
+                self.queue_ingest(ino, &st);
+            }
+        }
+        let rec = self.meta_write(false, |m| {
+            let mut rec = m.inode(ino)?;
+            let now = Timespec::now();
+            if let Some(mode) = s.mode {
+                rec.perm = mode & 0o7777;
+                // Only a group member (or root) keeps set-group-id.
+                if who.uid != 0 && rec.gid != who.gid && rec.kind != Kind::Dir {
+                    rec.perm &= !0o2000;
+                }
+            }
+            if s.uid.is_some() || s.gid.is_some() {
+                let new_uid = s.uid.unwrap_or(rec.uid);
+                let new_gid = s.gid.unwrap_or(rec.gid);
+                if rec.kind != Kind::Dir
+                    && (new_uid != rec.uid || new_gid != rec.gid || who.uid != 0)
+                {
+                    rec.perm &= !0o4000;
+                    if rec.perm & 0o010 != 0 {
+                        rec.perm &= !0o2000;
+                    }
+                }
+                rec.uid = new_uid;
+                rec.gid = new_gid;
+            }
+            if let Some(t) = s.atime {
+                rec.atime = t;
+            }
+            if let Some(t) = s.mtime {
+                rec.mtime = t;
+            }
+            if s.size.is_some() && s.mtime.is_none() {
+                rec.mtime = now;
+            }
+            rec.ctime = s.ctime.unwrap_or(now);
+            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
+            Ok(rec)
+        })?;
+        if let Some(st) = self.staged_of(ino) {
+            let mut st = st.lock();
+            // An explicit mtime wins over the one writes left behind.
+            if s.mtime.is_some() {
+                st.mtime = rec.mtime;
+                st.version += 1;
+            }
+            st.ctime = st.ctime.max(rec.ctime);
+        }
+        Ok(self.attr_of(ino, &rec))
+    }
+
+    // ------------------------------------------------------------ xattrs
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        check_xattr_name(name)?;
+        self.meta_write(false, |m| {
+            let mut rec = m.inode(ino)?;
+            let exists = meta::get_xattr(&m.xattrs, ino, name)?.is_some();
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(Error::Errno(libc::EEXIST));
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(Error::Errno(libc::ENODATA));
+            }
+            meta::set_xattr(&mut m.xattrs, m.g, ino, name, value)?;
+            rec.ctime = Timespec::now();
+            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
+            Ok(())
+        })
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        check_xattr_name(name)?;
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
+        meta::get_xattr(&t, ino, name)?.ok_or(Error::Errno(libc::ENODATA))
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        self.read_inode(ino)?;
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
+        let mut out = Vec::new();
+        for n in meta::list_xattrs(&t, ino)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        check_xattr_name(name)?;
+        self.meta_write(false, |m| {
+            let mut rec = m.inode(ino)?;
+            if !meta::remove_xattr(&mut m.xattrs, m.g, ino, name)? {
+                return Err(Error::Errno(libc::ENODATA));
+            }
+            rec.ctime = Timespec::now();
+            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
+            Ok(())
+        })
+    }
+
+    // ------------------------------------------------------------ dirs
+
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        let (_, rec) = meta::live_inode(&t, ino)?.ok_or(Error::Errno(libc::ENOENT))?;
+        if rec.kind != Kind::Dir {
+            return Err(Error::Errno(libc::ENOTDIR));
+        }
+        let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
+        let mut entries = vec![
+            DirEntry {
+                name: b".".to_vec(),
+                ino,
+                kind: Kind::Dir,
+            },
+            DirEntry {
+                name: b"..".to_vec(),
+                ino: meta::ROOT_INO,
+                kind: Kind::Dir,
+            },
+        ];
+        for (name, v) in meta::list_dir(&d, ino, None)? {
+            entries.push(DirEntry {
+                name,
+                ino: v.ino,
+                kind: v.kind,
+            });
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    pub fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+        self.dirs
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(Error::Errno(libc::EBADF))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().remove(&fh);
+    }
+
+    // ------------------------------------------------------------ files
+
+    /// Opens a file; returns a handle.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        let rec = self.read_inode(ino)?;
+        let acc = flags & libc::O_ACCMODE;
+        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        if rec.kind == Kind::Dir && write {
+            return Err(Error::Errno(libc::EISDIR));
+        }
+        if write {
+            self.check_writable()?;
+            let st = self.stage(ino, &rec)?;
+            let mut st = st.lock();
+            st.writers += 1;
+            if flags & libc::O_TRUNC != 0 && st.size != 0 {
+                st.set_size(0)
+                    .map_err(|e| io_err("truncating staging", e))?;
+            }
+        }
+        *self.open.lock().entry(ino).or_default() += 1;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(
+            fh,
+            Handle {
+                ino,
+                write,
+                append: flags & libc::O_APPEND != 0,
+            },
+        );
+        Ok(fh)
+    }
+
+    /// The staging state of a file, created from its committed content.
+    fn stage(&self, ino: u64, rec: &InodeRec) -> Result<Arc<Mutex<Staged>>> {
+        if let Some(s) = self.staged.lock().get(&ino) {
+            return Ok(s.clone());
+        }
+        if rec.kind != Kind::File {
+            return Err(Error::Errno(libc::EINVAL));
+        }
+        let path = self.staging_dir.join(ino.to_string());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| io_err("creating a staging file", e))?;
+        let mut dirty = RangeSet::default();
+        let base = match &rec.content {
+            Content::Chunked => self.chunk_map(ino)?,
+            Content::Inline(b) => {
+                file.write_all_at(b, 0)
+                    .map_err(|e| io_err("writing staging", e))?;
+                dirty.insert(0, b.len() as u64);
+                Arc::new(ChunkMap::default())
+            }
+            Content::Empty => Arc::new(ChunkMap::default()),
+        };
+        let st = Staged {
+            ino,
+            file: Arc::new(file),
+            path,
+            base_limit: base.len(),
+            base,
+            size: rec.size,
+            dirty,
+            writers: 0,
+            version: 1,
+            mtime: rec.mtime,
+            ctime: rec.ctime,
+            queued: false,
+        };
+        let mut map = self.staged.lock();
+        // Another thread may have staged it meanwhile; keep theirs.
+        Ok(map
+            .entry(ino)
+            .or_insert_with(|| Arc::new(Mutex::new(st)))
+            .clone())
+    }
+
+    fn chunk_map(&self, ino: u64) -> Result<Arc<ChunkMap>> {
+        if let Some(m) = self.maps.lock().get(&ino) {
+            return Ok(m.clone());
+        }
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
+        let list = meta::live_content(&t, ino)?
+            .map(|(_, l)| l)
+            .unwrap_or_default();
+        let m = Arc::new(ChunkMap::new(list));
+        self.maps.lock().put(ino, m.clone());
+        Ok(m)
+    }
+
+    fn handle(&self, fh: u64) -> Result<(u64, bool, bool)> {
+        self.handles
+            .lock()
+            .get(&fh)
+            .map(|h| (h.ino, h.write, h.append))
+            .ok_or(Error::Errno(libc::EBADF))
+    }
+
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        if let Some(st) = self.staged_of(ino) {
+            let st = st.lock();
+            let end = (off + size as u64).min(st.size);
+            if off >= end {
+                return Ok(Vec::new());
+            }
+            let mut out = vec![0u8; (end - off) as usize];
+            self.read_staged(&st.view(), off, &mut out)?;
+            return Ok(out);
+        }
+        let rec = self.read_inode(ino)?;
+        let end = (off + size as u64).min(rec.size);
+        if off >= end {
+            return Ok(Vec::new());
+        }
+        match rec.content {
+            Content::Inline(b) => Ok(b[off as usize..(end as usize).min(b.len())].to_vec()),
+            Content::Empty => Ok(vec![0u8; (end - off) as usize]),
+            Content::Chunked => {
+                let map = self.chunk_map(ino)?;
+                let mut out = vec![0u8; (end - off) as usize];
+                self.read_map(&map, off, &mut out)?;
+                Ok(out)
+            }
+        }
+    }
+
+    fn chunk(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        if let Some(c) = self.chunks.lock().get(id) {
+            return Ok(c.clone());
+        }
+        let data = Arc::new(self.repo.store().read_chunk(id)?);
+        self.chunks.lock().put(*id, data.clone());
+        Ok(data)
+    }
+
+    /// Fills `out` from a chunk map starting at `off`; past the map's end
+    /// reads as zeros.
+    fn read_map(&self, map: &ChunkMap, off: u64, out: &mut [u8]) -> Result<()> {
+        let mut pos = off;
+        let end = off + out.len() as u64;
+        while pos < end {
+            let Some(i) = map.find(pos) else {
+                out[(pos - off) as usize..].fill(0);
+                break;
+            };
+            let data = self.chunk(&map.chunks[i].id)?;
+            let cs = map.starts[i];
+            let from = (pos - cs) as usize;
+            let n = (data.len() - from).min((end - pos) as usize);
+            out[(pos - off) as usize..(pos - off) as usize + n]
+                .copy_from_slice(&data[from..from + n]);
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn read_staged(&self, v: &StagedView, off: u64, out: &mut [u8]) -> Result<()> {
+        let end = off + out.len() as u64;
+        for p in v.pieces(off, end) {
+            match p {
+                Piece::Staged(a, b) => {
+                    let dst = &mut out[(a - off) as usize..(b - off) as usize];
+                    read_full_at(&v.file, dst, a).map_err(|e| io_err("reading staging", e))?;
+                }
+                Piece::Base(a, b) => {
+                    self.read_map(&v.base, a, &mut out[(a - off) as usize..(b - off) as usize])?;
+                }
+                Piece::Zero(a, b) => out[(a - off) as usize..(b - off) as usize].fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+        self.check_writable()?;
+        let (ino, write, append) = self.handle(fh)?;
+        if !write {
+            return Err(Error::Errno(libc::EBADF));
+        }
+        let st = self
+            .staged
+            .lock()
+            .get(&ino)
+            .cloned()
+            .ok_or(Error::Errno(libc::EBADF))?;
+        let mut st = st.lock();
+        let off = if append { st.size } else { off };
+        st.write(off, data)
+            .map_err(|e| io_err("writing staging", e))?;
+        Ok(data.len() as u32)
+    }
+
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let Some(h) = self.handles.lock().remove(&fh) else {
+            return Ok(());
+        };
+        if h.write
+            && let Some(st) = self.staged_of(h.ino)
+        {
+            let idle = {
+                let mut s = st.lock();
+                s.writers = s.writers.saturating_sub(1);
+                if s.writers == 0 {
+                    // Not synced: a crash before ingest may or may not keep it.
+                    if let Err(e) = write_sidecar(&s, false) {
+                        log::warn!("sidecar of {}: {e}", s.ino);
+                    }
+                }
+                s.writers == 0
+            };
+            if idle {
+                self.queue_ingest(h.ino, &st);
+            }
+        }
+        let last = {
+            let mut open = self.open.lock();
+            let n = open.entry(h.ino).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&h.ino);
+                true
+            } else {
+                false
+            }
+        };
+        if last {
+            self.send(Msg::Reap);
+        }
+        Ok(())
+    }
+
+    fn queue_ingest(&self, ino: u64, st: &Arc<Mutex<Staged>>) {
+        {
+            let mut s = st.lock();
+            if s.queued {
+                return;
+            }
+            s.queued = true;
+        }
+        *self.pending.lock() += 1;
+        self.send(Msg::Ingest(ino));
+    }
+
+    /// fsync: the file's staged bytes and its layout reach the disk, and so
+    /// does all metadata committed so far.
+    pub fn fsync(&self, ino: u64) -> Result<()> {
+        if let Some(st) = self.staged_of(ino) {
+            let s = st.lock();
+            s.file
+                .sync_data()
+                .map_err(|e| io_err("syncing staging", e))?;
+            write_sidecar(&s, true).map_err(|e| io_err("writing sidecar", e))?;
+        }
+        self.lazy_commits.store(true, Ordering::Relaxed);
+        self.sync_meta()
+    }
+
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        if mode != 0 {
+            return Err(Error::Errno(libc::EOPNOTSUPP));
+        }
+        let (ino, write, _) = self.handle(fh)?;
+        if !write {
+            return Err(Error::Errno(libc::EBADF));
+        }
+        let st = self
+            .staged
+            .lock()
+            .get(&ino)
+            .cloned()
+            .ok_or(Error::Errno(libc::EBADF))?;
+        let mut st = st.lock();
+        let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
+        if end > st.size {
+            st.set_size(end)
+                .map_err(|e| io_err("extending staging", e))?;
+        }
+        Ok(())
+    }
+
+    /// SEEK_DATA / SEEK_HOLE: the whole file counts as data, with the
+    /// implicit hole at its end.
+    pub fn lseek(&self, ino: u64, off: i64, whence: i32) -> Result<i64> {
+        let size = self.getattr(ino)?.size as i64;
+        match whence {
+            libc::SEEK_DATA if off < size => Ok(off),
+            libc::SEEK_HOLE if off < size => Ok(size),
+            libc::SEEK_DATA | libc::SEEK_HOLE => Err(Error::Errno(libc::ENXIO)),
+            libc::SEEK_SET => Ok(off),
+            libc::SEEK_END => Ok(size + off),
+            _ => Err(Error::Errno(libc::EINVAL)),
+        }
+    }
+
+    /// copy_file_range. A whole-file copy into an empty file shares the
+    /// source's chunks (metadata only); anything else copies bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_range(
+        &self,
+        ino_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let (ino_out, write, _) = self.handle(fh_out)?;
+        if !write {
+            return Err(Error::Errno(libc::EBADF));
+        }
+        let src = self.read_inode(ino_in)?;
+        let src_staged = self.staged.lock().contains_key(&ino_in);
+        if off_in == 0
+            && off_out == 0
+            && len >= src.size
+            && src.content == Content::Chunked
+            && !src_staged
+            && ino_in != ino_out
+            && let Some(st) = self.staged_of(ino_out)
+        {
+            let mut st = st.lock();
+            if st.size == 0 {
+                st.base = self.chunk_map(ino_in)?;
+                st.base_limit = st.base.len();
+                st.size = st.base.len();
+                st.dirty = RangeSet::default();
+                st.touch();
+                return Ok(st.size);
+            }
+        }
+        let n = len.min(src.size.saturating_sub(off_in)).min(16 << 20);
+        let data = self.read(ino_in, off_in, n as u32)?;
+        let mut done = 0u64;
+        while (done as usize) < data.len() {
+            done += self.write(fh_out, off_out + done, &data[done as usize..])? as u64;
+        }
+        Ok(done)
+    }
+
+    pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
+        rustix::fs::statvfs(self.repo.dir()).map_err(|e| io_err("statvfs", e.into()))
+    }
+
+    // ------------------------------------------------------------ ingest
+
+    /// Replays staged writes a crash left: a sidecar says what is valid.
+    fn recover_staging(&self) -> Result<()> {
+        let rd = fs::read_dir(&self.staging_dir).map_err(|e| io_err("listing staging/", e))?;
+        let mut found = Vec::new();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(ino) = name
+                .strip_suffix(".side")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                found.push(ino);
+            } else if !name.ends_with(".side") {
+                let ino = name.parse::<u64>().ok();
+                let side = self.staging_dir.join(format!("{name}.side"));
+                if ino.is_none() || !side.exists() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        for ino in found {
+            let side_path = self.staging_dir.join(format!("{ino}.side"));
+            let data_path = self.staging_dir.join(ino.to_string());
+            let side: Option<Sidecar> = fs::read(&side_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let rec = self.read_inode(ino).ok();
+            let (Some(side), Some(rec), Ok(file)) = (
+                side,
+                rec,
+                OpenOptions::new().read(true).write(true).open(&data_path),
+            ) else {
+                let _ = fs::remove_file(&side_path);
+                let _ = fs::remove_file(&data_path);
+                continue;
+            };
+            let base = if rec.content == Content::Chunked {
+                self.chunk_map(ino)?
+            } else {
+                Arc::new(ChunkMap::default())
+            };
+            let mut dirty = RangeSet::default();
+            for (a, b) in side.dirty {
+                dirty.insert(a, b);
+            }
+            log::info!(
+                "replaying staged writes of inode {ino} ({} bytes)",
+                side.size
+            );
+            let st = Arc::new(Mutex::new(Staged {
+                ino,
+                file: Arc::new(file),
+                path: data_path,
+                base_limit: side.base_limit.min(base.len()),
+                base,
+                size: side.size,
+                dirty,
+                writers: 0,
+                version: 1,
+                mtime: Timespec {
+                    secs: side.mtime.0,
+                    nanos: side.mtime.1,
+                },
+                ctime: Timespec::now(),
+                queued: false,
+            }));
+            self.staged.lock().insert(ino, st.clone());
+            self.queue_ingest(ino, &st);
+        }
+        Ok(())
+    }
+
+    /// Chunks a group of staged files and commits them together.
+    fn ingest_group(&self, inos: Vec<u64>) {
+        let n = inos.len() as u64;
+        if let Err(e) = self.try_ingest_group(&inos) {
+            log::error!("ingest of {} files failed: {e}", inos.len());
+            // Leave them staged; a later close or remount retries.
+            for ino in &inos {
+                if let Some(st) = self.staged_of(*ino) {
+                    st.lock().queued = false;
+                }
+            }
+        }
+        let mut p = self.pending.lock();
+        *p = p.saturating_sub(n);
+        self.pending_cv.notify_all();
+    }
+
+    fn try_ingest_group(&self, inos: &[u64]) -> Result<()> {
+        let store = self.repo.store();
+        let mut batch = store.batch()?;
+        let mut built: Vec<(u64, Arc<Mutex<Staged>>, StagedView, NewContent)> = Vec::new();
+        for &ino in inos {
+            let Some(st) = self.staged_of(ino) else {
+                continue;
+            };
+            let view = {
+                let mut s = st.lock();
+                if s.writers > 0 {
+                    s.queued = false;
+                    continue;
+                }
+                s.view()
+            };
+            let content = self.build_content(&view, &mut batch)?;
+            built.push((ino, st, view, content));
+        }
+        if built.is_empty() {
+            return Ok(());
+        }
+        let _c = self.content_lock.lock();
+        built.sort_by_key(|b| b.0);
+        let mut guards: Vec<_> = built.iter().map(|b| b.1.lock()).collect();
+        // Files changed while we chunked stay staged for the next round.
+        let keep: Vec<bool> = built
+            .iter()
+            .zip(guards.iter())
+            .map(|(b, g)| g.version == b.2.version && g.writers == 0)
+            .collect();
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let g = Gens::load(&rt.open_table(meta::STATE).map_err(store::Error::from)?)?;
+        let contents = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
+        let inodes = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        let mut live = vec![false; built.len()];
+        for (i, (ino, _, _, new)) in built.iter().enumerate() {
+            if !keep[i] || meta::live_inode(&inodes, *ino)?.is_none() {
+                continue;
+            }
+            live[i] = true;
+            if let Some((born, old)) = meta::live_content(&contents, *ino)?
+                && born > g.last_snap
+            {
+                batch.drop_refs(OwnerId::LOCAL, old.iter().map(|c| c.id));
+            }
+            if let NewContent::Chunked(list) = new {
+                batch.add_refs(OwnerId::LOCAL, list.iter().map(|c| c.id));
+            }
+        }
+        drop((contents, inodes, rt));
+        let meta_db = self.repo.meta();
+        let built_ref = &built;
+        let live_ref = &live;
+        batch.commit(|ref_seq| {
+            let tx = meta_db.begin_write()?;
+            {
+                let mut st = tx.open_table(meta::STATE)?;
+                let g = Gens::load(&st)?;
+                let mut contents = tx.open_table(meta::CONTENTS)?;
+                let mut inodes = tx.open_table(meta::INODES)?;
+                for (i, (ino, _, view, new)) in built_ref.iter().enumerate() {
+                    if !live_ref[i] {
+                        continue;
+                    }
+                    let Some((_, mut rec)) = meta::live_inode(&inodes, *ino)? else {
+                        continue;
+                    };
+                    match new {
+                        NewContent::Chunked(list) => {
+                            meta::write_content(&mut contents, g, *ino, Some(list))?;
+                            rec.content = Content::Chunked;
+                        }
+                        NewContent::Inline(b) => {
+                            meta::write_content(&mut contents, g, *ino, None)?;
+                            rec.content = if b.is_empty() {
+                                Content::Empty
+                            } else {
+                                Content::Inline(b.clone())
+                            };
+                        }
+                    }
+                    rec.size = view.size;
+                    rec.mtime = view.mtime;
+                    rec.ctime = rec.ctime.max(view.ctime);
+                    meta::write_inode(&mut inodes, g, *ino, &rec)?;
+                }
+                if let Some(r) = ref_seq {
+                    st.insert("ref_seq", r)?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        self.lazy_commits.store(false, Ordering::Relaxed);
+        for (i, (ino, _, _, _)) in built.iter().enumerate() {
+            let gd = &mut guards[i];
+            if !keep[i] {
+                gd.queued = false;
+                continue;
+            }
+            self.maps.lock().pop(ino);
+            self.staged.lock().remove(ino);
+            let _ = fs::remove_file(&gd.path);
+            let _ = fs::remove_file(sidecar_path(&gd.path));
+        }
+        Ok(())
+    }
+
+    /// The new content of a staged file: inline when small; otherwise the
+    /// base's chunks up to the first change, new chunks from there until the
+    /// cut points meet the base's again, then the base's remaining chunks.
+    fn build_content(&self, v: &StagedView, batch: &mut Batch<'_>) -> Result<NewContent> {
+        if v.size <= INLINE_MAX {
+            let mut out = vec![0u8; v.size as usize];
+            self.read_staged(v, 0, &mut out)?;
+            return Ok(NewContent::Inline(out));
+        }
+        let base = &v.base;
+        let mut first = v.dirty.first_start().unwrap_or(u64::MAX);
+        if v.base_limit < base.len() {
+            first = first.min(v.base_limit);
+        }
+        if v.size != base.len() {
+            first = first.min(v.size.min(base.len()));
+        }
+        if first == u64::MAX {
+            return Ok(NewContent::Chunked(base.chunks.clone()));
+        }
+        // Start at the chunk holding the first change; a change at or past
+        // the end re-cuts the last chunk, whose end was only the file's end.
+        let i0 = base
+            .find(first)
+            .unwrap_or(base.chunks.len().saturating_sub(1));
+        let start = base.starts.get(i0).copied().unwrap_or(0);
+        let mut list: Vec<ChunkRef> = base.chunks[..i0].to_vec();
+        let last_dirty = v.dirty.last_end().unwrap_or(first);
+        let tail_ok = v.tail_intact();
+        let mut pos = start;
+        let mut suffix: Option<usize> = None;
+        let reader = MergedReader {
+            vol: self,
+            view: v,
+            pos: start,
+        };
+        let res = crate::chunker::chunk_stream(
+            self.repo.store().config().chunker,
+            reader,
+            |data| -> std::result::Result<(), RechunkStop> {
+                list.push(batch.put_chunk(data).map_err(RechunkStop::Store)?);
+                pos += data.len() as u64;
+                if tail_ok
+                    && pos > last_dirty
+                    && let Some(j) = base.is_cut(pos)
+                {
+                    suffix = Some(j);
+                    return Err(RechunkStop::Resynced);
+                }
+                Ok(())
+            },
+        );
+        match res {
+            Ok(_) | Err(RechunkStop::Resynced) => {}
+            Err(RechunkStop::Store(e)) => return Err(e.into()),
+            Err(RechunkStop::Io(e)) => return Err(io_err("reading staged data", e)),
+        }
+        if let Some(j) = suffix {
+            list.extend_from_slice(&base.chunks[j..]);
+        }
+        Ok(NewContent::Chunked(list))
+    }
+
+    /// Frees inodes whose last link and last handle are gone.
+    fn reap_orphans(&self) {
+        if self.read_only {
+            return;
+        }
+        if let Err(e) = self.try_reap() {
+            log::error!("reaping unlinked files failed: {e}");
+        }
+    }
+
+    fn try_reap(&self) -> Result<()> {
+        let orphans: Vec<u64> = {
+            let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+            let t = rt.open_table(meta::ORPHANS).map_err(store::Error::from)?;
+            let mut v = Vec::new();
+            for row in t.iter().map_err(store::Error::from)? {
+                v.push(row.map_err(store::Error::from)?.0.value());
+            }
+            v
+        };
+        let open = self.open.lock().clone();
+        let doomed: Vec<u64> = orphans
+            .into_iter()
+            .filter(|i| !open.contains_key(i))
+            .collect();
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let _c = self.content_lock.lock();
+        let mut batch = self.repo.store().batch()?;
+        {
+            let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+            let g = Gens::load(&rt.open_table(meta::STATE).map_err(store::Error::from)?)?;
+            let contents = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
+            for ino in &doomed {
+                if let Some((born, old)) = meta::live_content(&contents, *ino)?
+                    && born > g.last_snap
+                {
+                    batch.drop_refs(OwnerId::LOCAL, old.iter().map(|c| c.id));
+                }
+            }
+        }
+        let meta_db = self.repo.meta();
+        batch.commit(|ref_seq| {
+            let tx = meta_db.begin_write()?;
+            {
+                let mut st = tx.open_table(meta::STATE)?;
+                let g = Gens::load(&st)?;
+                let mut contents = tx.open_table(meta::CONTENTS)?;
+                let mut inodes = tx.open_table(meta::INODES)?;
+                let mut xattrs = tx.open_table(meta::XATTRS)?;
+                let mut orphans = tx.open_table(meta::ORPHANS)?;
+                for ino in &doomed {
+                    meta::write_content(&mut contents, g, *ino, None)?;
+                    meta::remove_inode(&mut inodes, g, *ino)?;
+                    for name in meta::list_xattrs(&xattrs, *ino)? {
+                        meta::remove_xattr(&mut xattrs, g, *ino, &name)?;
+                    }
+                    orphans.remove(*ino)?;
+                }
+                if let Some(r) = ref_seq {
+                    st.insert("ref_seq", r)?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        for ino in &doomed {
+            let removed = self.staged.lock().remove(ino);
+            if let Some(st) = removed {
+                let s = st.lock();
+                let _ = fs::remove_file(&s.path);
+                let _ = fs::remove_file(sidecar_path(&s.path));
+            }
+            self.maps.lock().pop(ino);
+        }
+        Ok(())
+    }
+}
+
+enum RechunkStop {
+    Resynced,
+    Store(store::Error),
+    Io(io::Error),
+}
+
+impl From<io::Error> for RechunkStop {
+    fn from(e: io::Error) -> Self {
+        RechunkStop::Io(e)
+    }
+}
+
+/// Reads a staged file's bytes from `pos` on, merging staging and base.
+struct MergedReader<'a> {
+    vol: &'a Volume,
+    view: &'a StagedView,
+    pos: u64,
+}
+
+impl Read for MergedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let end = (self.pos + buf.len() as u64).min(self.view.size);
+        if self.pos >= end {
+            return Ok(0);
+        }
+        let n = (end - self.pos) as usize;
+        self.vol
+            .read_staged(self.view, self.pos, &mut buf[..n])
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.pos = end;
+        Ok(n)
+    }
+}
+
+fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f.read_at(&mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            // Past the staging file's end (a sparse tail): zeros.
+            buf[done..].fill(0);
+            return Ok(());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+fn sidecar_path(p: &std::path::Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".side");
+    PathBuf::from(s)
+}
+
+fn write_sidecar(s: &Staged, sync: bool) -> io::Result<()> {
+    let bytes = serde_json::to_vec(&s.sidecar()).map_err(io::Error::other)?;
+    let path = sidecar_path(&s.path);
+    if sync {
+        store::write_file_atomic(&path, &bytes)
+    } else {
+        let tmp = path.with_extension("side.tmp");
+        fs::write(&tmp, &bytes)?;
+        fs::rename(&tmp, &path)
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(Error::Errno(libc::ENAMETOOLONG));
+    }
+    if name.is_empty() || name.contains(&b'/') {
+        return Err(Error::Errno(libc::EINVAL));
+    }
+    Ok(())
+}
+
+fn check_xattr_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(Error::Errno(libc::ERANGE));
+    }
+    let ok = [&b"user."[..], b"security.", b"trusted.", b"system."]
+        .iter()
+        .any(|p| name.starts_with(p));
+    if !ok {
+        return Err(Error::Errno(libc::EOPNOTSUPP));
+    }
+    Ok(())
+}
+
+/// The tables of one meta write transaction.
+struct MetaTx<'t> {
+    g: Gens,
+    inodes: meta::Inodes<'t>,
+    dirents: meta::Dirents<'t>,
+    xattrs: meta::Xattrs<'t>,
+    orphans: redb::Table<'t, u64, u64>,
+    state: redb::Table<'t, &'static str, u64>,
+}
+
+impl MetaTx<'_> {
+    fn inode(&self, ino: u64) -> Result<InodeRec> {
+        meta::live_inode(&self.inodes, ino)?
+            .map(|(_, r)| r)
+            .ok_or(Error::Errno(libc::ENOENT))
+    }
+
+    fn dir(&self, ino: u64) -> Result<InodeRec> {
+        let r = self.inode(ino)?;
+        if r.kind != Kind::Dir {
+            return Err(Error::Errno(libc::ENOTDIR));
+        }
+        Ok(r)
+    }
+
+    fn adjust_nlink(&mut self, ino: u64, by: i32) -> Result<()> {
+        let mut r = self.inode(ino)?;
+        r.nlink = (r.nlink as i64 + by as i64).max(0) as u32;
+        Ok(meta::write_inode(&mut self.inodes, self.g, ino, &r)?)
+    }
+
+    /// One name of `ino` is gone; at zero links it becomes an orphan.
+    fn drop_link(&mut self, ino: u64, is_dir: bool) -> Result<()> {
+        let mut r = self.inode(ino)?;
+        r.nlink = if is_dir { 0 } else { r.nlink.saturating_sub(1) };
+        r.ctime = Timespec::now();
+        meta::write_inode(&mut self.inodes, self.g, ino, &r)?;
+        if r.nlink == 0 {
+            self.orphans
+                .insert(ino, self.g.current)
+                .map_err(store::Error::from)?;
+        }
+        Ok(())
+    }
+}
+
+fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
+    loop {
+        let first = match rx.lock().recv() {
+            Ok(m) => m,
+            Err(_) => return,
+        };
+        let Some(v) = vol.upgrade() else { return };
+        let mut group = Vec::new();
+        let mut reap = false;
+        let mut stop = false;
+        let mut bytes = 0u64;
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            match m {
+                Msg::Ingest(i) => {
+                    if let Some(st) = v.staged_of(i) {
+                        bytes += st.lock().size;
+                    }
+                    group.push(i);
+                }
+                Msg::Reap => reap = true,
+                Msg::Stop => stop = true,
+            }
+            if !stop && group.len() < INGEST_GROUP_FILES && bytes < INGEST_GROUP_BYTES {
+                next = rx.lock().try_recv().ok();
+            }
+        }
+        if !group.is_empty() {
+            group.sort_unstable();
+            group.dedup();
+            v.ingest_group(group);
+        }
+        if reap {
+            v.reap_orphans();
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+fn flush_loop(vol: std::sync::Weak<Volume>) {
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let Some(v) = vol.upgrade() else { return };
+        if v.queue.lock().is_none() {
+            return;
+        }
+        if let Err(e) = v.sync_meta() {
+            log::error!("periodic metadata sync failed: {e}");
+        }
+    }
+}
