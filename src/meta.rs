@@ -22,8 +22,14 @@ pub const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
 /// (owner, name) -> chunk list.
 pub const OBJECTS: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("objects");
 
+/// redb's page cache for meta.redb: bounded, so memory does not grow with
+/// the store.
+const CACHE_BYTES: usize = 16 << 20;
+
 pub fn create(dir: &Path) -> Result<Database> {
-    let db = Database::create(dir.join(META_FILE))?;
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(dir.join(META_FILE))?;
     let tx = db.begin_write()?;
     {
         let mut st = tx.open_table(STATE)?;
@@ -42,7 +48,7 @@ pub fn open(dir: &Path) -> Result<Database> {
         return Err(damaged("the file is missing".into()));
     }
     let db = Database::builder()
-        .set_cache_size(32 << 20)
+        .set_cache_size(CACHE_BYTES)
         .open(&path)
         .map_err(|e| damaged(e.to_string()))?;
     let rt = db.begin_read()?;

@@ -388,13 +388,13 @@ pub fn raw_pipeline(
     zstd_level: i32,
     reader: impl Read,
 ) -> io::Result<(u64, u64)> {
-    let mut scratch = Vec::new();
+    let mut encoder = crate::store::pack::BlobEncoder::new(compression, zstd_level);
     let mut chunks = 0u64;
     let mut sink = 0u8;
     let total = crate::chunker::chunk_stream::<_, io::Error>(params, reader, |data| {
         let id = ChunkId::of(data);
-        let (h, _) = crate::store::pack::encode_blob(data, compression, zstd_level, &mut scratch);
-        sink ^= id.0[0] ^ h[1];
+        let (h, payload) = encoder.encode(data);
+        sink ^= id.0[0] ^ h[1] ^ payload.len() as u8;
         chunks += 1;
         Ok(())
     })?;

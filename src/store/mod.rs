@@ -50,7 +50,7 @@ pub const INDEX_FORMAT_VERSION: u64 = 1;
 
 /// Chunks a batch may hold uncommitted before it commits them on its own
 /// (their places, not yet their references), bounding a batch's memory.
-const FLUSH_EVERY_CHUNKS: usize = 8192;
+const FLUSH_EVERY_CHUNKS: usize = 32768;
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -336,7 +336,7 @@ impl Store {
             return Err(damaged("the file is missing".into()));
         }
         let db = Database::builder()
-            .set_cache_size(64 << 20)
+            .set_cache_size(16 << 20)
             .set_repair_callback(|_| {})
             .open(&path)
             .map_err(|e| damaged(e.to_string()))?;
@@ -568,8 +568,8 @@ impl Store {
             writer: None,
             full: Vec::new(),
             new: HashMap::new(),
-            deltas: HashMap::new(),
-            scratch: Vec::new(),
+            deltas: Vec::new(),
+            encoder: pack::BlobEncoder::new(self.config.compression, self.config.zstd_level),
             read: None,
             lookups: 0,
         })
@@ -800,6 +800,18 @@ pub fn adjust_pack(
     Ok(())
 }
 
+/// Syncs `packs/` and its fan-out directories, so that new pack files are
+/// durable before a commit names them.
+fn sync_pack_dirs(dir: &Path) -> Result<()> {
+    let packs = dir.join("packs");
+    let sync = |p: &Path| File::open(p).and_then(|d| d.sync_all());
+    for e in fs::read_dir(&packs).map_err(|e| Error::io("listing packs", e))? {
+        let e = e.map_err(|e| Error::io("listing packs", e))?;
+        sync(&e.path()).map_err(|e| Error::io("syncing a pack directory", e))?;
+    }
+    sync(&packs).map_err(|e| Error::io("syncing packs/", e))
+}
+
 /// A chunk written by a batch and not yet committed.
 #[derive(Clone, Copy)]
 struct NewChunk {
@@ -829,8 +841,10 @@ pub struct Batch<'s> {
     /// Writers that filled up during this batch, committed with it.
     full: Vec<PackWriter>,
     new: HashMap<ChunkId, NewChunk>,
-    deltas: HashMap<(ChunkId, OwnerId), i64>,
-    scratch: Vec<u8>,
+    /// Reference changes in the order given; summed per (chunk, owner) at
+    /// commit. A list, not a map: it costs 32 bytes a reference.
+    deltas: Vec<(ChunkId, OwnerId, i64)>,
+    encoder: pack::BlobEncoder,
     read: Option<ReadTransaction>,
     lookups: u32,
 }
@@ -886,9 +900,7 @@ impl<'s> Batch<'s> {
         }
         self.store.negcache.read().insert(&id);
         let cfg = &self.store.config;
-        let (bh, compressed) =
-            pack::encode_blob(data, cfg.compression, cfg.zstd_level, &mut self.scratch);
-        let payload: &[u8] = if compressed { &self.scratch } else { data };
+        let (bh, payload) = self.encoder.encode(data);
         if self.writer.is_none() {
             self.writer = Some(self.store.take_writer()?);
         }
@@ -919,19 +931,35 @@ impl<'s> Batch<'s> {
     }
 
     pub fn add_refs(&mut self, owner: OwnerId, chunks: impl IntoIterator<Item = ChunkId>) {
-        for c in chunks {
-            *self.deltas.entry((c, owner)).or_default() += 1;
-        }
+        self.deltas
+            .extend(chunks.into_iter().map(|c| (c, owner, 1)));
     }
 
     pub fn drop_refs(&mut self, owner: OwnerId, chunks: impl IntoIterator<Item = ChunkId>) {
-        for c in chunks {
-            *self.deltas.entry((c, owner)).or_default() -= 1;
+        self.deltas
+            .extend(chunks.into_iter().map(|c| (c, owner, -1)));
+    }
+
+    /// Sums the deltas per (chunk, owner) in place, dropping zeros.
+    fn merged_deltas(&mut self) -> Vec<(ChunkId, OwnerId, i64)> {
+        let mut d = std::mem::take(&mut self.deltas);
+        d.sort_unstable_by_key(|(c, o, _)| (*c, *o));
+        let mut out: Vec<(ChunkId, OwnerId, i64)> = Vec::with_capacity(d.len());
+        for (c, o, n) in d {
+            match out.last_mut() {
+                Some(last) if last.0 == c && last.1 == o => last.2 += n,
+                _ => out.push((c, o, n)),
+            }
         }
+        out.retain(|x| x.2 != 0);
+        out
     }
 
     pub fn is_empty(&self) -> bool {
-        self.new.is_empty() && self.deltas.values().all(|d| *d == 0) && self.full.is_empty()
+        self.new.is_empty()
+            && self.deltas.is_empty()
+            && self.full.is_empty()
+            && !self.writer.as_ref().is_some_and(|w| w.has_uncommitted())
     }
 
     /// Commits the batch. `then` runs while the commit lock is still held,
@@ -948,20 +976,23 @@ impl<'s> Batch<'s> {
         final_commit: bool,
         then: impl FnOnce(Option<u64>) -> Result<()>,
     ) -> Result<CommitInfo> {
-        // Blobs first: everything the index will name must be on disk.
+        if final_commit && self.is_empty() {
+            then(None)?;
+            return Ok(CommitInfo::default());
+        }
+        // Blobs first: everything the index will name must be on disk,
+        // including the directory entries of packs no commit named before.
+        let mut new_pack = false;
         for w in self.full.iter_mut().chain(self.writer.as_mut()) {
             w.sync()
                 .map_err(|e| Error::io(format!("syncing {}", w.id), e))?;
+            new_pack |= w.is_new();
         }
-        let deltas: Vec<(ChunkId, OwnerId, i64)> = if final_commit {
-            let mut d: Vec<_> = self
-                .deltas
-                .iter()
-                .filter(|(_, d)| **d != 0)
-                .map(|((c, o), d)| (*c, *o, *d))
-                .collect();
-            d.sort();
-            d
+        if new_pack {
+            sync_pack_dirs(&self.store.dir)?;
+        }
+        let deltas = if final_commit {
+            self.merged_deltas()
         } else {
             Vec::new()
         };
@@ -1049,7 +1080,6 @@ impl<'s> Batch<'s> {
             store.rebuild_negcache()?;
         }
         if final_commit {
-            self.deltas.clear();
             if let Err(e) = then(ref_seq) {
                 if ref_seq.is_some()
                     && let Err(undo_err) = store.undo_ref_deltas(&deltas)

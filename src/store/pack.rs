@@ -29,7 +29,14 @@ pub struct PackWriter {
     pub committed_len: u64,
     /// Length known to be on stable storage.
     synced_len: u64,
+    /// A thread that starts writeback of what we appended while we go on
+    /// chunking, so the commit's sync finds little left to wait for.
+    writeback: Option<std::sync::mpsc::SyncSender<()>>,
+    written_since_kick: u64,
 }
+
+/// Bytes appended between early-writeback kicks.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 const WRITE_BUF: usize = 1 << 20;
 
@@ -44,16 +51,17 @@ impl PackWriter {
             .create_new(true)
             .open(&path)?;
         file.write_all(&format::encode_pack_header(id))?;
-        // The pack's name must survive a crash before any commit names it.
-        file.sync_all()?;
-        File::open(parent)?.sync_all()?;
+        // No sync here: the first commit that names this pack syncs its data
+        // and the packs directory (`sync`, `is_new`).
         Ok(PackWriter {
             id,
             file,
             buf: Vec::with_capacity(WRITE_BUF),
             len: PACK_HEADER_LEN as u64,
             committed_len: 0,
-            synced_len: PACK_HEADER_LEN as u64,
+            synced_len: 0,
+            writeback: None,
+            written_since_kick: 0,
         })
     }
 
@@ -91,9 +99,42 @@ impl PackWriter {
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
             self.file.write_all(&self.buf)?;
+            self.written_since_kick += self.buf.len() as u64;
             self.buf.clear();
+            if self.written_since_kick >= WRITEBACK_EVERY {
+                self.written_since_kick = 0;
+                self.kick_writeback();
+            }
         }
         Ok(())
+    }
+
+    fn kick_writeback(&mut self) {
+        if self.writeback.is_none() {
+            let Ok(f) = self.file.try_clone() else { return };
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let spawned = std::thread::Builder::new()
+                .name("pack-writeback".into())
+                .spawn(move || {
+                    while rx.recv().is_ok() {
+                        // Errors surface at the commit's own sync.
+                        let _ = f.sync_data();
+                    }
+                });
+            if spawned.is_ok() {
+                self.writeback = Some(tx);
+            }
+        }
+        if let Some(tx) = &self.writeback {
+            // Full means a sync is already under way: that will do.
+            let _ = tx.try_send(());
+        }
+    }
+
+    /// Whether no commit has named this pack yet (its directory entry may
+    /// not be durable).
+    pub fn is_new(&self) -> bool {
+        self.committed_len == 0
     }
 
     /// Makes everything appended so far durable.
@@ -122,49 +163,62 @@ impl PackWriter {
     }
 }
 
-/// Compresses a chunk the way the store is configured, falling back to
-/// storing it plain when compression does not pay.
-pub fn encode_blob(
-    data: &[u8],
+/// Compresses chunks the way the store is configured, reusing one zstd
+/// context (creating one per chunk costs more than compressing it), and
+/// falling back to storing a chunk plain when compression does not pay.
+pub struct BlobEncoder {
     compression: Compression,
-    zstd_level: i32,
-    scratch: &mut Vec<u8>,
-) -> ([u8; format::BLOB_HEADER_LEN], bool) {
-    let compressed = match compression {
-        Compression::None => false,
-        Compression::Zstd => {
-            scratch.clear();
-            scratch.resize(zstd::zstd_safe::compress_bound(data.len()), 0);
-            match zstd::bulk::compress_to_buffer(data, scratch.as_mut_slice(), zstd_level) {
-                Ok(n) if n < data.len() => {
-                    scratch.truncate(n);
-                    true
-                }
-                _ => false,
-            }
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    scratch: Vec<u8>,
+}
+
+impl BlobEncoder {
+    pub fn new(compression: Compression, zstd_level: i32) -> BlobEncoder {
+        let zstd = match compression {
+            Compression::Zstd => zstd::bulk::Compressor::new(zstd_level).ok(),
+            _ => None,
+        };
+        BlobEncoder {
+            compression,
+            zstd,
+            scratch: Vec::new(),
         }
-        Compression::Lz4 => {
-            scratch.clear();
-            scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
-            match lz4_flex::block::compress_into(data, scratch.as_mut_slice()) {
-                Ok(n) if n < data.len() => {
-                    scratch.truncate(n);
-                    true
-                }
-                _ => false,
+    }
+
+    /// Returns the blob header and the payload to store after it.
+    pub fn encode<'a>(&'a mut self, data: &'a [u8]) -> ([u8; format::BLOB_HEADER_LEN], &'a [u8]) {
+        self.scratch.clear();
+        let compressed = match (self.compression, self.zstd.as_mut()) {
+            (Compression::Zstd, Some(z)) => {
+                self.scratch
+                    .reserve(zstd::zstd_safe::compress_bound(data.len()));
+                matches!(z.compress_to_buffer(data, &mut self.scratch), Ok(n) if n < data.len())
             }
-        }
-    };
-    let header = BlobHeader {
-        compression: if compressed {
-            compression
-        } else {
-            Compression::None
-        },
-        sealing: Sealing::None,
-        raw_len: data.len() as u32,
-    };
-    (header.encode(), compressed)
+            (Compression::Lz4, _) => {
+                self.scratch
+                    .resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
+                match lz4_flex::block::compress_into(data, self.scratch.as_mut_slice()) {
+                    Ok(n) if n < data.len() => {
+                        self.scratch.truncate(n);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        let header = BlobHeader {
+            compression: if compressed {
+                self.compression
+            } else {
+                Compression::None
+            },
+            sealing: Sealing::None,
+            raw_len: data.len() as u32,
+        };
+        let payload: &[u8] = if compressed { &self.scratch } else { data };
+        (header.encode(), payload)
+    }
 }
 
 /// Why a blob did not decode to the chunk it should hold.
