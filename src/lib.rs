@@ -3,10 +3,13 @@
 //! Layers, lowest first; each calls only those below it:
 //! `format` (persisted types) -> `chunker` -> `store` (packs + chunk index)
 //! -> `meta` (records that hold references) -> `repo` (orders store and meta
-//! commits, fsck, stats) -> the `dedupfs` binary (a thin CLI).
+//! commits, fsck, stats) -> `fs` (the live filesystem and its fuser layer)
+//! -> `ctl` (the daemon's control socket) -> the `dedupfs` binary (a thin
+//! CLI).
 #![forbid(unsafe_code)]
 
 pub mod chunker;
+pub mod ctl;
 pub mod format;
 pub mod fs;
 pub mod meta;

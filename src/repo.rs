@@ -31,14 +31,14 @@ pub struct Repo {
 const GROUP_COMMIT_BYTES: u64 = 64 << 20;
 const GROUP_COMMIT_OBJECTS: usize = 4096;
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ObjectInfo {
     pub name: String,
     pub size: u64,
     pub chunks: usize,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub logical_bytes: u64,
     pub unique_bytes: u64,
@@ -54,7 +54,7 @@ pub struct Stats {
     pub objects: u64,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct FsckReport {
     #[serde(flatten)]
     pub store: VerifyReport,

@@ -122,7 +122,7 @@ fn recount_pack_dead_bytes(store: &Store) -> Result<()> {
 /// dead ones left behind.
 type CompactionPlan = (PackId, Vec<(ChunkId, PackId, u64)>, Vec<ChunkId>);
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
     pub packs_compacted: u64,
     pub chunks_moved: u64,
@@ -288,7 +288,7 @@ pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcRe
 }
 
 /// One chunk that did not verify.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct BadChunk {
     pub chunk: String,
     pub pack: u64,
@@ -297,7 +297,7 @@ pub struct BadChunk {
 }
 
 /// A chunk whose owners in the index differ from the references held.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RefMismatch {
     pub chunk: String,
     /// (owner, count) pairs the layer above holds.
@@ -310,7 +310,7 @@ pub struct RefMismatch {
 pub type RefMap = HashMap<ChunkId, Vec<(OwnerId, u64)>>;
 
 /// What the store-level check found.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct VerifyReport {
     pub chunks_checked: u64,
     pub bytes_checked: u64,
@@ -453,7 +453,7 @@ pub fn verify(store: &Store, expected: &RefMap, progress: &dyn Progress) -> Resu
     Ok(report)
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct RebuildReport {
     pub packs_scanned: u64,
     pub chunks_found: u64,
