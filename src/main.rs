@@ -223,7 +223,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             log::info!("created store {}", store.display());
         }
         Cmd::Stats { store, json } => {
-            let s = Repo::open(&store)?.stats()?;
+            let s: dedupfs::repo::Stats = match Repo::open(&store) {
+                Ok(repo) => repo.stats()?,
+                Err(dedupfs::store::Error::Locked(_)) => via_daemon(&store, "stats")?,
+                Err(e) => return Err(e.into()),
+            };
             if json {
                 print_json(&s)?;
             } else {
@@ -268,8 +272,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
-            let repo = Repo::open(&store)?;
-            let r = repo.fsck(&Bar::new("checking"))?;
+            let r: dedupfs::repo::FsckReport = match Repo::open(&store) {
+                Ok(repo) => repo.fsck(&Bar::new("checking"))?,
+                Err(dedupfs::store::Error::Locked(_)) if !repair => via_daemon(&store, "fsck")?,
+                Err(e) => return Err(e.into()),
+            };
             if json {
                 print_json(&r)?;
             } else {
@@ -495,6 +502,13 @@ fn is_mounted(mountpoint: &Path) -> bool {
         .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
 }
 
+/// Asks the daemon that holds `store` to run `cmd`.
+fn via_daemon<T: serde::de::DeserializeOwned>(store: &Path, cmd: &str) -> anyhow::Result<T> {
+    let v = dedupfs::ctl::call(store, cmd, serde_json::Value::Null)
+        .map_err(|e| anyhow::anyhow!("store {} is mounted, and {e}", store.display()))?;
+    Ok(serde_json::from_value(v)?)
+}
+
 /// The store mounted at `mountpoint` (our FSName is its absolute path).
 fn mount_source(mountpoint: &Path) -> Option<PathBuf> {
     let target = std::fs::canonicalize(mountpoint).ok()?;
@@ -630,6 +644,21 @@ fn mount(
     let vol = dedupfs::fs::volume::Volume::start(repo, read_only, 2)?;
     let mut session =
         fuser::Session::new(dedupfs::fs::DedupFs::new(vol.clone()), mountpoint, &config)?;
+    let handler_vol = vol.clone();
+    let handler: std::sync::Arc<dedupfs::ctl::Handler> =
+        std::sync::Arc::new(move |cmd: &str, _args: &serde_json::Value| match cmd {
+            "stats" => handler_vol
+                .repo()
+                .stats()
+                .map_err(|e| e.to_string())
+                .and_then(|s| serde_json::to_value(s).map_err(|e| e.to_string())),
+            "fsck" => handler_vol
+                .quiesced(|repo| repo.fsck(&dedupfs::NoProgress))
+                .map_err(|e| e.to_string())
+                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
+            other => Err(format!("unknown command '{other}'")),
+        });
+    let _ctl = dedupfs::ctl::Server::start(store, handler)?;
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,

@@ -35,6 +35,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Content at most this long lives in the inode record.
 pub const INLINE_MAX: u64 = 4096;
 pub const NAME_MAX: usize = 255;
+/// `Staged::version` of a staging state that still equals the committed
+/// file (nothing written, truncated or re-timed since it was staged).
+const UNTOUCHED: u64 = 1;
+/// Free space kept back for database commits (see `check_space`).
+const SPACE_RESERVE: u64 = 8 << 20;
+/// Free space below which not even removals and syncs are tried.
+const SPACE_FLOOR: u64 = 1 << 20;
 /// Group commit bounds for ingest.
 const INGEST_GROUP_FILES: usize = 512;
 const INGEST_GROUP_BYTES: u64 = 128 << 20;
@@ -66,6 +73,17 @@ pub struct SetAttr {
     pub atime: Option<Timespec>,
     pub mtime: Option<Timespec>,
     pub ctime: Option<Timespec>,
+}
+
+/// What a change does to the store's free space (see `check_space`).
+#[derive(Clone, Copy, Debug)]
+enum Space {
+    /// Adds metadata.
+    Grows,
+    /// Adds about this many bytes of data, and metadata.
+    Data(u64),
+    /// Frees space (or only makes earlier changes durable).
+    Frees,
 }
 
 /// Who is asking.
@@ -109,6 +127,9 @@ pub struct Volume {
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
     maps: Mutex<LruCache<u64, Arc<ChunkMap>>>,
+    /// Bumped after every commit that changes chunk lists, before the
+    /// changed maps are popped from `maps`.
+    map_epoch: AtomicU64,
     chunks: Mutex<LruCache<ChunkId, Arc<Vec<u8>>>>,
     content_lock: Mutex<()>,
     queue: Mutex<Option<SyncSender<Msg>>>,
@@ -116,9 +137,18 @@ pub struct Volume {
     /// fires when the count drops.
     pending: Mutex<u64>,
     pending_cv: Condvar,
-    /// Meta commits made without fsync since the last durable one.
-    lazy_commits: AtomicBool,
+    /// Meta commits made without fsync so far (counted once committed),
+    /// and how many of them a durable commit is known to cover. Counters,
+    /// not a flag: ingest used to clear a "dirty" flag after its durable
+    /// commit, wiping the mark of a lazy commit made just after it, so the
+    /// next fsync skipped its durable commit and a crash lost a file that
+    /// fsync had reported safe.
+    lazy_commits: AtomicU64,
+    durable_upto: AtomicU64,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// An ingest failed for want of space; the flusher queues idle staged
+    /// files again (nothing else would before the next close or mount).
+    retry_ingest: AtomicBool,
     /// Set when a commit failed in a way that leaves memory and disk apart.
     failed: AtomicBool,
 }
@@ -150,13 +180,16 @@ impl Volume {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             maps: Mutex::new(LruCache::new(cap(1024))),
+            map_epoch: AtomicU64::new(0),
             chunks: Mutex::new(LruCache::new(cap(512))),
             content_lock: Mutex::new(()),
             queue: Mutex::new(Some(tx)),
             pending: Mutex::new(0),
             pending_cv: Condvar::new(),
-            lazy_commits: AtomicBool::new(false),
+            lazy_commits: AtomicU64::new(0),
+            durable_upto: AtomicU64::new(0),
             workers: Mutex::new(Vec::new()),
+            retry_ingest: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         });
         let rx = Arc::new(Mutex::new(rx));
@@ -188,6 +221,14 @@ impl Volume {
         &self.repo
     }
 
+    /// Runs `f` with no ingest or reaper commit in flight, so references in
+    /// meta and counts in the index agree while it looks (fsck).
+    pub fn quiesced<T>(&self, f: impl FnOnce(&Repo) -> T) -> T {
+        self.wait_ingest_idle();
+        let _c = self.content_lock.lock();
+        f(&self.repo)
+    }
+
     fn send(&self, m: Msg) {
         if let Some(q) = self.queue.lock().as_ref()
             && q.send(m).is_err()
@@ -199,6 +240,19 @@ impl Volume {
     /// Finishes pending ingest, stops the workers, makes metadata durable.
     pub fn shutdown(&self) {
         self.wait_ingest_idle();
+        // Files whose ingest failed (a full disk) are still only staged:
+        // one more try, and whatever is left gets a synced sidecar so the
+        // next mount replays it. Before, a closed file whose sidecar write
+        // had failed was dropped at the next mount.
+        self.queue_idle_staged();
+        self.wait_ingest_idle();
+        let left: Vec<_> = self.staged.lock().values().cloned().collect();
+        for st in left {
+            let s = st.lock();
+            if let Err(e) = s.file.sync_data().and_then(|_| write_sidecar(&s, true)) {
+                log::error!("inode {} stays staged and could not be synced: {e}", s.ino);
+            }
+        }
         self.reap_orphans();
         let q = self.queue.lock().take();
         if let Some(q) = q {
@@ -213,6 +267,22 @@ impl Volume {
         }
         if let Err(e) = self.sync_meta() {
             log::error!("final metadata sync failed: {e}");
+        }
+    }
+
+    /// Queues every staged file with no writer that is not queued already.
+    fn queue_idle_staged(&self) {
+        let all: Vec<(u64, Arc<Mutex<Staged>>)> = self
+            .staged
+            .lock()
+            .iter()
+            .map(|(i, s)| (*i, s.clone()))
+            .collect();
+        for (ino, st) in all {
+            let idle = st.lock().writers == 0;
+            if idle {
+                self.queue_ingest(ino, &st);
+            }
         }
     }
 
@@ -242,19 +312,18 @@ impl Volume {
 
     // ------------------------------------------------------------ meta txns
 
-    /// Runs `f` in one meta write transaction. Without `durable` the commit
-    /// skips fsync; the flusher (or the next durable commit) persists it.
+    /// Runs `f` in one meta write transaction. The commit skips fsync;
+    /// the flusher (or the next durable commit) persists it.
     fn meta_write<T>(
         &self,
-        durable: bool,
+        space: Space,
         f: impl FnOnce(&mut MetaTx<'_>) -> Result<T>,
     ) -> Result<T> {
         self.check_writable()?;
+        self.check_space(space)?;
         let mut tx = self.repo.meta().begin_write().map_err(store::Error::from)?;
-        if !durable {
-            tx.set_durability(Durability::None)
-                .map_err(|e| Error::Store(store::Error::Db(e.to_string())))?;
-        }
+        tx.set_durability(Durability::None)
+            .map_err(|e| Error::Store(store::Error::Db(e.to_string())))?;
         let out = {
             let st = tx.open_table(meta::STATE).map_err(store::Error::from)?;
             let g = Gens::load(&st)?;
@@ -269,19 +338,47 @@ impl Volume {
             f(&mut m)?
         };
         tx.commit().map_err(store::Error::from)?;
-        if !durable {
-            self.lazy_commits.store(true, Ordering::Relaxed);
-        }
+        self.lazy_commits.fetch_add(1, Ordering::SeqCst);
         Ok(out)
     }
 
     /// Makes every metadata commit so far durable.
     pub fn sync_meta(&self) -> Result<()> {
-        if !self.lazy_commits.swap(false, Ordering::Relaxed) || self.read_only {
+        // Every lazy commit counted here has completed; redb serialises
+        // writers, so a durable commit begun after this load covers them.
+        let seen = self.lazy_commits.load(Ordering::SeqCst);
+        if self.durable_upto.load(Ordering::SeqCst) >= seen || self.read_only {
             return Ok(());
         }
+        self.check_space(Space::Frees)?;
         let tx = self.repo.meta().begin_write().map_err(store::Error::from)?;
         tx.commit().map_err(store::Error::from)?;
+        self.durable_upto.fetch_max(seen, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Refuses with ENOSPC, before any database sees it, a change the
+    /// store's filesystem may not have room for.
+    ///
+    /// Why: redb treats an I/O error inside a commit (ENOSPC included) as
+    /// fatal for the open database; every later write transaction fails
+    /// with PreviousIo until it is reopened. A full disk therefore turned
+    /// into EIO on every write for the rest of the mount, even after space
+    /// came back. Our own data (staging, packs) stops `SPACE_RESERVE` short
+    /// of full, so the commits that follow always have room; removals may
+    /// dip into the reserve (so space can be freed from inside), down to
+    /// `SPACE_FLOOR`, which only someone else's writes can break through.
+    fn check_space(&self, space: Space) -> Result<()> {
+        let want = match space {
+            Space::Grows => SPACE_RESERVE,
+            Space::Data(n) => SPACE_RESERVE.saturating_add(n),
+            Space::Frees => SPACE_FLOOR,
+        };
+        let s = rustix::fs::statvfs(self.repo.dir()).map_err(|e| io_err("statvfs", e.into()))?;
+        let avail = s.f_bavail.saturating_mul(s.f_frsize);
+        if avail < want {
+            return Err(Error::Errno(libc::ENOSPC));
+        }
         Ok(())
     }
 
@@ -357,7 +454,7 @@ impl Volume {
         target: Option<&[u8]>,
     ) -> Result<Attr> {
         check_name(name)?;
-        let (ino, rec) = self.meta_write(false, |m| {
+        let (ino, rec) = self.meta_write(Space::Grows, |m| {
             let mut p = m.dir(parent)?;
             if meta::lookup_dirent(&m.dirents, parent, name)?.is_some() {
                 return Err(Error::Errno(libc::EEXIST));
@@ -407,7 +504,7 @@ impl Volume {
 
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr> {
         check_name(name)?;
-        let rec = self.meta_write(false, |m| {
+        let rec = self.meta_write(Space::Grows, |m| {
             let mut p = m.dir(parent)?;
             let mut rec = m.inode(ino)?;
             if rec.kind == Kind::Dir {
@@ -433,7 +530,7 @@ impl Volume {
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
         check_name(name)?;
-        self.meta_write(false, |m| {
+        self.meta_write(Space::Frees, |m| {
             let mut p = m.dir(parent)?;
             let (_, ent) =
                 meta::lookup_dirent(&m.dirents, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
@@ -460,7 +557,7 @@ impl Volume {
         if name == b".." {
             return Err(Error::Errno(libc::ENOTEMPTY));
         }
-        self.meta_write(false, |m| {
+        self.meta_write(Space::Frees, |m| {
             let mut p = m.dir(parent)?;
             let (_, ent) =
                 meta::lookup_dirent(&m.dirents, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
@@ -498,7 +595,7 @@ impl Volume {
         if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
             return Err(Error::Errno(libc::EINVAL));
         }
-        self.meta_write(false, |m| {
+        self.meta_write(Space::Grows, |m| {
             let now = Timespec::now();
             let (_, src) =
                 meta::lookup_dirent(&m.dirents, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
@@ -571,6 +668,14 @@ impl Volume {
     // ------------------------------------------------------------ attributes
 
     pub fn setattr(&self, who: Caller, ino: u64, s: &SetAttr) -> Result<Attr> {
+        // Decide on space before touching staging, so a refused truncate
+        // changes nothing. Cutting a file frees space; anything else may
+        // grow the metadata.
+        let cuts = s
+            .size
+            .is_some_and(|n| self.getattr(ino).is_ok_and(|a| n < a.size));
+        let space = if cuts { Space::Frees } else { Space::Grows };
+        self.check_space(space)?;
         if let Some(size) = s.size {
             let rec = self.read_inode(ino)?;
             match rec.kind {
@@ -579,18 +684,32 @@ impl Volume {
                 _ => return Err(Error::Errno(libc::EINVAL)),
             }
             self.check_writable()?;
-            let st = self.stage(ino, &rec)?;
-            let idle = {
-                let mut st = st.lock();
-                st.set_size(size)
-                    .map_err(|e| io_err("truncating staging", e))?;
-                st.writers == 0
-            };
-            if idle {
-                self.queue_ingest(ino, &st);
-            }
+            // A truncate is a short-lived writer: registering keeps ingest
+            // from committing (and dropping) the staged state between our
+            // lookup and the change, which would lose the new size.
+            let st = self.stage_writer(ino)?;
+            let r = st
+                .lock()
+                .set_size(size)
+                .map_err(|e| io_err("truncating staging", e));
+            self.drop_writer(ino, &st);
+            r?;
         }
-        let rec = self.meta_write(false, |m| {
+        // Hold the file's staged entry (if any) across the commit. Ingest
+        // commits a staged file's mtime from the view it chunked, so an
+        // explicit mtime committed between that view and ingest's commit
+        // was overwritten (a lost utimensat). With the entry locked,
+        // ingest either committed before us or sees the bumped version and
+        // goes again. Lock order: Staged lock, then the meta write, as in
+        // ingest.
+        let staged = self.staged_of(ino);
+        let mut guard = staged.as_ref().map(|st| st.lock());
+        if let Some(st) = &staged
+            && !self.is_current(ino, st)
+        {
+            guard = None;
+        }
+        let rec = self.meta_write(space, |m| {
             let mut rec = m.inode(ino)?;
             let now = Timespec::now();
             if let Some(mode) = s.mode {
@@ -627,8 +746,7 @@ impl Volume {
             meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
             Ok(rec)
         })?;
-        if let Some(st) = self.staged_of(ino) {
-            let mut st = st.lock();
+        if let Some(st) = guard.as_mut() {
             // An explicit mtime wins over the one writes left behind.
             if s.mtime.is_some() {
                 st.mtime = rec.mtime;
@@ -636,6 +754,7 @@ impl Volume {
             }
             st.ctime = st.ctime.max(rec.ctime);
         }
+        drop(guard);
         Ok(self.attr_of(ino, &rec))
     }
 
@@ -643,7 +762,7 @@ impl Volume {
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
         check_xattr_name(name)?;
-        self.meta_write(false, |m| {
+        self.meta_write(Space::Grows, |m| {
             let mut rec = m.inode(ino)?;
             let exists = meta::get_xattr(&m.xattrs, ino, name)?.is_some();
             if flags & libc::XATTR_CREATE != 0 && exists {
@@ -680,7 +799,7 @@ impl Volume {
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
         check_xattr_name(name)?;
-        self.meta_write(false, |m| {
+        self.meta_write(Space::Frees, |m| {
             let mut rec = m.inode(ino)?;
             if !meta::remove_xattr(&mut m.xattrs, m.g, ino, name)? {
                 return Err(Error::Errno(libc::ENODATA));
@@ -749,12 +868,16 @@ impl Volume {
         }
         if write {
             self.check_writable()?;
-            let st = self.stage(ino, &rec)?;
-            let mut st = st.lock();
-            st.writers += 1;
-            if flags & libc::O_TRUNC != 0 && st.size != 0 {
-                st.set_size(0)
-                    .map_err(|e| io_err("truncating staging", e))?;
+            let st = self.stage_writer(ino)?;
+            if flags & libc::O_TRUNC != 0 {
+                let mut s = st.lock();
+                if s.size != 0
+                    && let Err(e) = s.set_size(0)
+                {
+                    drop(s);
+                    self.drop_writer(ino, &st);
+                    return Err(io_err("truncating staging", e));
+                }
             }
         }
         *self.open.lock().entry(ino).or_default() += 1;
@@ -770,11 +893,82 @@ impl Volume {
         Ok(fh)
     }
 
-    /// The staging state of a file, created from its committed content.
-    fn stage(&self, ino: u64, rec: &InodeRec) -> Result<Arc<Mutex<Staged>>> {
-        if let Some(s) = self.staged.lock().get(&ino) {
-            return Ok(s.clone());
+    /// Registers a writer on a file's staging state, creating that state
+    /// from the committed content if the file has none. The entry returned
+    /// is the one in `staged` and stays there until the writer is dropped.
+    ///
+    /// Why the care: ingest commits a staged file and removes its entry
+    /// under the entry's lock when it has no writers. A caller that looked
+    /// the entry up just before that and changed it just after would change
+    /// an orphan (writes then failed with EBADF, truncates were lost). So
+    /// membership is checked under the entry's lock, and a new entry is
+    /// built under `content_lock`, so no ingest or reap commit can land
+    /// between reading the committed record and publishing the entry (and
+    /// two threads never both create, and truncate, the staging file).
+    fn stage_writer(&self, ino: u64) -> Result<Arc<Mutex<Staged>>> {
+        loop {
+            if let Some(st) = self.staged_of(ino) {
+                let mut s = st.lock();
+                if self.is_current(ino, &st) {
+                    s.writers += 1;
+                    drop(s);
+                    return Ok(st);
+                }
+                continue;
+            }
+            let _c = self.content_lock.lock();
+            if self.staged.lock().contains_key(&ino) {
+                continue;
+            }
+            let rec = self.read_inode(ino)?;
+            let mut st = self.new_staged(ino, &rec)?;
+            st.writers = 1;
+            let st = Arc::new(Mutex::new(st));
+            self.staged.lock().insert(ino, st.clone());
+            return Ok(st);
         }
+    }
+
+    /// Whether `st` is still the file's entry in `staged` (call with the
+    /// entry locked: only then can ingest not remove it under us).
+    fn is_current(&self, ino: u64, st: &Arc<Mutex<Staged>>) -> bool {
+        self.staged
+            .lock()
+            .get(&ino)
+            .is_some_and(|c| Arc::ptr_eq(c, st))
+    }
+
+    /// Ends a writer registered by `stage_writer`; the last one leaves a
+    /// sidecar and queues the file for ingest.
+    fn drop_writer(&self, ino: u64, st: &Arc<Mutex<Staged>>) {
+        let idle = {
+            let mut s = st.lock();
+            s.writers = s.writers.saturating_sub(1);
+            if s.writers == 0 && s.version == UNTOUCHED && !s.queued && self.is_current(ino, st) {
+                // Opened for writing, changed nothing (`touch` or a create
+                // without data): the committed record is already right, so
+                // skip the sidecar and a durable ingest commit. Creating
+                // many empty files cost a commit with fsync each.
+                self.staged.lock().remove(&ino);
+                let _ = fs::remove_file(&s.path);
+                let _ = fs::remove_file(sidecar_path(&s.path));
+                return;
+            }
+            if s.writers == 0 {
+                // Not synced: a crash before ingest may or may not keep it.
+                if let Err(e) = write_sidecar(&s, false) {
+                    log::warn!("sidecar of {}: {e}", s.ino);
+                }
+            }
+            s.writers == 0
+        };
+        if idle {
+            self.queue_ingest(ino, st);
+        }
+    }
+
+    /// A staging state built from a file's committed content.
+    fn new_staged(&self, ino: u64, rec: &InodeRec) -> Result<Staged> {
         if rec.kind != Kind::File {
             return Err(Error::Errno(libc::EINVAL));
         }
@@ -797,7 +991,7 @@ impl Volume {
             }
             Content::Empty => Arc::new(ChunkMap::default()),
         };
-        let st = Staged {
+        Ok(Staged {
             ino,
             file: Arc::new(file),
             path,
@@ -806,30 +1000,30 @@ impl Volume {
             size: rec.size,
             dirty,
             writers: 0,
-            version: 1,
+            version: UNTOUCHED,
             mtime: rec.mtime,
             ctime: rec.ctime,
             queued: false,
-        };
-        let mut map = self.staged.lock();
-        // Another thread may have staged it meanwhile; keep theirs.
-        Ok(map
-            .entry(ino)
-            .or_insert_with(|| Arc::new(Mutex::new(st)))
-            .clone())
+        })
     }
 
     fn chunk_map(&self, ino: u64) -> Result<Arc<ChunkMap>> {
         if let Some(m) = self.maps.lock().get(&ino) {
             return Ok(m.clone());
         }
+        let epoch = self.map_epoch.load(Ordering::SeqCst);
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
         let list = meta::live_content(&t, ino)?
             .map(|(_, l)| l)
             .unwrap_or_default();
         let m = Arc::new(ChunkMap::new(list));
-        self.maps.lock().put(ino, m.clone());
+        // A commit that changed content since we read must not see its
+        // cache pop undone by our (older) map: cache only if none landed.
+        let mut maps = self.maps.lock();
+        if self.map_epoch.load(Ordering::SeqCst) == epoch {
+            maps.put(ino, m.clone());
+        }
         Ok(m)
     }
 
@@ -928,6 +1122,7 @@ impl Volume {
             .get(&ino)
             .cloned()
             .ok_or(Error::Errno(libc::EBADF))?;
+        self.check_space(Space::Data(data.len() as u64))?;
         let mut st = st.lock();
         let off = if append { st.size } else { off };
         st.write(off, data)
@@ -942,20 +1137,7 @@ impl Volume {
         if h.write
             && let Some(st) = self.staged_of(h.ino)
         {
-            let idle = {
-                let mut s = st.lock();
-                s.writers = s.writers.saturating_sub(1);
-                if s.writers == 0 {
-                    // Not synced: a crash before ingest may or may not keep it.
-                    if let Err(e) = write_sidecar(&s, false) {
-                        log::warn!("sidecar of {}: {e}", s.ino);
-                    }
-                }
-                s.writers == 0
-            };
-            if idle {
-                self.queue_ingest(h.ino, &st);
-            }
+            self.drop_writer(h.ino, &st);
         }
         let last = {
             let mut open = self.open.lock();
@@ -982,8 +1164,27 @@ impl Volume {
             }
             s.queued = true;
         }
-        *self.pending.lock() += 1;
-        self.send(Msg::Ingest(ino));
+        // Count only what a worker will answer. Once shutdown has taken the
+        // queue nothing will, and counting it anyway left `pending` above
+        // zero for good: the second `shutdown` (fuser's destroy, then
+        // main's) hung in `wait_ingest_idle` whenever a failed ingest left
+        // a file staged.
+        let sent = match self.queue.lock().as_ref() {
+            Some(q) => {
+                *self.pending.lock() += 1;
+                let ok = q.send(Msg::Ingest(ino)).is_ok();
+                if !ok {
+                    log::error!("ingest queue is gone");
+                    let mut p = self.pending.lock();
+                    *p = p.saturating_sub(1);
+                }
+                ok
+            }
+            None => false,
+        };
+        if !sent {
+            st.lock().queued = false;
+        }
     }
 
     /// fsync: the file's staged bytes and its layout reach the disk, and so
@@ -991,17 +1192,29 @@ impl Volume {
     pub fn fsync(&self, ino: u64) -> Result<()> {
         if let Some(st) = self.staged_of(ino) {
             let s = st.lock();
-            s.file
-                .sync_data()
-                .map_err(|e| io_err("syncing staging", e))?;
-            write_sidecar(&s, true).map_err(|e| io_err("writing sidecar", e))?;
+            // An entry ingest has just committed is durable already; a
+            // sidecar written for it now would outlive its staging file and
+            // be replayed against the next one.
+            if self.is_current(ino, &st) {
+                s.file
+                    .sync_data()
+                    .map_err(|e| io_err("syncing staging", e))?;
+                write_sidecar(&s, true).map_err(|e| io_err("writing sidecar", e))?;
+            }
         }
-        self.lazy_commits.store(true, Ordering::Relaxed);
         self.sync_meta()
     }
 
+    /// fallocate: mode 0 and KEEP_SIZE reserve nothing but set the size;
+    /// PUNCH_HOLE (with KEEP_SIZE) and ZERO_RANGE write zeros over the range,
+    /// which chunk to one shared zero chunk on ingest.
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
-        if mode != 0 {
+        const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE) != 0
+            || (mode & PUNCH_HOLE != 0 && mode & KEEP_SIZE == 0)
+        {
             return Err(Error::Errno(libc::EOPNOTSUPP));
         }
         let (ino, write, _) = self.handle(fh)?;
@@ -1016,7 +1229,20 @@ impl Volume {
             .ok_or(Error::Errno(libc::EBADF))?;
         let mut st = st.lock();
         let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
-        if end > st.size {
+        if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 {
+            // Zero only what exists (and, without KEEP_SIZE, what the range
+            // extends the file by, which reads as zero anyway).
+            let zero_end = end.min(st.size);
+            let zeros = vec![0u8; 1 << 20];
+            let mut pos = off;
+            while pos < zero_end {
+                let n = (zero_end - pos).min(zeros.len() as u64) as usize;
+                st.write(pos, &zeros[..n])
+                    .map_err(|e| io_err("zeroing staging", e))?;
+                pos += n as u64;
+            }
+        }
+        if mode & KEEP_SIZE == 0 && end > st.size {
             st.set_size(end)
                 .map_err(|e| io_err("extending staging", e))?;
         }
@@ -1053,10 +1279,12 @@ impl Volume {
             return Err(Error::Errno(libc::EBADF));
         }
         let src = self.read_inode(ino_in)?;
+        // A file still being written is bigger (or smaller) than its record.
+        let src_size = self.getattr(ino_in)?.size;
         let src_staged = self.staged.lock().contains_key(&ino_in);
         if off_in == 0
             && off_out == 0
-            && len >= src.size
+            && len >= src_size
             && src.content == Content::Chunked
             && !src_staged
             && ino_in != ino_out
@@ -1072,7 +1300,7 @@ impl Volume {
                 return Ok(st.size);
             }
         }
-        let n = len.min(src.size.saturating_sub(off_in)).min(16 << 20);
+        let n = len.min(src_size.saturating_sub(off_in)).min(16 << 20);
         let data = self.read(ino_in, off_in, n as u32)?;
         let mut done = 0u64;
         while (done as usize) < data.len() {
@@ -1144,7 +1372,8 @@ impl Volume {
                 size: side.size,
                 dirty,
                 writers: 0,
-                version: 1,
+                // Replayed bytes are a change the committed record lacks.
+                version: UNTOUCHED + 1,
                 mtime: Timespec {
                     secs: side.mtime.0,
                     nanos: side.mtime.1,
@@ -1159,14 +1388,30 @@ impl Volume {
     }
 
     /// Chunks a group of staged files and commits them together.
-    fn ingest_group(&self, inos: Vec<u64>) {
-        let n = inos.len() as u64;
-        if let Err(e) = self.try_ingest_group(&inos) {
-            log::error!("ingest of {} files failed: {e}", inos.len());
-            // Leave them staged; a later close or remount retries.
-            for ino in &inos {
-                if let Some(st) = self.staged_of(*ino) {
-                    st.lock().queued = false;
+    /// `messages` is how many queue entries this group answers (duplicates
+    /// included), which is what `pending` counted.
+    fn ingest_group(&self, inos: Vec<u64>, messages: u64) {
+        let n = messages;
+        let mut todo = inos;
+        // Files that changed while being chunked, with nobody left to queue
+        // them again (a truncate or utimensat without an open writer), go
+        // round again here; before, they stayed staged and unsynced.
+        while !todo.is_empty() {
+            match self.try_ingest_group(&todo) {
+                Ok(again) => todo = again,
+                Err(e) => {
+                    log::error!("ingest of {} files failed: {e}", todo.len());
+                    if e.errno() == libc::ENOSPC {
+                        // The flusher tries again once there is room.
+                        self.retry_ingest.store(true, Ordering::SeqCst);
+                    }
+                    // Leave them staged; a later close or remount retries.
+                    for ino in &todo {
+                        if let Some(st) = self.staged_of(*ino) {
+                            st.lock().queued = false;
+                        }
+                    }
+                    break;
                 }
             }
         }
@@ -1175,7 +1420,16 @@ impl Volume {
         self.pending_cv.notify_all();
     }
 
-    fn try_ingest_group(&self, inos: &[u64]) -> Result<()> {
+    /// Returns the files to try again: changed while chunked, no writers.
+    fn try_ingest_group(&self, inos: &[u64]) -> Result<Vec<u64>> {
+        // New chunks take about the changed bytes; refuse up front rather
+        // than fill the disk under the index commit (see `check_space`).
+        let changed: u64 = inos
+            .iter()
+            .filter_map(|i| self.staged_of(*i))
+            .map(|st| st.lock().dirty.ranges().map(|(a, b)| b - a).sum::<u64>())
+            .sum();
+        self.check_space(Space::Data(changed))?;
         let store = self.repo.store();
         let mut batch = store.batch()?;
         let mut built: Vec<(u64, Arc<Mutex<Staged>>, StagedView, NewContent)> = Vec::new();
@@ -1195,7 +1449,7 @@ impl Volume {
             built.push((ino, st, view, content));
         }
         if built.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let _c = self.content_lock.lock();
         built.sort_by_key(|b| b.0);
@@ -1226,6 +1480,10 @@ impl Volume {
             }
         }
         drop((contents, inodes, rt));
+        self.check_space(Space::Frees)?;
+        // The meta commit below is durable and covers the lazy commits
+        // counted before it begins.
+        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
         let meta_db = self.repo.meta();
         let built_ref = &built;
         let live_ref = &live;
@@ -1269,11 +1527,18 @@ impl Volume {
             tx.commit()?;
             Ok(())
         })?;
-        self.lazy_commits.store(false, Ordering::Relaxed);
+        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
+        self.map_epoch.fetch_add(1, Ordering::SeqCst);
+        let mut again = Vec::new();
         for (i, (ino, _, _, _)) in built.iter().enumerate() {
             let gd = &mut guards[i];
             if !keep[i] {
-                gd.queued = false;
+                if gd.writers == 0 {
+                    again.push(*ino);
+                } else {
+                    // The last writer's release queues it again.
+                    gd.queued = false;
+                }
                 continue;
             }
             self.maps.lock().pop(ino);
@@ -1281,7 +1546,7 @@ impl Volume {
             let _ = fs::remove_file(&gd.path);
             let _ = fs::remove_file(sidecar_path(&gd.path));
         }
-        Ok(())
+        Ok(again)
     }
 
     /// The new content of a staged file: inline when small; otherwise the
@@ -1358,6 +1623,7 @@ impl Volume {
     }
 
     fn try_reap(&self) -> Result<()> {
+        self.check_space(Space::Frees)?;
         let orphans: Vec<u64> = {
             let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
             let t = rt.open_table(meta::ORPHANS).map_err(store::Error::from)?;
@@ -1414,6 +1680,7 @@ impl Volume {
             tx.commit()?;
             Ok(())
         })?;
+        self.map_epoch.fetch_add(1, Ordering::SeqCst);
         for ino in &doomed {
             let removed = self.staged.lock().remove(ino);
             if let Some(st) = removed {
@@ -1591,8 +1858,9 @@ fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
         }
         if !group.is_empty() {
             group.sort_unstable();
+            let messages = group.len() as u64;
             group.dedup();
-            v.ingest_group(group);
+            v.ingest_group(group, messages);
         }
         if reap {
             v.reap_orphans();
@@ -1612,6 +1880,9 @@ fn flush_loop(vol: std::sync::Weak<Volume>) {
         }
         if let Err(e) = v.sync_meta() {
             log::error!("periodic metadata sync failed: {e}");
+        }
+        if v.retry_ingest.swap(false, Ordering::SeqCst) {
+            v.queue_idle_staged();
         }
     }
 }

@@ -1,0 +1,265 @@
+//! Test 5: kill -9 the daemon while a writer runs, at random points, many
+//! times. After each crash the store must mount again and every file whose
+//! last change was fsynced (file and directory) must hold exactly that
+//! content; a name whose removal was fsynced must stay gone; nothing may
+//! read back as an error. fsck must be clean after unmounting.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// What the writer tells the checker, in order.
+enum Event {
+    /// The file's state is no longer known (a change began).
+    Touch(String),
+    /// The file's last change is durable: this is its content.
+    Synced(String, Vec<u8>),
+    /// The removal is durable: the name must not exist.
+    Gone(String),
+}
+
+/// The expected state of a name: present with content, or absent.
+type Expect = BTreeMap<String, Option<Vec<u8>>>;
+
+const ROUNDS: usize = 20;
+
+#[test]
+fn kill_9_loses_nothing_fsynced() {
+    with_fs(|t| {
+        let seed = seed(5);
+        let mut rng = Rng::new(seed);
+        let mut expect: Expect = BTreeMap::new();
+        t.mount();
+        // The writer works in a directory that exists only inside the
+        // mount: once the dead mount is detached, its paths fail instead
+        // of landing in the bare mountpoint below (where an fsync would
+        // "succeed" and the check would then blame the filesystem).
+        fs::create_dir(t.p("w")).unwrap();
+        for round in 0..ROUNDS {
+            let (tx, rx) = mpsc::channel();
+            let stop = Arc::new(AtomicBool::new(false));
+            let known: Vec<(String, Vec<u8>)> = expect
+                .iter()
+                .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
+                .collect();
+            let writer = {
+                let (mnt, stop) = (t.p("w"), stop.clone());
+                let wseed = rng.next();
+                std::thread::spawn(move || writer(mnt, round, wseed, known, tx, stop))
+            };
+            // Let it run for a random while, sometimes long enough for
+            // closes to reach ingest.
+            let ms = match rng.below(3) {
+                0 => rng.below(30),
+                1 => rng.below(300),
+                _ => 300 + rng.below(1200),
+            };
+            std::thread::sleep(Duration::from_millis(ms));
+            t.crash();
+            stop.store(true, Ordering::Relaxed);
+            let ops = writer.join().expect("writer thread");
+            for ev in rx.try_iter() {
+                match ev {
+                    Event::Touch(n) => {
+                        expect.remove(&n);
+                    }
+                    Event::Synced(n, c) => {
+                        expect.insert(n, Some(c));
+                    }
+                    Event::Gone(n) => {
+                        expect.insert(n, None);
+                    }
+                }
+            }
+            t.mount();
+            let durable = expect.values().filter(|v| v.is_some()).count();
+            eprintln!(
+                "round {round}: killed after {ms} ms, {ops} writer ops, {durable} durable files"
+            );
+            verify(t, &expect, &format!("seed {seed} round {round}"));
+            if round % 5 == 4 {
+                t.umount();
+                t.assert_fsck_clean();
+                t.mount();
+                verify(
+                    t,
+                    &expect,
+                    &format!("seed {seed} round {round}, clean remount"),
+                );
+            }
+        }
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}
+
+fn verify(t: &TestFs, expect: &Expect, ctx: &str) {
+    let mnt = &t.p("w");
+    let ctx = &format!("{ctx}\n{}", t.log());
+    for (name, want) in expect {
+        let p = mnt.join(name);
+        match want {
+            Some(c) => {
+                let got = fs::read(&p).unwrap_or_else(|e| {
+                    let listed = fs::read_dir(mnt)
+                        .map(|rd| rd.flatten().any(|d| d.file_name() == name.as_str()))
+                        .unwrap_or(false);
+                    panic!("{ctx}\nfsynced file {name} cannot be read: {e} (listed in readdir: {listed})")
+                });
+                assert_bytes_eq(&got, c, &format!("{ctx}: fsynced file {name}"));
+            }
+            None => assert!(
+                fs::symlink_metadata(&p).is_err(),
+                "{ctx}: {name} was removed and synced, yet exists"
+            ),
+        }
+    }
+    // Whatever else survived must read without error.
+    for e in fs::read_dir(mnt).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            fs::read(e.path())
+                .unwrap_or_else(|err| panic!("{ctx}: {:?} cannot be read: {err}", e.file_name()));
+        }
+    }
+}
+
+/// Writes, rewrites, patches, truncates and removes files until the mount
+/// dies; reports what became durable. Returns the number of operations.
+fn writer(
+    mnt: PathBuf,
+    round: usize,
+    seed: u64,
+    known: Vec<(String, Vec<u8>)>,
+    tx: mpsc::Sender<Event>,
+    stop: Arc<AtomicBool>,
+) -> usize {
+    let mut rng = Rng::new(seed);
+    let mut known = known;
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let r = match rng.below(10) {
+            0..=4 => {
+                let name = format!("r{round}_{n}");
+                let size = match rng.below(4) {
+                    0 => rng.below(4000),
+                    1 | 2 => rng.below(200_000),
+                    _ => rng.below(3 << 20),
+                } as usize;
+                let data = rng.bytes(size);
+                let sync = rng.chance(60);
+                create(&mnt, &name, &data, sync, &tx).map(|_| {
+                    if sync {
+                        known.push((name, data));
+                    }
+                })
+            }
+            5..=6 if !known.is_empty() => {
+                let i = rng.below(known.len() as u64) as usize;
+                let (name, data) = &mut known[i];
+                let off = rng.below(data.len() as u64 + 1000) as usize;
+                let patch_len = rng.below(70_000) as usize;
+                let patch = rng.bytes(patch_len);
+                patch_file(&mnt, name, data, off, &patch, &tx)
+            }
+            7 if !known.is_empty() => {
+                let i = rng.below(known.len() as u64) as usize;
+                let (name, data) = &mut known[i];
+                let size = rng.below(data.len() as u64 * 2 + 1) as usize;
+                truncate(&mnt, name, data, size, &tx)
+            }
+            8 if !known.is_empty() => {
+                let i = rng.below(known.len() as u64) as usize;
+                let (name, _) = known.swap_remove(i);
+                remove(&mnt, &name, &tx)
+            }
+            _ => {
+                let name = format!("r{round}_{n}_nosync");
+                let len = rng.below(100_000) as usize;
+                let data = rng.bytes(len);
+                create(&mnt, &name, &data, false, &tx)
+            }
+        };
+        n += 1;
+        if r.is_err() {
+            // The mount is gone (ENOTCONN and friends): stop.
+            break;
+        }
+    }
+    n
+}
+
+fn create(
+    mnt: &Path,
+    name: &str,
+    data: &[u8],
+    sync: bool,
+    tx: &mpsc::Sender<Event>,
+) -> Result<(), i32> {
+    let _ = tx.send(Event::Touch(name.to_string()));
+    let f = res(OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(mnt.join(name)))?;
+    // In pieces, so a crash can land between writes.
+    for (i, piece) in data.chunks(256 << 10).enumerate() {
+        res(f.write_all_at(piece, (i * (256 << 10)) as u64))?;
+    }
+    if sync {
+        res(f.sync_all())?;
+        sys::fsync_dir(mnt)?;
+        let _ = tx.send(Event::Synced(name.to_string(), data.to_vec()));
+    }
+    Ok(())
+}
+
+fn patch_file(
+    mnt: &Path,
+    name: &str,
+    data: &mut Vec<u8>,
+    off: usize,
+    patch: &[u8],
+    tx: &mpsc::Sender<Event>,
+) -> Result<(), i32> {
+    let _ = tx.send(Event::Touch(name.to_string()));
+    let f = res(OpenOptions::new().write(true).open(mnt.join(name)))?;
+    res(f.write_all_at(patch, off as u64))?;
+    if data.len() < off + patch.len() {
+        data.resize(off + patch.len(), 0);
+    }
+    data[off..off + patch.len()].copy_from_slice(patch);
+    res(f.sync_all())?;
+    let _ = tx.send(Event::Synced(name.to_string(), data.clone()));
+    Ok(())
+}
+
+fn truncate(
+    mnt: &Path,
+    name: &str,
+    data: &mut Vec<u8>,
+    size: usize,
+    tx: &mpsc::Sender<Event>,
+) -> Result<(), i32> {
+    let _ = tx.send(Event::Touch(name.to_string()));
+    let f = res(OpenOptions::new().write(true).open(mnt.join(name)))?;
+    res(f.set_len(size as u64))?;
+    data.resize(size, 0);
+    res(f.sync_all())?;
+    let _ = tx.send(Event::Synced(name.to_string(), data.clone()));
+    Ok(())
+}
+
+fn remove(mnt: &Path, name: &str, tx: &mpsc::Sender<Event>) -> Result<(), i32> {
+    let _ = tx.send(Event::Touch(name.to_string()));
+    res(fs::remove_file(mnt.join(name)))?;
+    sys::fsync_dir(mnt)?;
+    let _ = tx.send(Event::Gone(name.to_string()));
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! Mount tests: each mounts a real dedupfs through FUSE in its own temp
+//! dirs, checks behaviour against expectations or a reference directory,
+//! and always unmounts (see `harness::TestFs`). They skip when /dev/fuse or
+//! fusermount3 is missing.
+
+mod big;
+mod corrupt;
+mod crash;
+mod diskfull;
+mod harness;
+mod many;
+mod model;
+mod posix;
