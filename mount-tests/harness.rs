@@ -13,10 +13,13 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dedupfs");
+
+/// How long an unmount may take to finish pending ingest and exit.
+const UMOUNT_LIMIT: Duration = Duration::from_secs(120);
 
 /// Whether FUSE can be used here; prints why not.
 pub fn fuse_available() -> bool {
@@ -114,16 +117,36 @@ impl TestFs {
     /// `dedupfs umount`: returns once the daemon has finished and exited.
     pub fn umount(&mut self) {
         assert!(self.mounted, "not mounted");
-        let out = Command::new(BIN)
+        // `dedupfs umount` waits (up to 10 minutes) for the daemon to finish
+        // and exit; a daemon hung in shutdown should fail the test sooner.
+        let mut child = Command::new(BIN)
             .arg("umount")
             .arg(&self.mnt)
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("running dedupfs umount");
-        assert!(
-            out.status.success(),
-            "umount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("waiting for umount") {
+                break st;
+            }
+            if start.elapsed() > UMOUNT_LIMIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the daemon did not exit within {UMOUNT_LIMIT:?} of the unmount \
+                     (hung in shutdown?)\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = io::Read::read_to_string(&mut e, &mut err);
+        }
+        assert!(status.success(), "umount failed: {err}\n{}", self.log());
         self.mounted = false;
         // `dedupfs umount` waits for the store lock; make sure the process
         // is really gone before anyone opens the store.

@@ -8,7 +8,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::harness::*;
 
@@ -492,6 +492,83 @@ fn create_mode_and_read_only_mount() {
             res(OpenOptions::new().write(true).open(t.p("m"))).unwrap_err(),
             libc::EROFS
         );
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}
+
+/// Changes right after a close race the ingest of that close. Each must
+/// land: a write through a new handle (it used to fail with EBADF when
+/// ingest dropped the staged state between open and write), a truncate
+/// by path, and an explicit mtime (both used to be lost the same way).
+/// Four threads, so some change lands inside an ingest commit.
+#[test]
+fn changes_racing_ingest_all_land() {
+    with_fs(|t| {
+        t.mount();
+        let base = seed(9);
+        let want: Vec<(PathBuf, Vec<u8>, u64)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4u64)
+                .map(|k| {
+                    let mnt = t.mnt.clone();
+                    s.spawn(move || {
+                        let mut rng = Rng::new(base + k);
+                        let mut want = Vec::new();
+                        for i in 0..150u64 {
+                            let p = mnt.join(format!("race{k}_{i}"));
+                            let len = 5_000 + rng.below(45_000) as usize;
+                            let mut data = rng.bytes(len);
+                            write_file(&p, &data);
+                            // Land somewhere inside the ingest of that close.
+                            let pause = rng.below(4000);
+                            std::thread::sleep(std::time::Duration::from_micros(pause));
+                            match i % 3 {
+                                0 => {
+                                    let f = OpenOptions::new().write(true).open(&p).unwrap();
+                                    f.write_all_at(b"second", 100).unwrap_or_else(|e| {
+                                        panic!("write after reopen of {}: {e}", p.display())
+                                    });
+                                    data[100..106].copy_from_slice(b"second");
+                                }
+                                1 => {
+                                    let n = rng.below(data.len() as u64 + 5000);
+                                    fs::OpenOptions::new()
+                                        .write(true)
+                                        .open(&p)
+                                        .unwrap()
+                                        .set_len(n)
+                                        .unwrap();
+                                    data.resize(n as usize, 0);
+                                }
+                                _ => {
+                                    sys::utimens(&p, ATIME, (MTIME.0 + i as i64, MTIME.1)).unwrap()
+                                }
+                            }
+                            want.push((p, data, i));
+                        }
+                        want
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let check = |when: &str| {
+            for (p, data, i) in &want {
+                let what = format!("{when}: {}", p.display());
+                assert_bytes_eq(&read_file(p), data, &what);
+                if i % 3 == 2 {
+                    let m = fs::metadata(p).unwrap();
+                    assert_eq!(
+                        (m.mtime(), m.mtime_nsec()),
+                        (MTIME.0 + *i as i64, MTIME.1),
+                        "{what}: mtime"
+                    );
+                }
+            }
+        };
+        check("mounted");
+        t.remount();
+        check("after remount");
         t.umount();
         t.assert_fsck_clean();
     });

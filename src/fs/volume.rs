@@ -1853,7 +1853,11 @@ fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
                 Msg::Stop => stop = true,
             }
             if !stop && group.len() < INGEST_GROUP_FILES && bytes < INGEST_GROUP_BYTES {
-                next = rx.lock().try_recv().ok();
+                // try_lock: an idle worker holds the receiver while it
+                // blocks in recv(). Waiting for that lock stranded this
+                // group (and `pending`) until some later message arrived;
+                // at unmount none does, and shutdown hung for good.
+                next = rx.try_lock().and_then(|r| r.try_recv().ok());
             }
         }
         if !group.is_empty() {
