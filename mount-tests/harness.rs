@@ -745,6 +745,11 @@ pub mod sys {
         })
     }
 
+    pub fn is_root() -> bool {
+        // SAFETY: geteuid cannot fail and touches no memory of ours.
+        unsafe { libc::geteuid() == 0 }
+    }
+
     pub fn umount_lazy(at: &Path) -> R<()> {
         let c = cpath(at);
         // SAFETY: valid C string.
