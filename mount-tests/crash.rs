@@ -41,6 +41,7 @@ fn kill_9_loses_nothing_fsynced() {
         // of landing in the bare mountpoint below (where an fsync would
         // "succeed" and the check would then blame the filesystem).
         fs::create_dir(t.p("w")).unwrap();
+        sys::fsync_dir(&t.mnt).expect("fsync of the mount's root");
         for round in 0..ROUNDS {
             let (tx, rx) = mpsc::channel();
             let stop = Arc::new(AtomicBool::new(false));
