@@ -1079,17 +1079,15 @@ impl<'s> Batch<'s> {
         if store.negcache.read().wants_growth() {
             store.rebuild_negcache()?;
         }
-        if final_commit {
-            if let Err(e) = then(ref_seq) {
-                if ref_seq.is_some()
-                    && let Err(undo_err) = store.undo_ref_deltas(&deltas)
-                {
-                    // The index now counts references nobody holds; the next
-                    // open sees ref_seq ahead of meta and undoes them.
-                    log::error!("cannot undo reference changes after a failed commit: {undo_err}");
-                }
-                return Err(e);
+        if final_commit && let Err(e) = then(ref_seq) {
+            if ref_seq.is_some()
+                && let Err(undo_err) = store.undo_ref_deltas(&deltas)
+            {
+                // The index now counts references nobody holds; the next
+                // open sees ref_seq ahead of meta and undoes them.
+                log::error!("cannot undo reference changes after a failed commit: {undo_err}");
             }
+            return Err(e);
         }
         Ok(CommitInfo {
             ref_seq,
