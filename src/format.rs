@@ -794,7 +794,7 @@ pub enum Content {
     Chunked,
 }
 
-pub const INODE_REC_VERSION: u8 = 1;
+pub const INODE_REC_VERSION: u8 = 2;
 
 /// Value of the `inodes` table (key: ino, born generation).
 ///
@@ -802,7 +802,10 @@ pub const INODE_REC_VERSION: u8 = 1;
 /// version u8 | died u64 | kind u8 | perm u32 | uid u32 | gid u32 | nlink u32
 /// rdev u32 | size u64 | atime, mtime, ctime, btime (i64 secs, u32 nanos each)
 /// content tag u8 (0 empty, 1 inline, 2 chunked) | inline: len u32 + bytes
+/// v2: parent u64 | name len u16 + bytes
 /// ```
+///
+/// Version 1 records (no link) decode with parent 0 and an empty name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InodeRec {
     pub died: u64,
@@ -819,6 +822,11 @@ pub struct InodeRec {
     pub ctime: Timespec,
     pub btime: Timespec,
     pub content: Content,
+    /// The directory and name this inode was last linked under: exact for
+    /// directories (one name each), a hint for hard-linked files. Lets
+    /// `..`, diff and restore name an inode without scanning directories.
+    pub parent: u64,
+    pub name: Vec<u8>,
 }
 
 impl InodeRec {
@@ -844,13 +852,16 @@ impl InodeRec {
             }
             Content::Chunked => v.push(2),
         }
+        v.extend_from_slice(&self.parent.to_le_bytes());
+        v.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
+        v.extend_from_slice(&self.name);
         v
     }
 
     pub fn decode(b: &[u8]) -> Result<InodeRec, FormatError> {
         let mut r = Reader::new(b, "inode");
         let version = r.u8()?;
-        if version != INODE_REC_VERSION {
+        if version != 1 && version != INODE_REC_VERSION {
             return Err(FormatError::UnknownVersion {
                 what: "inode",
                 found: version as u32,
@@ -884,6 +895,13 @@ impl InodeRec {
                 });
             }
         };
+        let (parent, name) = if version >= 2 {
+            let p = r.u64()?;
+            let n = r.u16()? as usize;
+            (p, r.take(n)?.to_vec())
+        } else {
+            (0, Vec::new())
+        };
         r.finish()?;
         Ok(InodeRec {
             died,
@@ -899,6 +917,8 @@ impl InodeRec {
             ctime: ts[2],
             btime: ts[3],
             content,
+            parent,
+            name,
         })
     }
 }
@@ -1103,10 +1123,18 @@ mod tests {
             ctime: Timespec::now(),
             btime: Timespec::default(),
             content: Content::Inline(b"hello".to_vec()),
+            parent: 9,
+            name: b"n\xffame".to_vec(),
         };
         assert_eq!(InodeRec::decode(&rec.encode()).unwrap(), rec);
         rec.content = Content::Chunked;
         assert_eq!(InodeRec::decode(&rec.encode()).unwrap(), rec);
+        // A version 1 record is the v2 layout without the link.
+        let mut v1 = rec.encode();
+        v1.truncate(v1.len() - 8 - 2 - rec.name.len());
+        v1[0] = 1;
+        let old = InodeRec::decode(&v1).unwrap();
+        assert_eq!((old.parent, old.name.len()), (0, 0));
         let d = DirentVal {
             died: 7,
             ino: 42,

@@ -150,8 +150,40 @@ pub const XATTRS: TableDefinition<(u64, &[u8], u64), &[u8]> = TableDefinition::n
 pub const CONTENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("contents");
 /// Inodes whose link count reached zero, for the reaper.
 pub const ORPHANS: TableDefinition<u64, u64> = TableDefinition::new("orphans");
+/// The change log: (generation, record kind, id, name) for every record a
+/// generation gave a new version or ended while a snapshot existed. Diff,
+/// rollback and snapshot deletion read the span they need from it, so they
+/// cost what changed, not what exists.
+pub const CHANGES: TableDefinition<(u64, u8, u64, &[u8]), ()> = TableDefinition::new("changes");
+/// Snapshot name -> snapshot record (JSON, see `snap::SnapRec`).
+pub const SNAPS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// Settings that are not counters (the retention policy), as JSON.
+pub const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 
 pub const ROOT_INO: u64 = 1;
+/// A generation past every real one: "the live tree" in `*_at` lookups.
+pub const NOW: u64 = format::LIVE - 1;
+
+/// What a change log entry is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rec {
+    Inode = 1,
+    Dirent = 2,
+    Xattr = 3,
+    Content = 4,
+}
+
+impl Rec {
+    pub fn from_code(c: u8) -> Option<Rec> {
+        Some(match c {
+            1 => Rec::Inode,
+            2 => Rec::Dirent,
+            3 => Rec::Xattr,
+            4 => Rec::Content,
+            _ => return None,
+        })
+    }
+}
 
 /// The generation counters every versioned write needs.
 #[derive(Clone, Copy, Debug)]
@@ -182,6 +214,9 @@ fn corrupt(what: &str, e: format::FormatError) -> Error {
 
 pub type Inodes<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
 pub type Dirents<'t> = redb::Table<'t, (u64, &'static [u8], u64), &'static [u8]>;
+pub type Xattrs<'t> = redb::Table<'t, (u64, &'static [u8], u64), &'static [u8]>;
+pub type Contents<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
+pub type Changes<'t> = redb::Table<'t, (u64, u8, u64, &'static [u8]), ()>;
 
 /// Creates the filesystem tables and the root directory if missing.
 pub fn ensure_fs(db: &Database, uid: u32, gid: u32) -> Result<()> {
@@ -197,6 +232,9 @@ pub fn ensure_fs(db: &Database, uid: u32, gid: u32) -> Result<()> {
         tx.open_table(XATTRS)?;
         tx.open_table(CONTENTS)?;
         tx.open_table(ORPHANS)?;
+        tx.open_table(CHANGES)?;
+        tx.open_table(SNAPS)?;
+        tx.open_table(SETTINGS)?;
         let mut inodes = tx.open_table(INODES)?;
         if live_inode(&inodes, ROOT_INO)?.is_none() {
             let now = format::Timespec::now();
@@ -214,6 +252,8 @@ pub fn ensure_fs(db: &Database, uid: u32, gid: u32) -> Result<()> {
                 ctime: now,
                 btime: now,
                 content: format::Content::Empty,
+                parent: ROOT_INO,
+                name: Vec::new(),
             };
             inodes.insert((ROOT_INO, 1), root.encode().as_slice())?;
         }
@@ -222,49 +262,48 @@ pub fn ensure_fs(db: &Database, uid: u32, gid: u32) -> Result<()> {
     Ok(())
 }
 
-/// The live version of an inode: (born, record).
-pub fn live_inode(
+// ------------------------------------------------------------ reads at a gen
+
+/// The version of an inode generation `at` sees (`NOW`: the live one).
+pub fn inode_at(
     t: &impl ReadableTable<(u64, u64), &'static [u8]>,
     ino: u64,
+    at: u64,
 ) -> Result<Option<(u64, format::InodeRec)>> {
-    let mut it = t.range((ino, 0)..=(ino, u64::MAX))?;
+    let mut it = t.range((ino, 0)..=(ino, at))?;
     if let Some(row) = it.next_back() {
         let (k, v) = row?;
         let rec = format::InodeRec::decode(v.value()).map_err(|e| corrupt("inode", e))?;
-        if rec.died == format::LIVE {
+        if rec.died > at {
             return Ok(Some((k.value().1, rec)));
         }
     }
     Ok(None)
 }
 
-/// Writes the live version of an inode: in place if no snapshot saw the
-/// current one, else as a new version born now.
-pub fn write_inode(t: &mut Inodes<'_>, g: Gens, ino: u64, rec: &format::InodeRec) -> Result<()> {
-    let born = match live_inode(t, ino)? {
-        Some((born, _)) if g.in_place(born) => born,
-        Some((born, mut old)) => {
-            old.died = g.current;
-            t.insert((ino, born), old.encode().as_slice())?;
-            g.current
-        }
-        None => g.current,
-    };
-    t.insert((ino, born), rec.encode().as_slice())?;
-    Ok(())
+/// The live version of an inode: (born, record).
+pub fn live_inode(
+    t: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    ino: u64,
+) -> Result<Option<(u64, format::InodeRec)>> {
+    inode_at(t, ino, NOW)
 }
 
-/// Ends the live version of an inode.
-pub fn remove_inode(t: &mut Inodes<'_>, g: Gens, ino: u64) -> Result<()> {
-    if let Some((born, mut old)) = live_inode(t, ino)? {
-        if g.in_place(born) {
-            t.remove((ino, born))?;
-        } else {
-            old.died = g.current;
-            t.insert((ino, born), old.encode().as_slice())?;
+pub fn dirent_at(
+    t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
+    parent: u64,
+    name: &[u8],
+    at: u64,
+) -> Result<Option<(u64, format::DirentVal)>> {
+    let mut it = t.range((parent, name, 0)..=(parent, name, at))?;
+    if let Some(row) = it.next_back() {
+        let (k, v) = row?;
+        let d = format::DirentVal::decode(v.value()).map_err(|e| corrupt("dirent", e))?;
+        if d.died > at {
+            return Ok(Some((k.value().2, d)));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 pub fn lookup_dirent(
@@ -272,53 +311,34 @@ pub fn lookup_dirent(
     parent: u64,
     name: &[u8],
 ) -> Result<Option<(u64, format::DirentVal)>> {
-    let mut it = t.range((parent, name, 0)..=(parent, name, u64::MAX))?;
-    if let Some(row) = it.next_back() {
-        let (k, v) = row?;
-        let d = format::DirentVal::decode(v.value()).map_err(|e| corrupt("dirent", e))?;
-        if d.died == format::LIVE {
-            return Ok(Some((k.value().2, d)));
-        }
-    }
-    Ok(None)
+    dirent_at(t, parent, name, NOW)
 }
 
-pub fn write_dirent(
-    t: &mut Dirents<'_>,
-    g: Gens,
+/// The entries of a directory generation `at` sees, in name order.
+pub fn list_dir_at(
+    t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
     parent: u64,
-    name: &[u8],
-    ino: u64,
-    kind: format::Kind,
-) -> Result<()> {
-    let born = match lookup_dirent(t, parent, name)? {
-        Some((born, _)) if g.in_place(born) => born,
-        Some((born, mut old)) => {
-            old.died = g.current;
-            t.insert((parent, name, born), old.encode().as_slice())?;
-            g.current
+    at: u64,
+    limit: Option<usize>,
+) -> Result<Vec<(Vec<u8>, format::DirentVal)>> {
+    let empty: &[u8] = &[];
+    let mut out: Vec<(Vec<u8>, format::DirentVal)> = Vec::new();
+    for row in t.range((parent, empty, 0)..(parent + 1, empty, 0))? {
+        let (k, v) = row?;
+        let (_, name, born) = k.value();
+        if born > at {
+            continue;
         }
-        None => g.current,
-    };
-    let d = format::DirentVal {
-        died: format::LIVE,
-        ino,
-        kind,
-    };
-    t.insert((parent, name, born), d.encode().as_slice())?;
-    Ok(())
-}
-
-pub fn remove_dirent(t: &mut Dirents<'_>, g: Gens, parent: u64, name: &[u8]) -> Result<()> {
-    if let Some((born, mut old)) = lookup_dirent(t, parent, name)? {
-        if g.in_place(born) {
-            t.remove((parent, name, born))?;
-        } else {
-            old.died = g.current;
-            t.insert((parent, name, born), old.encode().as_slice())?;
+        let d = format::DirentVal::decode(v.value()).map_err(|e| corrupt("dirent", e))?;
+        if d.died <= at {
+            continue;
+        }
+        out.push((name.to_vec(), d));
+        if limit.is_some_and(|l| out.len() >= l) {
+            break;
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The live entries of a directory, in name order.
@@ -327,34 +347,20 @@ pub fn list_dir(
     parent: u64,
     limit: Option<usize>,
 ) -> Result<Vec<(Vec<u8>, format::DirentVal)>> {
-    let empty: &[u8] = &[];
-    let mut out: Vec<(Vec<u8>, format::DirentVal)> = Vec::new();
-    for row in t.range((parent, empty, 0)..(parent + 1, empty, 0))? {
-        let (k, v) = row?;
-        let d = format::DirentVal::decode(v.value()).map_err(|e| corrupt("dirent", e))?;
-        if d.died != format::LIVE {
-            continue;
-        }
-        out.push((k.value().1.to_vec(), d));
-        if limit.is_some_and(|l| out.len() >= l) {
-            break;
-        }
-    }
-    Ok(out)
+    list_dir_at(t, parent, NOW, limit)
 }
 
-pub type Xattrs<'t> = redb::Table<'t, (u64, &'static [u8], u64), &'static [u8]>;
-
-fn live_xattr(
+pub fn xattr_at(
     t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
     ino: u64,
     name: &[u8],
+    at: u64,
 ) -> Result<Option<(u64, Vec<u8>)>> {
-    let mut it = t.range((ino, name, 0)..=(ino, name, u64::MAX))?;
+    let mut it = t.range((ino, name, 0)..=(ino, name, at))?;
     if let Some(row) = it.next_back() {
         let (k, v) = row?;
         let (died, body) = format::decode_versioned(v.value()).map_err(|e| corrupt("xattr", e))?;
-        if died == format::LIVE {
+        if died > at {
             return Ok(Some((k.value().2, body.to_vec())));
         }
     }
@@ -366,56 +372,24 @@ pub fn get_xattr(
     ino: u64,
     name: &[u8],
 ) -> Result<Option<Vec<u8>>> {
-    Ok(live_xattr(t, ino, name)?.map(|(_, v)| v))
+    Ok(xattr_at(t, ino, name, NOW)?.map(|(_, v)| v))
 }
 
-pub fn set_xattr(t: &mut Xattrs<'_>, g: Gens, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
-    let born = match live_xattr(t, ino, name)? {
-        Some((born, _)) if g.in_place(born) => born,
-        Some((born, old)) => {
-            t.insert(
-                (ino, name, born),
-                format::encode_versioned(g.current, &old).as_slice(),
-            )?;
-            g.current
-        }
-        None => g.current,
-    };
-    t.insert(
-        (ino, name, born),
-        format::encode_versioned(format::LIVE, value).as_slice(),
-    )?;
-    Ok(())
-}
-
-/// Returns whether the attribute existed.
-pub fn remove_xattr(t: &mut Xattrs<'_>, g: Gens, ino: u64, name: &[u8]) -> Result<bool> {
-    match live_xattr(t, ino, name)? {
-        None => Ok(false),
-        Some((born, old)) => {
-            if g.in_place(born) {
-                t.remove((ino, name, born))?;
-            } else {
-                t.insert(
-                    (ino, name, born),
-                    format::encode_versioned(g.current, &old).as_slice(),
-                )?;
-            }
-            Ok(true)
-        }
-    }
-}
-
-pub fn list_xattrs(
+/// The attribute names of an inode generation `at` sees.
+pub fn list_xattrs_at(
     t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
     ino: u64,
+    at: u64,
 ) -> Result<Vec<Vec<u8>>> {
     let empty: &[u8] = &[];
     let mut out: Vec<Vec<u8>> = Vec::new();
     for row in t.range((ino, empty, 0)..(ino + 1, empty, 0))? {
         let (k, v) = row?;
+        if k.value().2 > at {
+            continue;
+        }
         let (died, _) = format::decode_versioned(v.value()).map_err(|e| corrupt("xattr", e))?;
-        if died == format::LIVE {
+        if died > at {
             out.push(k.value().1.to_vec());
         }
     }
@@ -423,62 +397,234 @@ pub fn list_xattrs(
     Ok(out)
 }
 
-pub type Contents<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
+pub fn list_xattrs(
+    t: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
+    ino: u64,
+) -> Result<Vec<Vec<u8>>> {
+    list_xattrs_at(t, ino, NOW)
+}
+
+/// The chunk list of a file generation `at` sees: (born, chunks).
+pub fn content_at(
+    t: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    ino: u64,
+    at: u64,
+) -> Result<Option<(u64, Vec<ChunkRef>)>> {
+    let mut it = t.range((ino, 0)..=(ino, at))?;
+    if let Some(row) = it.next_back() {
+        let (k, v) = row?;
+        let (died, body) =
+            format::decode_versioned(v.value()).map_err(|e| corrupt("content", e))?;
+        if died > at {
+            return Ok(Some((k.value().1, decode_chunk_list_body(body)?)));
+        }
+    }
+    Ok(None)
+}
 
 /// The live chunk list of a file: (born, chunks).
 pub fn live_content(
     t: &impl ReadableTable<(u64, u64), &'static [u8]>,
     ino: u64,
 ) -> Result<Option<(u64, Vec<ChunkRef>)>> {
-    let mut it = t.range((ino, 0)..=(ino, u64::MAX))?;
-    if let Some(row) = it.next_back() {
-        let (k, v) = row?;
-        let (died, body) =
-            format::decode_versioned(v.value()).map_err(|e| corrupt("content", e))?;
-        if died == format::LIVE {
-            let list = decode_chunk_list_body(body)?;
-            return Ok(Some((k.value().1, list)));
-        }
-    }
-    Ok(None)
+    content_at(t, ino, NOW)
 }
 
 fn decode_chunk_list_body(body: &[u8]) -> Result<Vec<ChunkRef>> {
     format::decode_chunk_list(body).map_err(|e| corrupt("content", e))
 }
 
-/// Replaces (or with `None`, ends) a file's live chunk list. Returns the old
-/// list when its references are no longer held by any version (changed in
-/// place), so the caller drops them in the same commit.
-pub fn write_content(
-    t: &mut Contents<'_>,
-    g: Gens,
-    ino: u64,
-    new: Option<&[ChunkRef]>,
-) -> Result<Option<Vec<ChunkRef>>> {
-    let (born, freed) = match live_content(t, ino)? {
-        Some((born, old)) if g.in_place(born) => {
-            t.remove((ino, born))?;
-            (g.current, Some(old))
-        }
-        Some((born, old)) => {
-            let enc = format::encode_chunk_list(&old);
-            t.insert(
-                (ino, born),
-                format::encode_versioned(g.current, &enc).as_slice(),
-            )?;
-            (g.current, None)
-        }
-        None => (g.current, None),
-    };
-    if let Some(list) = new {
-        let enc = format::encode_chunk_list(list);
-        t.insert(
-            (ino, born),
-            format::encode_versioned(format::LIVE, &enc).as_slice(),
-        )?;
+// ------------------------------------------------------------ versioned writes
+
+/// The versioned tables of one write transaction, with the generation rule
+/// of design decision 5 in one place: a record born after the newest
+/// snapshot changes in place; an older one is ended at G and a new version
+/// is born at G, and the change log notes (G, record).
+pub struct Versioned<'t> {
+    pub g: Gens,
+    pub inodes: Inodes<'t>,
+    pub dirents: Dirents<'t>,
+    pub xattrs: Xattrs<'t>,
+    pub contents: Contents<'t>,
+    pub changes: Changes<'t>,
+}
+
+impl<'t> Versioned<'t> {
+    pub fn open(tx: &'t redb::WriteTransaction, g: Gens) -> Result<Versioned<'t>> {
+        Ok(Versioned {
+            g,
+            inodes: tx.open_table(INODES)?,
+            dirents: tx.open_table(DIRENTS)?,
+            xattrs: tx.open_table(XATTRS)?,
+            contents: tx.open_table(CONTENTS)?,
+            changes: tx.open_table(CHANGES)?,
+        })
     }
-    Ok(freed)
+
+    /// Notes that generation G changed a record. Nothing needs the log
+    /// while no snapshot exists.
+    fn log(&mut self, rec: Rec, id: u64, name: &[u8]) -> Result<()> {
+        if self.g.last_snap != 0 {
+            self.changes
+                .insert((self.g.current, rec as u8, id, name), ())?;
+        }
+        Ok(())
+    }
+
+    /// Writes the live version of an inode.
+    pub fn write_inode(&mut self, ino: u64, rec: &format::InodeRec) -> Result<()> {
+        let born = match live_inode(&self.inodes, ino)? {
+            Some((born, _)) if self.g.in_place(born) => born,
+            Some((born, mut old)) => {
+                old.died = self.g.current;
+                self.inodes.insert((ino, born), old.encode().as_slice())?;
+                self.log(Rec::Inode, ino, &[])?;
+                self.g.current
+            }
+            None => {
+                self.log(Rec::Inode, ino, &[])?;
+                self.g.current
+            }
+        };
+        let mut rec = rec.clone();
+        rec.died = format::LIVE;
+        self.inodes.insert((ino, born), rec.encode().as_slice())?;
+        Ok(())
+    }
+
+    /// Ends the live version of an inode.
+    pub fn remove_inode(&mut self, ino: u64) -> Result<()> {
+        if let Some((born, mut old)) = live_inode(&self.inodes, ino)? {
+            if self.g.in_place(born) {
+                self.inodes.remove((ino, born))?;
+            } else {
+                old.died = self.g.current;
+                self.inodes.insert((ino, born), old.encode().as_slice())?;
+                self.log(Rec::Inode, ino, &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_dirent(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        ino: u64,
+        kind: format::Kind,
+    ) -> Result<()> {
+        let born = match lookup_dirent(&self.dirents, parent, name)? {
+            Some((born, _)) if self.g.in_place(born) => born,
+            Some((born, mut old)) => {
+                old.died = self.g.current;
+                self.dirents
+                    .insert((parent, name, born), old.encode().as_slice())?;
+                self.log(Rec::Dirent, parent, name)?;
+                self.g.current
+            }
+            None => {
+                self.log(Rec::Dirent, parent, name)?;
+                self.g.current
+            }
+        };
+        let d = format::DirentVal {
+            died: format::LIVE,
+            ino,
+            kind,
+        };
+        self.dirents
+            .insert((parent, name, born), d.encode().as_slice())?;
+        Ok(())
+    }
+
+    pub fn remove_dirent(&mut self, parent: u64, name: &[u8]) -> Result<()> {
+        if let Some((born, mut old)) = lookup_dirent(&self.dirents, parent, name)? {
+            if self.g.in_place(born) {
+                self.dirents.remove((parent, name, born))?;
+            } else {
+                old.died = self.g.current;
+                self.dirents
+                    .insert((parent, name, born), old.encode().as_slice())?;
+                self.log(Rec::Dirent, parent, name)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn set_xattr(&mut self, ino: u64, name: &[u8], value: &[u8]) -> Result<()> {
+        let born = match xattr_at(&self.xattrs, ino, name, NOW)? {
+            Some((born, _)) if self.g.in_place(born) => born,
+            Some((born, old)) => {
+                let enc = format::encode_versioned(self.g.current, &old);
+                self.xattrs.insert((ino, name, born), enc.as_slice())?;
+                self.log(Rec::Xattr, ino, name)?;
+                self.g.current
+            }
+            None => {
+                self.log(Rec::Xattr, ino, name)?;
+                self.g.current
+            }
+        };
+        let enc = format::encode_versioned(format::LIVE, value);
+        self.xattrs.insert((ino, name, born), enc.as_slice())?;
+        Ok(())
+    }
+
+    /// Returns whether the attribute existed.
+    pub fn remove_xattr(&mut self, ino: u64, name: &[u8]) -> Result<bool> {
+        match xattr_at(&self.xattrs, ino, name, NOW)? {
+            None => Ok(false),
+            Some((born, old)) => {
+                if self.g.in_place(born) {
+                    self.xattrs.remove((ino, name, born))?;
+                } else {
+                    let enc = format::encode_versioned(self.g.current, &old);
+                    self.xattrs.insert((ino, name, born), enc.as_slice())?;
+                    self.log(Rec::Xattr, ino, name)?;
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Replaces (or with `None`, ends) a file's live chunk list. Returns the
+    /// old list when its references are no longer held by any version
+    /// (changed in place), so the caller drops them in the same commit.
+    pub fn write_content(
+        &mut self,
+        ino: u64,
+        new: Option<&[ChunkRef]>,
+    ) -> Result<Option<Vec<ChunkRef>>> {
+        let freed = match live_content(&self.contents, ino)? {
+            Some((born, old)) if self.g.in_place(born) => {
+                self.contents.remove((ino, born))?;
+                Some(old)
+            }
+            Some((born, old)) => {
+                let enc = format::encode_chunk_list(&old);
+                self.contents.insert(
+                    (ino, born),
+                    format::encode_versioned(self.g.current, &enc).as_slice(),
+                )?;
+                self.log(Rec::Content, ino, &[])?;
+                None
+            }
+            None => {
+                if new.is_some() {
+                    self.log(Rec::Content, ino, &[])?;
+                }
+                None
+            }
+        };
+        if let Some(list) = new {
+            let enc = format::encode_chunk_list(list);
+            self.contents.insert(
+                (ino, self.g.current),
+                format::encode_versioned(format::LIVE, &enc).as_slice(),
+            )?;
+        }
+        Ok(freed)
+    }
 }
 
 /// Every chunk reference the filesystem's content versions hold.

@@ -331,10 +331,7 @@ impl Volume {
             let st = tx.open_table(meta::STATE).map_err(store::Error::from)?;
             let g = Gens::load(&st)?;
             let mut m = MetaTx {
-                g,
-                inodes: tx.open_table(meta::INODES).map_err(store::Error::from)?,
-                dirents: tx.open_table(meta::DIRENTS).map_err(store::Error::from)?,
-                xattrs: tx.open_table(meta::XATTRS).map_err(store::Error::from)?,
+                t: meta::Versioned::open(&tx, g)?,
                 orphans: tx.open_table(meta::ORPHANS).map_err(store::Error::from)?,
                 state: st,
             };
@@ -475,7 +472,7 @@ impl Volume {
         check_name(name)?;
         let (ino, rec) = self.meta_write(Space::Grows, |m| {
             let mut p = m.dir(parent)?;
-            if meta::lookup_dirent(&m.dirents, parent, name)?.is_some() {
+            if meta::lookup_dirent(&m.t.dirents, parent, name)?.is_some() {
                 return Err(Error::Errno(libc::EEXIST));
             }
             let ino = meta::alloc_ino(&mut m.state)?;
@@ -507,15 +504,17 @@ impl Volume {
                 ctime: now,
                 btime: now,
                 content,
+                parent,
+                name: name.to_vec(),
             };
-            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
-            meta::write_dirent(&mut m.dirents, m.g, parent, name, ino, kind)?;
+            m.t.write_inode(ino, &rec)?;
+            m.t.write_dirent(parent, name, ino, kind)?;
             if kind == Kind::Dir {
                 p.nlink += 1;
             }
             p.mtime = now;
             p.ctime = now;
-            meta::write_inode(&mut m.inodes, m.g, parent, &p)?;
+            m.t.write_inode(parent, &p)?;
             Ok((ino, rec))
         })?;
         Ok(self.attr_of(ino, &rec))
@@ -529,17 +528,19 @@ impl Volume {
             if rec.kind == Kind::Dir {
                 return Err(Error::Errno(libc::EPERM));
             }
-            if meta::lookup_dirent(&m.dirents, parent, name)?.is_some() {
+            if meta::lookup_dirent(&m.t.dirents, parent, name)?.is_some() {
                 return Err(Error::Errno(libc::EEXIST));
             }
             let now = Timespec::now();
             rec.nlink += 1;
             rec.ctime = now;
-            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
-            meta::write_dirent(&mut m.dirents, m.g, parent, name, ino, rec.kind)?;
+            rec.parent = parent;
+            rec.name = name.to_vec();
+            m.t.write_inode(ino, &rec)?;
+            m.t.write_dirent(parent, name, ino, rec.kind)?;
             p.mtime = now;
             p.ctime = now;
-            meta::write_inode(&mut m.inodes, m.g, parent, &p)?;
+            m.t.write_inode(parent, &p)?;
             Ok(rec)
         })?;
         Ok(self.attr_of(ino, &rec))
@@ -551,17 +552,17 @@ impl Volume {
         check_name(name)?;
         self.meta_write(Space::Frees, |m| {
             let mut p = m.dir(parent)?;
-            let (_, ent) =
-                meta::lookup_dirent(&m.dirents, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
+            let (_, ent) = meta::lookup_dirent(&m.t.dirents, parent, name)?
+                .ok_or(Error::Errno(libc::ENOENT))?;
             if ent.kind == Kind::Dir {
                 return Err(Error::Errno(libc::EISDIR));
             }
-            meta::remove_dirent(&mut m.dirents, m.g, parent, name)?;
+            m.t.remove_dirent(parent, name)?;
             m.drop_link(ent.ino, false)?;
             let now = Timespec::now();
             p.mtime = now;
             p.ctime = now;
-            meta::write_inode(&mut m.inodes, m.g, parent, &p)?;
+            m.t.write_inode(parent, &p)?;
             Ok(())
         })?;
         self.send(Msg::Reap);
@@ -578,21 +579,21 @@ impl Volume {
         }
         self.meta_write(Space::Frees, |m| {
             let mut p = m.dir(parent)?;
-            let (_, ent) =
-                meta::lookup_dirent(&m.dirents, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
+            let (_, ent) = meta::lookup_dirent(&m.t.dirents, parent, name)?
+                .ok_or(Error::Errno(libc::ENOENT))?;
             if ent.kind != Kind::Dir {
                 return Err(Error::Errno(libc::ENOTDIR));
             }
-            if !meta::list_dir(&m.dirents, ent.ino, Some(1))?.is_empty() {
+            if !meta::list_dir(&m.t.dirents, ent.ino, Some(1))?.is_empty() {
                 return Err(Error::Errno(libc::ENOTEMPTY));
             }
-            meta::remove_dirent(&mut m.dirents, m.g, parent, name)?;
+            m.t.remove_dirent(parent, name)?;
             m.drop_link(ent.ino, true)?;
             let now = Timespec::now();
             p.nlink = p.nlink.saturating_sub(1);
             p.mtime = now;
             p.ctime = now;
-            meta::write_inode(&mut m.inodes, m.g, parent, &p)?;
+            m.t.write_inode(parent, &p)?;
             Ok(())
         })?;
         self.send(Msg::Reap);
@@ -616,16 +617,16 @@ impl Volume {
         }
         self.meta_write(Space::Grows, |m| {
             let now = Timespec::now();
-            let (_, src) =
-                meta::lookup_dirent(&m.dirents, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
-            let dst = meta::lookup_dirent(&m.dirents, newparent, newname)?.map(|(_, d)| d);
+            let (_, src) = meta::lookup_dirent(&m.t.dirents, parent, name)?
+                .ok_or(Error::Errno(libc::ENOENT))?;
+            let dst = meta::lookup_dirent(&m.t.dirents, newparent, newname)?.map(|(_, d)| d);
             if parent == newparent && name == newname {
                 return Ok(());
             }
             if flags & EXCHANGE != 0 {
                 let dst = dst.ok_or(Error::Errno(libc::ENOENT))?;
-                meta::write_dirent(&mut m.dirents, m.g, parent, name, dst.ino, dst.kind)?;
-                meta::write_dirent(&mut m.dirents, m.g, newparent, newname, src.ino, src.kind)?;
+                m.t.write_dirent(parent, name, dst.ino, dst.kind)?;
+                m.t.write_dirent(newparent, newname, src.ino, src.kind)?;
                 if parent != newparent && (src.kind == Kind::Dir) != (dst.kind == Kind::Dir) {
                     let (gain, lose) = if src.kind == Kind::Dir {
                         (newparent, parent)
@@ -635,10 +636,12 @@ impl Volume {
                     m.adjust_nlink(gain, 1)?;
                     m.adjust_nlink(lose, -1)?;
                 }
-                for ino in [src.ino, dst.ino] {
+                for (ino, p, n) in [(src.ino, newparent, newname), (dst.ino, parent, name)] {
                     let mut r = m.inode(ino)?;
                     r.ctime = now;
-                    meta::write_inode(&mut m.inodes, m.g, ino, &r)?;
+                    r.parent = p;
+                    r.name = n.to_vec();
+                    m.t.write_inode(ino, &r)?;
                 }
             } else {
                 if let Some(d) = dst {
@@ -653,7 +656,7 @@ impl Volume {
                         (true, false) => return Err(Error::Errno(libc::ENOTDIR)),
                         (false, true) => return Err(Error::Errno(libc::EISDIR)),
                         (true, true) => {
-                            if !meta::list_dir(&m.dirents, d.ino, Some(1))?.is_empty() {
+                            if !meta::list_dir(&m.t.dirents, d.ino, Some(1))?.is_empty() {
                                 return Err(Error::Errno(libc::ENOTEMPTY));
                             }
                             m.adjust_nlink(newparent, -1)?;
@@ -662,21 +665,23 @@ impl Volume {
                     }
                     m.drop_link(d.ino, d.kind == Kind::Dir)?;
                 }
-                meta::remove_dirent(&mut m.dirents, m.g, parent, name)?;
-                meta::write_dirent(&mut m.dirents, m.g, newparent, newname, src.ino, src.kind)?;
+                m.t.remove_dirent(parent, name)?;
+                m.t.write_dirent(newparent, newname, src.ino, src.kind)?;
                 if src.kind == Kind::Dir && parent != newparent {
                     m.adjust_nlink(parent, -1)?;
                     m.adjust_nlink(newparent, 1)?;
                 }
                 let mut r = m.inode(src.ino)?;
                 r.ctime = now;
-                meta::write_inode(&mut m.inodes, m.g, src.ino, &r)?;
+                r.parent = newparent;
+                r.name = newname.to_vec();
+                m.t.write_inode(src.ino, &r)?;
             }
             for p in [parent, newparent] {
                 let mut r = m.inode(p)?;
                 r.mtime = now;
                 r.ctime = now;
-                meta::write_inode(&mut m.inodes, m.g, p, &r)?;
+                m.t.write_inode(p, &r)?;
             }
             Ok(())
         })?;
@@ -762,7 +767,7 @@ impl Volume {
                 rec.mtime = now;
             }
             rec.ctime = s.ctime.unwrap_or(now);
-            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
+            m.t.write_inode(ino, &rec)?;
             Ok(rec)
         })?;
         if let Some(st) = guard.as_mut() {
@@ -783,16 +788,16 @@ impl Volume {
         check_xattr_name(name)?;
         self.meta_write(Space::Grows, |m| {
             let mut rec = m.inode(ino)?;
-            let exists = meta::get_xattr(&m.xattrs, ino, name)?.is_some();
+            let exists = meta::get_xattr(&m.t.xattrs, ino, name)?.is_some();
             if flags & libc::XATTR_CREATE != 0 && exists {
                 return Err(Error::Errno(libc::EEXIST));
             }
             if flags & libc::XATTR_REPLACE != 0 && !exists {
                 return Err(Error::Errno(libc::ENODATA));
             }
-            meta::set_xattr(&mut m.xattrs, m.g, ino, name, value)?;
+            m.t.set_xattr(ino, name, value)?;
             rec.ctime = Timespec::now();
-            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
+            m.t.write_inode(ino, &rec)?;
             Ok(())
         })
     }
@@ -820,11 +825,11 @@ impl Volume {
         check_xattr_name(name)?;
         self.meta_write(Space::Frees, |m| {
             let mut rec = m.inode(ino)?;
-            if !meta::remove_xattr(&mut m.xattrs, m.g, ino, name)? {
+            if !m.t.remove_xattr(ino, name)? {
                 return Err(Error::Errno(libc::ENODATA));
             }
             rec.ctime = Timespec::now();
-            meta::write_inode(&mut m.inodes, m.g, ino, &rec)?;
+            m.t.write_inode(ino, &rec)?;
             Ok(())
         })
     }
@@ -847,7 +852,11 @@ impl Volume {
             },
             DirEntry {
                 name: b"..".to_vec(),
-                ino: meta::ROOT_INO,
+                ino: if rec.parent == 0 {
+                    meta::ROOT_INO
+                } else {
+                    rec.parent
+                },
                 kind: Kind::Dir,
             },
         ];
@@ -1511,22 +1520,21 @@ impl Volume {
             {
                 let mut st = tx.open_table(meta::STATE)?;
                 let g = Gens::load(&st)?;
-                let mut contents = tx.open_table(meta::CONTENTS)?;
-                let mut inodes = tx.open_table(meta::INODES)?;
+                let mut t = meta::Versioned::open(&tx, g)?;
                 for (i, (ino, _, view, new)) in built_ref.iter().enumerate() {
                     if !live_ref[i] {
                         continue;
                     }
-                    let Some((_, mut rec)) = meta::live_inode(&inodes, *ino)? else {
+                    let Some((_, mut rec)) = meta::live_inode(&t.inodes, *ino)? else {
                         continue;
                     };
                     match new {
                         NewContent::Chunked(list) => {
-                            meta::write_content(&mut contents, g, *ino, Some(list))?;
+                            t.write_content(*ino, Some(list))?;
                             rec.content = Content::Chunked;
                         }
                         NewContent::Inline(b) => {
-                            meta::write_content(&mut contents, g, *ino, None)?;
+                            t.write_content(*ino, None)?;
                             rec.content = if b.is_empty() {
                                 Content::Empty
                             } else {
@@ -1537,7 +1545,7 @@ impl Volume {
                     rec.size = view.size;
                     rec.mtime = view.mtime;
                     rec.ctime = rec.ctime.max(view.ctime);
-                    meta::write_inode(&mut inodes, g, *ino, &rec)?;
+                    t.write_inode(*ino, &rec)?;
                 }
                 if let Some(r) = ref_seq {
                     st.insert("ref_seq", r)?;
@@ -1680,15 +1688,13 @@ impl Volume {
             {
                 let mut st = tx.open_table(meta::STATE)?;
                 let g = Gens::load(&st)?;
-                let mut contents = tx.open_table(meta::CONTENTS)?;
-                let mut inodes = tx.open_table(meta::INODES)?;
-                let mut xattrs = tx.open_table(meta::XATTRS)?;
+                let mut t = meta::Versioned::open(&tx, g)?;
                 let mut orphans = tx.open_table(meta::ORPHANS)?;
                 for ino in &doomed {
-                    meta::write_content(&mut contents, g, *ino, None)?;
-                    meta::remove_inode(&mut inodes, g, *ino)?;
-                    for name in meta::list_xattrs(&xattrs, *ino)? {
-                        meta::remove_xattr(&mut xattrs, g, *ino, &name)?;
+                    t.write_content(*ino, None)?;
+                    t.remove_inode(*ino)?;
+                    for name in meta::list_xattrs(&t.xattrs, *ino)? {
+                        t.remove_xattr(*ino, &name)?;
                     }
                     orphans.remove(*ino)?;
                 }
@@ -1804,17 +1810,14 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
 
 /// The tables of one meta write transaction.
 struct MetaTx<'t> {
-    g: Gens,
-    inodes: meta::Inodes<'t>,
-    dirents: meta::Dirents<'t>,
-    xattrs: meta::Xattrs<'t>,
+    t: meta::Versioned<'t>,
     orphans: redb::Table<'t, u64, u64>,
     state: redb::Table<'t, &'static str, u64>,
 }
 
 impl MetaTx<'_> {
     fn inode(&self, ino: u64) -> Result<InodeRec> {
-        meta::live_inode(&self.inodes, ino)?
+        meta::live_inode(&self.t.inodes, ino)?
             .map(|(_, r)| r)
             .ok_or(Error::Errno(libc::ENOENT))
     }
@@ -1830,7 +1833,7 @@ impl MetaTx<'_> {
     fn adjust_nlink(&mut self, ino: u64, by: i32) -> Result<()> {
         let mut r = self.inode(ino)?;
         r.nlink = (r.nlink as i64 + by as i64).max(0) as u32;
-        Ok(meta::write_inode(&mut self.inodes, self.g, ino, &r)?)
+        Ok(self.t.write_inode(ino, &r)?)
     }
 
     /// One name of `ino` is gone; at zero links it becomes an orphan.
@@ -1838,10 +1841,10 @@ impl MetaTx<'_> {
         let mut r = self.inode(ino)?;
         r.nlink = if is_dir { 0 } else { r.nlink.saturating_sub(1) };
         r.ctime = Timespec::now();
-        meta::write_inode(&mut self.inodes, self.g, ino, &r)?;
+        self.t.write_inode(ino, &r)?;
         if r.nlink == 0 {
             self.orphans
-                .insert(ino, self.g.current)
+                .insert(ino, self.t.g.current)
                 .map_err(store::Error::from)?;
         }
         Ok(())
