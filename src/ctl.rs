@@ -41,22 +41,25 @@ impl Server {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("ctl".into())
             .spawn(move || {
-                while !stop2.load(Ordering::Relaxed) {
-                    match listener.accept() {
+                // Blocking accept: Drop wakes it with a connection of its
+                // own. (Polling every 50 ms put up to 50 ms on every
+                // snapctl call, a whole snapshot's budget.)
+                loop {
+                    let accepted = listener.accept();
+                    if stop2.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match accepted {
                         Ok((conn, _)) => {
                             let h = handler.clone();
                             let _ = std::thread::Builder::new()
                                 .name("ctl-conn".into())
                                 .spawn(move || serve(conn, &*h));
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50));
                         }
                         Err(e) => {
                             log::error!("control socket: {e}");
@@ -76,6 +79,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -129,6 +133,62 @@ pub fn call(store: &Path, cmd: &str, args: Value) -> Result<Value, String> {
             .unwrap_or("unknown error")
             .to_string())
     }
+}
+
+/// The mounts of dedupfs stores: (mountpoint, store), from the mount
+/// table (our FSName is the store's absolute path).
+pub fn dedupfs_mounts() -> Vec<(PathBuf, PathBuf)> {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return Vec::new();
+    };
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let src = f.next()?;
+            let mnt = f.next()?;
+            let fstype = f.next()?;
+            if fstype != "fuse" && fstype != "fuse.dedupfs" {
+                return None;
+            }
+            let store = PathBuf::from(unescape(src));
+            crate::store::is_store(&store).then(|| (PathBuf::from(unescape(mnt)), store))
+        })
+        .collect()
+}
+
+/// The store mounted at `mountpoint`.
+pub fn store_of_mount(mountpoint: &Path) -> Option<PathBuf> {
+    let target = std::fs::canonicalize(mountpoint).ok()?;
+    dedupfs_mounts()
+        .into_iter()
+        .find(|(m, _)| *m == target)
+        .map(|(_, s)| s)
+}
+
+/// The dedupfs mount that contains `path` (the deepest one): (mountpoint,
+/// store).
+pub fn mount_containing(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let p = std::fs::canonicalize(path).ok()?;
+    dedupfs_mounts()
+        .into_iter()
+        .filter(|(m, _)| p.starts_with(m))
+        .max_by_key(|(m, _)| m.as_os_str().len())
+}
+
+/// Where `store` is mounted, if it is.
+pub fn mountpoint_of_store(store: &Path) -> Option<PathBuf> {
+    let s = std::fs::canonicalize(store).ok()?;
+    dedupfs_mounts()
+        .into_iter()
+        .find(|(_, st)| *st == s)
+        .map(|(m, _)| m)
 }
 
 #[cfg(test)]

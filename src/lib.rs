@@ -4,8 +4,9 @@
 //! `format` (persisted types) -> `chunker` -> `store` (packs + chunk index)
 //! -> `meta` (records that hold references) -> `repo` (orders store and meta
 //! commits, fsck, stats) -> `fs` (the live filesystem and its fuser layer)
-//! -> `ctl` (the daemon's control socket) -> the `dedupfs` binary (a thin
-//! CLI).
+//! -> `snapcmd` (snapctl's operations and the retention policy) -> `ctl`
+//! (the daemon's control socket) -> the `dedupfs` and `snapctl` binaries
+//! (thin CLIs).
 #![forbid(unsafe_code)]
 
 pub mod chunker;
@@ -14,6 +15,7 @@ pub mod format;
 pub mod fs;
 pub mod meta;
 pub mod repo;
+pub mod snapcmd;
 pub mod store;
 
 /// Progress of a long operation; the CLI draws it, the library only reports.

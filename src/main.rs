@@ -342,7 +342,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threads,
         } => return mount(&store, &mountpoint, foreground, &options, threads),
         Cmd::Umount { mountpoint } => {
-            let store = mount_source(&mountpoint);
+            let store = dedupfs::ctl::store_of_mount(&mountpoint);
             let ok = std::process::Command::new("fusermount3")
                 .arg("-u")
                 .arg(&mountpoint)
@@ -509,22 +509,6 @@ fn via_daemon<T: serde::de::DeserializeOwned>(store: &Path, cmd: &str) -> anyhow
     Ok(serde_json::from_value(v)?)
 }
 
-/// The store mounted at `mountpoint` (our FSName is its absolute path).
-fn mount_source(mountpoint: &Path) -> Option<PathBuf> {
-    let target = std::fs::canonicalize(mountpoint).ok()?;
-    let want = target.to_string_lossy().replace(' ', "\\040");
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split(' ');
-        let src = f.next()?;
-        let mnt = f.next()?;
-        let fstype = f.next()?;
-        (mnt == want && (fstype == "fuse" || fstype == "fuse.dedupfs"))
-            .then(|| PathBuf::from(src.replace("\\040", " ")))
-            .filter(|p| dedupfs::store::is_store(p))
-    })
-}
-
 /// Log lines go to the store's log file, and to stderr in the foreground.
 struct Tee {
     file: Option<std::fs::File>,
@@ -613,6 +597,7 @@ fn mount(
         .ok();
     let mut config = Config::default();
     let mut read_only = false;
+    let mut show_snapdir = false;
     config.mount_options.push(MountOption::FSName(
         std::fs::canonicalize(store)?.to_string_lossy().into_owned(),
     ));
@@ -636,17 +621,37 @@ fn mount(
             "exec" => config.mount_options.push(MountOption::Exec),
             "noexec" => config.mount_options.push(MountOption::NoExec),
             "noatime" => config.mount_options.push(MountOption::NoAtime),
+            "snapdir=visible" => show_snapdir = true,
+            "snapdir=hidden" => show_snapdir = false,
             other => log::warn!("ignoring mount option '{other}'"),
         }
     }
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
     let vol = dedupfs::fs::volume::Volume::start(repo, read_only, 2)?;
+    vol.show_snapdir(show_snapdir);
     let mut session =
         fuser::Session::new(dedupfs::fs::DedupFs::new(vol.clone()), mountpoint, &config)?;
+    let notifier = session.notifier();
+    vol.set_invalidator(Box::new(move |what| {
+        use dedupfs::fs::volume::Invalidate;
+        use std::os::unix::ffi::OsStrExt;
+        let r = match what {
+            Invalidate::Inode(ino) => notifier.inval_inode(fuser::INodeNo(ino), 0, 0),
+            Invalidate::Entry(parent, name) => {
+                notifier.inval_entry(fuser::INodeNo(parent), std::ffi::OsStr::from_bytes(&name))
+            }
+        };
+        // ENOENT: the kernel had nothing cached; nothing to do.
+        if let Err(e) = r
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            log::debug!("cache invalidation: {e}");
+        }
+    }));
     let handler_vol = vol.clone();
     let handler: std::sync::Arc<dedupfs::ctl::Handler> =
-        std::sync::Arc::new(move |cmd: &str, _args: &serde_json::Value| match cmd {
+        std::sync::Arc::new(move |cmd: &str, args: &serde_json::Value| match cmd {
             "stats" => handler_vol
                 .repo()
                 .stats()
@@ -656,9 +661,11 @@ fn mount(
                 .quiesced(|repo| repo.fsck(&dedupfs::NoProgress))
                 .map_err(|e| e.to_string())
                 .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
+            dedupfs::snapcmd::CTL_COMMAND => dedupfs::snapcmd::handle(&handler_vol, args),
             other => Err(format!("unknown command '{other}'")),
         });
     let _ctl = dedupfs::ctl::Server::start(store, handler)?;
+    let _timer = dedupfs::snapcmd::start_policy_timer(&vol)?;
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,

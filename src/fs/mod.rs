@@ -31,6 +31,9 @@ pub enum Error {
     Errno(i32),
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// A refused snapshot operation, with the snapshot and the reason.
+    #[error("{0}")]
+    Snap(String),
 }
 
 impl Error {
@@ -45,6 +48,7 @@ impl Error {
                 store::Error::Locked(_) => libc::EBUSY,
                 _ => libc::EIO,
             },
+            Error::Snap(_) => libc::EINVAL,
         }
     }
 }

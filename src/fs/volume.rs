@@ -30,6 +30,12 @@ use crate::meta::{self, Gens};
 use crate::repo::Repo;
 use crate::store::{self, Batch};
 
+mod snap;
+pub use snap::{
+    DeleteReport, DiffEntry, Invalidate, RestoreReport, RollbackReport, SNAPDIR_INO, SNAPDIR_NAME,
+    SnapInfo, SnapRec, is_snap_ino, load_snaps, validate_name,
+};
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Content at most this long lives in the inode record.
@@ -153,7 +159,13 @@ pub struct Volume {
     failed: AtomicBool,
     /// Last free-space reading of the store's disk and when it was taken.
     free_space: Mutex<Option<(std::time::Instant, u64)>>,
+    snaps: snap::SnapState,
+    /// Tells the kernel to forget cached entries and pages (set by the
+    /// fuser layer once a session exists).
+    invalidator: Mutex<Option<Invalidator>>,
 }
+
+pub type Invalidator = Box<dyn Fn(Invalidate) + Send + Sync>;
 
 fn io_err(context: &str, e: io::Error) -> Error {
     Error::Store(store::Error::io(context, e))
@@ -194,6 +206,8 @@ impl Volume {
             retry_ingest: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             free_space: Mutex::new(None),
+            snaps: snap::SnapState::default(),
+            invalidator: Mutex::new(None),
         });
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
@@ -218,6 +232,15 @@ impl Volume {
             vol.send(Msg::Reap);
         }
         Ok(vol)
+    }
+
+    pub fn set_invalidator(&self, f: Invalidator) {
+        *self.invalidator.lock() = Some(f);
+    }
+
+    /// Whether readdir of the root lists `.snapshots`.
+    pub fn show_snapdir(&self, yes: bool) {
+        self.snaps.visible.store(yes, Ordering::Relaxed);
     }
 
     pub fn repo(&self) -> &Repo {
@@ -433,11 +456,20 @@ impl Volume {
     // ------------------------------------------------------------ lookups
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        if is_snap_ino(ino) {
+            return self.snap_getattr(ino);
+        }
         let rec = self.read_inode(ino)?;
         Ok(self.attr_of(ino, &rec))
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        if is_snap_ino(parent) {
+            return self.snap_lookup(parent, name);
+        }
+        if parent == meta::ROOT_INO && name == SNAPDIR_NAME {
+            return self.snapdir_attr();
+        }
         check_name(name)?;
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
@@ -448,6 +480,9 @@ impl Volume {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        if is_snap_ino(ino) {
+            return self.snap_readlink(ino);
+        }
         let rec = self.read_inode(ino)?;
         match (rec.kind, rec.content) {
             (Kind::Symlink, Content::Inline(t)) => Ok(t),
@@ -470,6 +505,7 @@ impl Volume {
         target: Option<&[u8]>,
     ) -> Result<Attr> {
         check_name(name)?;
+        refuse_snap_name(parent, name, libc::EEXIST)?;
         let (ino, rec) = self.meta_write(Space::Grows, |m| {
             let mut p = m.dir(parent)?;
             if meta::lookup_dirent(&m.t.dirents, parent, name)?.is_some() {
@@ -521,6 +557,8 @@ impl Volume {
     }
 
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr> {
+        refuse_snap(ino)?;
+        refuse_snap_name(parent, name, libc::EEXIST)?;
         check_name(name)?;
         let rec = self.meta_write(Space::Grows, |m| {
             let mut p = m.dir(parent)?;
@@ -534,8 +572,6 @@ impl Volume {
             let now = Timespec::now();
             rec.nlink += 1;
             rec.ctime = now;
-            rec.parent = parent;
-            rec.name = name.to_vec();
             m.t.write_inode(ino, &rec)?;
             m.t.write_dirent(parent, name, ino, rec.kind)?;
             p.mtime = now;
@@ -549,6 +585,7 @@ impl Volume {
     // ------------------------------------------------------------ removal
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        refuse_snap_name(parent, name, libc::EROFS)?;
         check_name(name)?;
         self.meta_write(Space::Frees, |m| {
             let mut p = m.dir(parent)?;
@@ -570,6 +607,7 @@ impl Volume {
     }
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        refuse_snap_name(parent, name, libc::EROFS)?;
         check_name(name)?;
         if name == b"." {
             return Err(Error::Errno(libc::EINVAL));
@@ -610,6 +648,11 @@ impl Volume {
     ) -> Result<()> {
         check_name(name)?;
         check_name(newname)?;
+        if is_snap_ino(parent) != is_snap_ino(newparent) {
+            return Err(Error::Errno(libc::EXDEV));
+        }
+        refuse_snap_name(parent, name, libc::EROFS)?;
+        refuse_snap_name(newparent, newname, libc::EROFS)?;
         const NOREPLACE: u32 = 1;
         const EXCHANGE: u32 = 2;
         if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
@@ -692,6 +735,7 @@ impl Volume {
     // ------------------------------------------------------------ attributes
 
     pub fn setattr(&self, who: Caller, ino: u64, s: &SetAttr) -> Result<Attr> {
+        refuse_snap(ino)?;
         // Decide on space before touching staging, so a refused truncate
         // changes nothing. Cutting a file frees space; anything else may
         // grow the metadata.
@@ -785,6 +829,7 @@ impl Volume {
     // ------------------------------------------------------------ xattrs
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        refuse_snap(ino)?;
         check_xattr_name(name)?;
         self.meta_write(Space::Grows, |m| {
             let mut rec = m.inode(ino)?;
@@ -803,6 +848,10 @@ impl Volume {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        if is_snap_ino(ino) {
+            check_xattr_name(name)?;
+            return self.snap_getxattr(ino, name);
+        }
         check_xattr_name(name)?;
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
@@ -810,6 +859,9 @@ impl Volume {
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        if is_snap_ino(ino) {
+            return self.snap_listxattr(ino);
+        }
         self.read_inode(ino)?;
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
@@ -822,6 +874,7 @@ impl Volume {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        refuse_snap(ino)?;
         check_xattr_name(name)?;
         self.meta_write(Space::Frees, |m| {
             let mut rec = m.inode(ino)?;
@@ -837,6 +890,12 @@ impl Volume {
     // ------------------------------------------------------------ dirs
 
     pub fn opendir(&self, ino: u64) -> Result<u64> {
+        if is_snap_ino(ino) {
+            let entries = self.snap_entries(ino)?;
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            self.dirs.lock().insert(fh, Arc::new(entries));
+            return Ok(fh);
+        }
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
         let (_, rec) = meta::live_inode(&t, ino)?.ok_or(Error::Errno(libc::ENOENT))?;
@@ -860,6 +919,13 @@ impl Volume {
                 kind: Kind::Dir,
             },
         ];
+        if ino == meta::ROOT_INO && self.snaps.visible.load(Ordering::Relaxed) {
+            entries.push(DirEntry {
+                name: SNAPDIR_NAME.to_vec(),
+                ino: SNAPDIR_INO,
+                kind: Kind::Dir,
+            });
+        }
         for (name, v) in meta::list_dir(&d, ino, None)? {
             entries.push(DirEntry {
                 name,
@@ -888,6 +954,23 @@ impl Volume {
 
     /// Opens a file; returns a handle.
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        if is_snap_ino(ino) {
+            let acc = flags & libc::O_ACCMODE;
+            if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+                return Err(Error::Errno(libc::EROFS));
+            }
+            self.snap_getattr(ino)?;
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            self.handles.lock().insert(
+                fh,
+                Handle {
+                    ino,
+                    write: false,
+                    append: false,
+                },
+            );
+            return Ok(fh);
+        }
         let rec = self.read_inode(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
@@ -1064,6 +1147,9 @@ impl Volume {
     }
 
     pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        if is_snap_ino(ino) {
+            return self.snap_read(ino, off, size);
+        }
         if let Some(st) = self.staged_of(ino) {
             let st = st.lock();
             let end = (off + size as u64).min(st.size);
@@ -1306,21 +1392,29 @@ impl Volume {
         if !write {
             return Err(Error::Errno(libc::EBADF));
         }
-        let src = self.read_inode(ino_in)?;
+        let src_content = if is_snap_ino(ino_in) {
+            self.snap_inode(ino_in)?.3.content
+        } else {
+            self.read_inode(ino_in)?.content
+        };
         // A file still being written is bigger (or smaller) than its record.
         let src_size = self.getattr(ino_in)?.size;
         let src_staged = self.staged.lock().contains_key(&ino_in);
         if off_in == 0
             && off_out == 0
             && len >= src_size
-            && src.content == Content::Chunked
+            && src_content == Content::Chunked
             && !src_staged
             && ino_in != ino_out
             && let Some(st) = self.staged_of(ino_out)
         {
             let mut st = st.lock();
             if st.size == 0 {
-                st.base = self.chunk_map(ino_in)?;
+                st.base = if is_snap_ino(ino_in) {
+                    self.snap_chunk_map(ino_in)?
+                } else {
+                    self.chunk_map(ino_in)?
+                };
                 st.base_limit = st.base.len();
                 st.size = st.base.len();
                 st.dirty = RangeSet::default();
@@ -1488,26 +1582,12 @@ impl Volume {
             .zip(guards.iter())
             .map(|(b, g)| g.version == b.2.version && g.writers == 0)
             .collect();
-        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
-        let g = Gens::load(&rt.open_table(meta::STATE).map_err(store::Error::from)?)?;
-        let contents = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
-        let inodes = rt.open_table(meta::INODES).map_err(store::Error::from)?;
-        let mut live = vec![false; built.len()];
-        for (i, (ino, _, _, new)) in built.iter().enumerate() {
-            if !keep[i] || meta::live_inode(&inodes, *ino)?.is_none() {
-                continue;
-            }
-            live[i] = true;
-            if let Some((born, old)) = meta::live_content(&contents, *ino)?
-                && born > g.last_snap
-            {
-                batch.drop_refs(OwnerId::LOCAL, old.iter().map(|c| c.id));
-            }
-            if let NewContent::Chunked(list) = new {
-                batch.add_refs(OwnerId::LOCAL, list.iter().map(|c| c.id));
-            }
-        }
-        drop((contents, inodes, rt));
+        let kept: Vec<(u64, &NewContent)> = built
+            .iter()
+            .zip(&keep)
+            .map(|(b, k)| (if *k { b.0 } else { 0 }, &b.3))
+            .collect();
+        let live = self.queue_content_refs(&mut batch, &kept)?;
         self.check_space(Space::Frees)?;
         // The meta commit below is durable and covers the lazy commits
         // counted before it begins.
@@ -1525,27 +1605,7 @@ impl Volume {
                     if !live_ref[i] {
                         continue;
                     }
-                    let Some((_, mut rec)) = meta::live_inode(&t.inodes, *ino)? else {
-                        continue;
-                    };
-                    match new {
-                        NewContent::Chunked(list) => {
-                            t.write_content(*ino, Some(list))?;
-                            rec.content = Content::Chunked;
-                        }
-                        NewContent::Inline(b) => {
-                            t.write_content(*ino, None)?;
-                            rec.content = if b.is_empty() {
-                                Content::Empty
-                            } else {
-                                Content::Inline(b.clone())
-                            };
-                        }
-                    }
-                    rec.size = view.size;
-                    rec.mtime = view.mtime;
-                    rec.ctime = rec.ctime.max(view.ctime);
-                    t.write_inode(*ino, &rec)?;
+                    commit_content(&mut t, *ino, view, new)?;
                 }
                 if let Some(r) = ref_seq {
                     st.insert("ref_seq", r)?;
@@ -1574,6 +1634,37 @@ impl Volume {
             let _ = fs::remove_file(sidecar_path(&gd.path));
         }
         Ok(again)
+    }
+
+    /// Queues in `batch` the reference changes of giving each file its new
+    /// content (ino 0: skip): the new chunks gain a reference, and the old
+    /// list loses its references when no snapshot holds it (it changes in
+    /// place). Returns which files still have a live inode to commit to.
+    fn queue_content_refs(
+        &self,
+        batch: &mut Batch<'_>,
+        items: &[(u64, &NewContent)],
+    ) -> Result<Vec<bool>> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let g = Gens::load(&rt.open_table(meta::STATE).map_err(store::Error::from)?)?;
+        let contents = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
+        let inodes = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        let mut live = vec![false; items.len()];
+        for (i, (ino, new)) in items.iter().enumerate() {
+            if *ino == 0 || meta::live_inode(&inodes, *ino)?.is_none() {
+                continue;
+            }
+            live[i] = true;
+            if let Some((born, old)) = meta::live_content(&contents, *ino)?
+                && born > g.last_snap
+            {
+                batch.drop_refs(OwnerId::LOCAL, old.iter().map(|c| c.id));
+            }
+            if let NewContent::Chunked(list) = new {
+                batch.add_refs(OwnerId::LOCAL, list.iter().map(|c| c.id));
+            }
+        }
+        Ok(live)
     }
 
     /// The new content of a staged file: inline when small; otherwise the
@@ -1719,6 +1810,37 @@ impl Volume {
     }
 }
 
+/// Gives a file its new content in a meta transaction: the chunk list (or
+/// inline bytes) and the size and times of the view it was built from.
+fn commit_content(
+    t: &mut meta::Versioned<'_>,
+    ino: u64,
+    view: &StagedView,
+    new: &NewContent,
+) -> store::Result<()> {
+    let Some((_, mut rec)) = meta::live_inode(&t.inodes, ino)? else {
+        return Ok(());
+    };
+    match new {
+        NewContent::Chunked(list) => {
+            t.write_content(ino, Some(list))?;
+            rec.content = Content::Chunked;
+        }
+        NewContent::Inline(b) => {
+            t.write_content(ino, None)?;
+            rec.content = if b.is_empty() {
+                Content::Empty
+            } else {
+                Content::Inline(b.clone())
+            };
+        }
+    }
+    rec.size = view.size;
+    rec.mtime = view.mtime;
+    rec.ctime = rec.ctime.max(view.ctime);
+    t.write_inode(ino, &rec)
+}
+
 enum RechunkStop {
     Resynced,
     Store(store::Error),
@@ -1783,6 +1905,24 @@ fn write_sidecar(s: &Staged, sync: bool) -> io::Result<()> {
         fs::write(&tmp, &bytes)?;
         fs::rename(&tmp, &path)
     }
+}
+
+/// Snapshots are read-only.
+fn refuse_snap(ino: u64) -> Result<()> {
+    if is_snap_ino(ino) {
+        return Err(Error::Errno(libc::EROFS));
+    }
+    Ok(())
+}
+
+/// Refuses a change inside a snapshot (EROFS) or to `/.snapshots` itself
+/// (`errno`).
+fn refuse_snap_name(parent: u64, name: &[u8], errno: i32) -> Result<()> {
+    refuse_snap(parent)?;
+    if parent == meta::ROOT_INO && name == SNAPDIR_NAME {
+        return Err(Error::Errno(errno));
+    }
+    Ok(())
 }
 
 fn check_name(name: &[u8]) -> Result<()> {

@@ -1,0 +1,1589 @@
+//! Snapshots on the live volume (design decision 5): a snapshot is a name
+//! for a generation. Taking one commits what is staged and bumps the
+//! generation; nothing is copied. Reading one sees the versions with
+//! born <= S < died. Deleting, diffing and rolling back read the change log
+//! for the span of generations they need, so they cost what changed.
+//!
+//! Snapshot inodes: bit 63 set, the snapshot's id in bits 40..63, the inode
+//! number inside the snapshot in bits 0..40, so they never collide with the
+//! live tree's. `.snapshots` itself is bit 63 alone.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::AtomicBool;
+
+use redb::ReadTransaction;
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::format::{self, DirentVal};
+use crate::meta::{NOW, Rec, Versioned};
+
+pub const SNAP_BIT: u64 = 1 << 63;
+const SID_SHIFT: u32 = 40;
+const INNER_MASK: u64 = (1 << SID_SHIFT) - 1;
+pub const SNAPDIR_INO: u64 = SNAP_BIT;
+pub const SNAPDIR_NAME: &[u8] = b".snapshots";
+/// Longest snapshot name (bytes); it must also fit a directory entry.
+pub const SNAP_NAME_MAX: usize = 200;
+const SNAP_REC_VERSION: u32 = 1;
+
+pub fn is_snap_ino(ino: u64) -> bool {
+    ino & SNAP_BIT != 0
+}
+
+fn split(ino: u64) -> (u64, u64) {
+    ((ino & !SNAP_BIT) >> SID_SHIFT, ino & INNER_MASK)
+}
+
+fn join(sid: u64, inner: u64) -> u64 {
+    SNAP_BIT | (sid << SID_SHIFT) | (inner & INNER_MASK)
+}
+
+/// A snapshot as stored in the `snapshots` table (JSON).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapRec {
+    pub v: u32,
+    pub id: u64,
+    pub generation: u64,
+    pub created: i64,
+    pub created_nanos: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Taken by the retention policy's timer (only those are pruned).
+    #[serde(default)]
+    pub auto: bool,
+    /// What the snapshot refers to, computed on first demand (it never
+    /// changes).
+    #[serde(default)]
+    pub refer: Option<Refer>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Refer {
+    /// Logical bytes of the regular files the snapshot sees.
+    pub bytes: u64,
+    pub files: u64,
+}
+
+/// A snapshot as `snapctl list/show` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapInfo {
+    pub name: String,
+    pub id: u64,
+    pub generation: u64,
+    pub created: String,
+    pub created_unix: i64,
+    pub labels: BTreeMap<String, String>,
+    pub auto: bool,
+    /// Bytes on disk that deleting this snapshot would free (the chunks
+    /// and inline data only it holds), like zfs "used".
+    pub used_bytes: Option<u64>,
+    /// Logical bytes of the files it sees, like zfs "refer".
+    pub refer_bytes: Option<u64>,
+    pub files: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DeleteReport {
+    pub name: String,
+    pub versions_freed: u64,
+    pub chunk_refs_dropped: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DiffEntry {
+    /// added, removed, modified or renamed
+    pub change: &'static str,
+    pub path: String,
+    /// The old path of a renamed or moved entry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    pub kind: &'static str,
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_before: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RestoreReport {
+    pub path: String,
+    pub to: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    pub replaced: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RollbackReport {
+    pub snapshot: String,
+    pub records_reverted: u64,
+    pub open_writers_reset: u64,
+}
+
+/// Snapshot state the volume keeps in memory.
+#[derive(Default)]
+pub struct SnapState {
+    /// id -> generation of every snapshot (None: reload).
+    ids: Mutex<Option<HashMap<u64, u64>>>,
+    /// Whether readdir of the root lists `.snapshots`.
+    pub visible: AtomicBool,
+}
+
+fn snap_err(msg: String) -> Error {
+    Error::Snap(msg)
+}
+
+/// Checks a snapshot name: what `snapctl` and `.snapshots/NAME` can carry.
+pub fn validate_name(name: &str) -> Result<()> {
+    let why = if name.is_empty() {
+        Some("it is empty".to_string())
+    } else if name.len() > SNAP_NAME_MAX {
+        Some(format!(
+            "it is {} bytes long (the limit is {SNAP_NAME_MAX})",
+            name.len()
+        ))
+    } else if name.contains('/') {
+        Some("it contains '/'".into())
+    } else if name.starts_with('.') {
+        Some("it starts with '.'".into())
+    } else if name.chars().any(|c| c.is_control()) {
+        Some("it contains a control character".into())
+    } else {
+        None
+    };
+    match why {
+        Some(w) => Err(snap_err(format!("snapshot name {name:?} is invalid: {w}"))),
+        None => Ok(()),
+    }
+}
+
+fn decode_rec(name: &str, b: &[u8]) -> store::Result<SnapRec> {
+    let r: SnapRec =
+        serde_json::from_slice(b).map_err(|e| store::Error::Db(format!("snapshot {name}: {e}")))?;
+    if r.v != SNAP_REC_VERSION {
+        return Err(store::Error::Db(format!(
+            "snapshot {name} has record version {}; this build understands {SNAP_REC_VERSION}",
+            r.v
+        )));
+    }
+    Ok(r)
+}
+
+fn encode_rec(r: &SnapRec) -> Vec<u8> {
+    serde_json::to_vec(r).unwrap_or_default()
+}
+
+/// Every snapshot, oldest first.
+pub fn load_snaps(rt: &ReadTransaction) -> store::Result<Vec<(String, SnapRec)>> {
+    let t = match rt.open_table(meta::SNAPS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        let name = k.value().to_string();
+        let rec = decode_rec(&name, v.value())?;
+        out.push((name, rec));
+    }
+    out.sort_by_key(|(_, r)| r.generation);
+    Ok(out)
+}
+
+fn format_time(secs: i64, nanos: u32) -> String {
+    chrono::DateTime::from_timestamp(secs, nanos)
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        })
+        .unwrap_or_default()
+}
+
+/// A path for humans and JSON: UTF-8 where it is, `\xNN` where not.
+fn show_path(p: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in p.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::File => "file",
+        Kind::Dir => "dir",
+        Kind::Symlink => "symlink",
+        Kind::Fifo => "fifo",
+        Kind::CharDev => "chardev",
+        Kind::BlockDev => "blockdev",
+        Kind::Socket => "socket",
+    }
+}
+
+/// A key of a versioned record, as the change log names it.
+type LogKey = (Rec, u64, Vec<u8>);
+
+/// The distinct records the change log says generations in (lo, hi]
+/// changed.
+fn changed_keys(rt: &ReadTransaction, lo: u64, hi: u64) -> store::Result<BTreeSet<LogKey>> {
+    let t = rt.open_table(meta::CHANGES)?;
+    let empty: &[u8] = &[];
+    let mut out = BTreeSet::new();
+    if hi <= lo {
+        return Ok(out);
+    }
+    for row in t.range((lo + 1, 0u8, 0u64, empty)..(hi.saturating_add(1), 0u8, 0u64, empty))? {
+        let (k, _) = row?;
+        let (_, tag, id, name) = k.value();
+        if let Some(r) = Rec::from_code(tag) {
+            out.insert((r, id, name.to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+/// One record version a snapshot deletion frees.
+enum Doomed {
+    Inode(u64, u64),
+    Dirent(u64, Vec<u8>, u64),
+    Xattr(u64, Vec<u8>, u64),
+    Content(u64, u64, Vec<ChunkRef>),
+}
+
+/// The versions only snapshot `s` sees, given the retained snapshots around
+/// it (`p`, 0 for none) and the last generation that can have ended one
+/// (`hi`: the next snapshot, or the current generation): born in (p, s],
+/// died in (s, hi].
+fn doomed_versions(
+    rt: &ReadTransaction,
+    p: u64,
+    s: u64,
+    hi: u64,
+) -> store::Result<(Vec<Doomed>, u64)> {
+    let keys = changed_keys(rt, s, hi)?;
+    let inodes = rt.open_table(meta::INODES)?;
+    let dirents = rt.open_table(meta::DIRENTS)?;
+    let xattrs = rt.open_table(meta::XATTRS)?;
+    let contents = rt.open_table(meta::CONTENTS)?;
+    let only_s = |born: u64, died: u64| p < born && born <= s && s < died && died <= hi;
+    let mut out = Vec::new();
+    let mut inline_bytes = 0u64;
+    for (rec, id, name) in keys {
+        match rec {
+            Rec::Inode => {
+                for row in inodes.range((id, 0)..=(id, u64::MAX))? {
+                    let (k, v) = row?;
+                    let r = InodeRec::decode(v.value())
+                        .map_err(|e| store::Error::Db(format!("inode {id}: {e}")))?;
+                    let born = k.value().1;
+                    if only_s(born, r.died) {
+                        if let Content::Inline(b) = &r.content {
+                            inline_bytes += b.len() as u64;
+                        }
+                        out.push(Doomed::Inode(id, born));
+                    }
+                }
+            }
+            Rec::Dirent => {
+                for row in
+                    dirents.range((id, name.as_slice(), 0)..=(id, name.as_slice(), u64::MAX))?
+                {
+                    let (k, v) = row?;
+                    let d = DirentVal::decode(v.value())
+                        .map_err(|e| store::Error::Db(format!("dirent: {e}")))?;
+                    let born = k.value().2;
+                    if only_s(born, d.died) {
+                        out.push(Doomed::Dirent(id, name.clone(), born));
+                    }
+                }
+            }
+            Rec::Xattr => {
+                for row in
+                    xattrs.range((id, name.as_slice(), 0)..=(id, name.as_slice(), u64::MAX))?
+                {
+                    let (k, v) = row?;
+                    let (died, body) = format::decode_versioned(v.value())
+                        .map_err(|e| store::Error::Db(format!("xattr: {e}")))?;
+                    let born = k.value().2;
+                    if only_s(born, died) {
+                        inline_bytes += body.len() as u64;
+                        out.push(Doomed::Xattr(id, name.clone(), born));
+                    }
+                }
+            }
+            Rec::Content => {
+                for row in contents.range((id, 0)..=(id, u64::MAX))? {
+                    let (k, v) = row?;
+                    let (died, body) = format::decode_versioned(v.value())
+                        .map_err(|e| store::Error::Db(format!("content: {e}")))?;
+                    let born = k.value().1;
+                    if only_s(born, died) {
+                        let list = format::decode_chunk_list(body)
+                            .map_err(|e| store::Error::Db(format!("content of {id}: {e}")))?;
+                        out.push(Doomed::Content(id, born, list));
+                    }
+                }
+            }
+        }
+    }
+    Ok((out, inline_bytes))
+}
+
+/// (parent, name) -> path, at generation `at`, through each directory's
+/// recorded link.
+fn path_at(
+    inodes: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    parent: u64,
+    name: &[u8],
+    at: u64,
+) -> store::Result<Vec<u8>> {
+    let mut parts: Vec<Vec<u8>> = vec![name.to_vec()];
+    let mut cur = parent;
+    let mut depth = 0;
+    while cur != meta::ROOT_INO {
+        depth += 1;
+        let rec = meta::inode_at(inodes, cur, at)?;
+        match rec {
+            Some((_, r)) if r.parent != 0 && depth < 4096 => {
+                parts.push(r.name.clone());
+                cur = r.parent;
+            }
+            _ => {
+                parts.push(format!("?inode-{cur}").into_bytes());
+                break;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for p in parts.iter().rev() {
+        out.push(b'/');
+        out.extend_from_slice(p);
+    }
+    Ok(out)
+}
+
+/// A path of inode `ino` at generation `at`: its recorded link if that
+/// still names it, else a name for it in the same directory (the recorded
+/// link of a hard-linked file can be one since removed).
+fn name_at(
+    inodes: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    dirents: &impl ReadableTable<(u64, &'static [u8], u64), &'static [u8]>,
+    ino: u64,
+    rec: &InodeRec,
+    at: u64,
+) -> store::Result<Vec<u8>> {
+    if meta::dirent_at(dirents, rec.parent, &rec.name, at)?.is_some_and(|(_, d)| d.ino == ino) {
+        return path_at(inodes, rec.parent, &rec.name, at);
+    }
+    for (n, d) in meta::list_dir_at(dirents, rec.parent, at, None)? {
+        if d.ino == ino {
+            return path_at(inodes, rec.parent, &n, at);
+        }
+    }
+    Ok(format!("?inode-{ino}").into_bytes())
+}
+
+/// Splits a path inside the tree into its names ("/a/b", "a/b/" -> a, b).
+fn components(path: &[u8]) -> Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    for c in path.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// What a restore copies: one snapshot record in walk order.
+struct CopyItem {
+    src: u64,
+    /// Index into the plan of the new parent (usize::MAX: the destination's
+    /// parent directory in the live tree).
+    parent: usize,
+    name: Vec<u8>,
+    rec: InodeRec,
+    chunks: Option<Vec<ChunkRef>>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Volume {
+    // ------------------------------------------------------------ lookups
+
+    /// Generation of snapshot `sid`.
+    fn snap_gen(&self, sid: u64) -> Result<u64> {
+        let mut ids = self.snaps.ids.lock();
+        if ids.is_none() {
+            let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+            let all = load_snaps(&rt)?;
+            *ids = Some(all.iter().map(|(_, r)| (r.id, r.generation)).collect());
+        }
+        ids.as_ref()
+            .and_then(|m| m.get(&sid).copied())
+            .ok_or(Error::Errno(libc::ENOENT))
+    }
+
+    fn forget_snap_ids(&self) {
+        *self.snaps.ids.lock() = None;
+    }
+
+    pub(super) fn snapdir_attr(&self) -> Result<Attr> {
+        let root = self.read_inode(meta::ROOT_INO)?;
+        let mut a = self.attr_of(SNAPDIR_INO, &root);
+        a.perm = 0o555;
+        a.nlink = 2;
+        a.size = 0;
+        Ok(a)
+    }
+
+    pub(super) fn snap_inode(&self, ino: u64) -> Result<(u64, u64, u64, InodeRec)> {
+        let (sid, inner) = split(ino);
+        let sgen = self.snap_gen(sid)?;
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        let (_, rec) = meta::inode_at(&t, inner, sgen)?.ok_or(Error::Errno(libc::ENOENT))?;
+        Ok((sid, inner, sgen, rec))
+    }
+
+    pub(super) fn snap_getattr(&self, ino: u64) -> Result<Attr> {
+        if ino == SNAPDIR_INO {
+            return self.snapdir_attr();
+        }
+        let (_, _, _, rec) = self.snap_inode(ino)?;
+        Ok(self.attr_of(ino, &rec))
+    }
+
+    pub(super) fn snap_lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let inodes = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        if parent == SNAPDIR_INO {
+            let snaps = rt.open_table(meta::SNAPS).map_err(store::Error::from)?;
+            let name = std::str::from_utf8(name).map_err(|_| Error::Errno(libc::ENOENT))?;
+            let v = snaps
+                .get(name)
+                .map_err(store::Error::from)?
+                .ok_or(Error::Errno(libc::ENOENT))?;
+            let r = decode_rec(name, v.value())?;
+            let (_, rec) = meta::inode_at(&inodes, meta::ROOT_INO, r.generation)?
+                .ok_or(Error::Errno(libc::ENOENT))?;
+            return Ok(self.attr_of(join(r.id, meta::ROOT_INO), &rec));
+        }
+        let (sid, inner) = split(parent);
+        let sgen = self.snap_gen(sid)?;
+        let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
+        let (_, ent) = meta::dirent_at(&d, inner, name, sgen)?.ok_or(Error::Errno(libc::ENOENT))?;
+        let (_, rec) = meta::inode_at(&inodes, ent.ino, sgen)?.ok_or(Error::Errno(libc::ENOENT))?;
+        Ok(self.attr_of(join(sid, ent.ino), &rec))
+    }
+
+    pub(super) fn snap_entries(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        if ino == SNAPDIR_INO {
+            let mut out = vec![
+                DirEntry {
+                    name: b".".to_vec(),
+                    ino,
+                    kind: Kind::Dir,
+                },
+                DirEntry {
+                    name: b"..".to_vec(),
+                    ino: meta::ROOT_INO,
+                    kind: Kind::Dir,
+                },
+            ];
+            let mut snaps = load_snaps(&rt)?;
+            snaps.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, r) in snaps {
+                out.push(DirEntry {
+                    name: name.into_bytes(),
+                    ino: join(r.id, meta::ROOT_INO),
+                    kind: Kind::Dir,
+                });
+            }
+            return Ok(out);
+        }
+        let (sid, inner, sgen, rec) = self.snap_inode(ino)?;
+        if rec.kind != Kind::Dir {
+            return Err(Error::Errno(libc::ENOTDIR));
+        }
+        let up = if inner == meta::ROOT_INO || rec.parent == 0 {
+            SNAPDIR_INO
+        } else {
+            join(sid, rec.parent)
+        };
+        let mut out = vec![
+            DirEntry {
+                name: b".".to_vec(),
+                ino,
+                kind: Kind::Dir,
+            },
+            DirEntry {
+                name: b"..".to_vec(),
+                ino: up,
+                kind: Kind::Dir,
+            },
+        ];
+        let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
+        for (name, v) in meta::list_dir_at(&d, inner, sgen, None)? {
+            out.push(DirEntry {
+                name,
+                ino: join(sid, v.ino),
+                kind: v.kind,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(super) fn snap_readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let (_, _, _, rec) = self.snap_inode(ino)?;
+        match (rec.kind, rec.content) {
+            (Kind::Symlink, Content::Inline(t)) => Ok(t),
+            _ => Err(Error::Errno(libc::EINVAL)),
+        }
+    }
+
+    pub(super) fn snap_read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let (_, _, _, rec) = self.snap_inode(ino)?;
+        let end = (off + size as u64).min(rec.size);
+        if off >= end {
+            return Ok(Vec::new());
+        }
+        match rec.content {
+            Content::Inline(b) => Ok(b[off as usize..(end as usize).min(b.len())].to_vec()),
+            Content::Empty => Ok(vec![0u8; (end - off) as usize]),
+            Content::Chunked => {
+                let map = self.snap_chunk_map(ino)?;
+                let mut out = vec![0u8; (end - off) as usize];
+                self.read_map(&map, off, &mut out)?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// The chunk map of a snapshot file. Snapshot inode numbers are never
+    /// reused and their content never changes, so the live map cache can
+    /// hold them too.
+    pub(super) fn snap_chunk_map(&self, ino: u64) -> Result<Arc<ChunkMap>> {
+        if let Some(m) = self.maps.lock().get(&ino) {
+            return Ok(m.clone());
+        }
+        let (sid, inner) = split(ino);
+        let sgen = self.snap_gen(sid)?;
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
+        let list = meta::content_at(&t, inner, sgen)?
+            .map(|(_, l)| l)
+            .unwrap_or_default();
+        let m = Arc::new(ChunkMap::new(list));
+        self.maps.lock().put(ino, m.clone());
+        Ok(m)
+    }
+
+    pub(super) fn snap_getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        if ino == SNAPDIR_INO {
+            return Err(Error::Errno(libc::ENODATA));
+        }
+        let (sid, inner) = split(ino);
+        let sgen = self.snap_gen(sid)?;
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
+        meta::xattr_at(&t, inner, name, sgen)?
+            .map(|(_, v)| v)
+            .ok_or(Error::Errno(libc::ENODATA))
+    }
+
+    pub(super) fn snap_listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        if ino == SNAPDIR_INO {
+            return Ok(Vec::new());
+        }
+        let (sid, inner) = split(ino);
+        let sgen = self.snap_gen(sid)?;
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
+        let mut out = Vec::new();
+        for n in meta::list_xattrs_at(&t, inner, sgen)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------ create
+
+    /// Takes a snapshot of the whole tree. Staged data (files still open
+    /// for writing included) is committed in the same commit as the
+    /// snapshot record, with every staged file locked, so the snapshot is
+    /// one point in time: writes that returned before are in it, writes
+    /// that come after wait and are not.
+    pub fn snap_create(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        auto: bool,
+    ) -> Result<SnapInfo> {
+        validate_name(name)?;
+        self.check_writable()?;
+        self.check_space(Space::Grows)?;
+        self.wait_ingest_idle();
+        let _c = self.content_lock.lock();
+        if self.snap_exists(name)? {
+            return Err(snap_err(format!("snapshot {name} already exists")));
+        }
+        let now = Timespec::now();
+        let mut made: Option<SnapRec> = None;
+        self.commit_staged_locked(|tx| {
+            let mut st = tx.open_table(meta::STATE)?;
+            let g = Gens::load(&st)?;
+            let id = st.get("next_snap_id")?.map(|v| v.value()).unwrap_or(1);
+            let rec = SnapRec {
+                v: SNAP_REC_VERSION,
+                id,
+                generation: g.current,
+                created: now.secs,
+                created_nanos: now.nanos,
+                labels: labels.clone(),
+                auto,
+                refer: None,
+            };
+            tx.open_table(meta::SNAPS)?
+                .insert(name, encode_rec(&rec).as_slice())?;
+            st.insert("next_snap_id", id + 1)?;
+            st.insert("last_snap", g.current)?;
+            st.insert("gen", g.current + 1)?;
+            made = Some(rec);
+            Ok(())
+        })?;
+        self.forget_snap_ids();
+        let rec = made.ok_or_else(|| snap_err(format!("snapshot {name}: commit did not run")))?;
+        log::info!("snapshot {name} taken at generation {}", rec.generation);
+        Ok(self.info_of(name, &rec, None))
+    }
+
+    fn snap_exists(&self, name: &str) -> Result<bool> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::SNAPS).map_err(store::Error::from)?;
+        Ok(t.get(name).map_err(store::Error::from)?.is_some())
+    }
+
+    fn info_of(&self, name: &str, r: &SnapRec, used: Option<u64>) -> SnapInfo {
+        SnapInfo {
+            name: name.to_string(),
+            id: r.id,
+            generation: r.generation,
+            created: format_time(r.created, r.created_nanos),
+            created_unix: r.created,
+            labels: r.labels.clone(),
+            auto: r.auto,
+            used_bytes: used,
+            refer_bytes: r.refer.map(|x| x.bytes),
+            files: r.refer.map(|x| x.files),
+        }
+    }
+
+    // ------------------------------------------------------------ list
+
+    /// Every snapshot, oldest first; with `space`, what each alone keeps
+    /// alive and what it refers to (computed once per snapshot, then kept).
+    pub fn snap_list(&self, space: bool) -> Result<Vec<SnapInfo>> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let snaps = load_snaps(&rt)?;
+        if !space {
+            return Ok(snaps
+                .iter()
+                .map(|(n, r)| self.info_of(n, r, None))
+                .collect());
+        }
+        let g = Gens::load(&rt.open_table(meta::STATE).map_err(store::Error::from)?)?;
+        let index = self.repo.store();
+        let mut out = Vec::new();
+        let mut computed: Vec<(String, SnapRec)> = Vec::new();
+        for (i, (name, r)) in snaps.iter().enumerate() {
+            let p = if i > 0 { snaps[i - 1].1.generation } else { 0 };
+            let hi = snaps.get(i + 1).map_or(g.current, |n| n.1.generation);
+            let (doomed, inline) = doomed_versions(&rt, p, r.generation, hi)?;
+            let mut refs: HashMap<ChunkId, u64> = HashMap::new();
+            for d in &doomed {
+                if let Doomed::Content(_, _, list) = d {
+                    for c in list {
+                        *refs.entry(c.id).or_default() += 1;
+                    }
+                }
+            }
+            let mut used = inline;
+            for (id, n) in refs {
+                if let Some(e) = index.lookup(&id)? {
+                    let held: u64 = e.owners.iter().map(|(_, c)| *c).sum();
+                    if held <= n {
+                        used += e.record_len as u64;
+                    }
+                }
+            }
+            let mut r = r.clone();
+            if r.refer.is_none() {
+                r.refer = Some(refer_at(&rt, r.generation)?);
+                computed.push((name.clone(), r.clone()));
+            }
+            out.push(self.info_of(name, &r, Some(used)));
+        }
+        drop(rt);
+        if !computed.is_empty() && !self.read_only && self.check_space(Space::Grows).is_ok() {
+            // A cache of values that never change: losing it costs a rescan.
+            if let Err(e) = self.store_refer(&computed) {
+                log::warn!("keeping snapshot sizes: {e}");
+            }
+        }
+        Ok(out)
+    }
+
+    fn store_refer(&self, computed: &[(String, SnapRec)]) -> Result<()> {
+        let mut tx = self.repo.meta().begin_write().map_err(store::Error::from)?;
+        tx.set_durability(Durability::None)
+            .map_err(|e| Error::Store(store::Error::Db(e.to_string())))?;
+        {
+            let mut t = tx.open_table(meta::SNAPS).map_err(store::Error::from)?;
+            for (name, r) in computed {
+                if t.get(name.as_str()).map_err(store::Error::from)?.is_some() {
+                    t.insert(name.as_str(), encode_rec(r).as_slice())
+                        .map_err(store::Error::from)?;
+                }
+            }
+        }
+        tx.commit().map_err(store::Error::from)?;
+        self.lazy_commits.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn snap_show(&self, name: &str) -> Result<SnapInfo> {
+        self.snap_list(true)?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| snap_err(format!("snapshot {name} does not exist")))
+    }
+
+    // ------------------------------------------------------------ delete
+
+    /// Deletes a snapshot and frees the versions only it could see.
+    pub fn snap_delete(&self, name: &str) -> Result<DeleteReport> {
+        self.check_writable()?;
+        self.check_space(Space::Frees)?;
+        let _c = self.content_lock.lock();
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let snaps = load_snaps(&rt)?;
+        let i = snaps
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| snap_err(format!("snapshot {name} does not exist")))?;
+        let g = Gens::load(&rt.open_table(meta::STATE).map_err(store::Error::from)?)?;
+        let s = snaps[i].1.generation;
+        let p = if i > 0 { snaps[i - 1].1.generation } else { 0 };
+        let next = snaps.get(i + 1).map(|n| n.1.generation);
+        let hi = next.unwrap_or(g.current);
+        let (doomed, _) = doomed_versions(&rt, p, s, hi)?;
+        drop(rt);
+        let mut batch = self.repo.store().batch()?;
+        let mut report = DeleteReport {
+            name: name.to_string(),
+            ..Default::default()
+        };
+        for d in &doomed {
+            if let Doomed::Content(_, _, list) = d {
+                batch.drop_refs(OwnerId::LOCAL, list.iter().map(|c| c.id));
+                report.chunk_refs_dropped += list.len() as u64;
+            }
+        }
+        report.versions_freed = doomed.len() as u64;
+        let oldest = i == 0;
+        let newest = next.is_none();
+        let meta_db = self.repo.meta();
+        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
+        batch.commit(|ref_seq| {
+            let tx = meta_db.begin_write()?;
+            {
+                let mut inodes = tx.open_table(meta::INODES)?;
+                let mut dirents = tx.open_table(meta::DIRENTS)?;
+                let mut xattrs = tx.open_table(meta::XATTRS)?;
+                let mut contents = tx.open_table(meta::CONTENTS)?;
+                for d in &doomed {
+                    match d {
+                        Doomed::Inode(ino, born) => {
+                            inodes.remove((*ino, *born))?;
+                        }
+                        Doomed::Dirent(parent, name, born) => {
+                            dirents.remove((*parent, name.as_slice(), *born))?;
+                        }
+                        Doomed::Xattr(ino, name, born) => {
+                            xattrs.remove((*ino, name.as_slice(), *born))?;
+                        }
+                        Doomed::Content(ino, born, _) => {
+                            contents.remove((*ino, *born))?;
+                        }
+                    }
+                }
+                tx.open_table(meta::SNAPS)?.remove(name)?;
+                let mut st = tx.open_table(meta::STATE)?;
+                if newest {
+                    st.insert("last_snap", p)?;
+                }
+                if oldest {
+                    // Nothing retained reaches back past the next snapshot
+                    // (or, with none left, anywhere): drop that log span.
+                    let mut log = tx.open_table(meta::CHANGES)?;
+                    let empty: &[u8] = &[];
+                    let end = next.map_or(u64::MAX, |n| n.saturating_add(1));
+                    log.retain_in((0u64, 0u8, 0u64, empty)..(end, 0u8, 0u64, empty), |_, _| {
+                        false
+                    })?;
+                }
+                if let Some(r) = ref_seq {
+                    st.insert("ref_seq", r)?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
+        self.forget_snap_ids();
+        log::info!(
+            "snapshot {name} deleted: {} versions freed",
+            report.versions_freed
+        );
+        Ok(report)
+    }
+
+    // ------------------------------------------------------------ diff
+
+    /// What changed from snapshot `a` to snapshot `b` (or the live tree).
+    pub fn snap_diff(&self, a: &str, b: Option<&str>) -> Result<Vec<DiffEntry>> {
+        // Data still staged belongs to the live tree.
+        if b.is_none() && !self.read_only {
+            self.flush_staged()?;
+        }
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let snaps = load_snaps(&rt)?;
+        let gen_of = |n: &str| {
+            snaps
+                .iter()
+                .find(|(m, _)| m == n)
+                .map(|(_, r)| r.generation)
+                .ok_or_else(|| snap_err(format!("snapshot {n} does not exist")))
+        };
+        let g = Gens::load(&rt.open_table(meta::STATE).map_err(store::Error::from)?)?;
+        let ga = gen_of(a)?;
+        let gb = match b {
+            Some(n) => gen_of(n)?,
+            None => NOW,
+        };
+        let (lo, hi) = if ga <= gb {
+            (ga, gb.min(g.current))
+        } else {
+            (gb, ga)
+        };
+        let keys = changed_keys(&rt, lo, hi)?;
+        let inodes = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        let dirents = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
+        let xattrs = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
+        let contents = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
+        // Names that now point elsewhere, per inode.
+        let mut gone: BTreeMap<u64, Vec<(u64, Vec<u8>, Kind)>> = BTreeMap::new();
+        let mut came: BTreeMap<u64, Vec<(u64, Vec<u8>, Kind)>> = BTreeMap::new();
+        let mut touched: BTreeSet<u64> = BTreeSet::new();
+        for (rec, id, name) in &keys {
+            match rec {
+                Rec::Dirent => {
+                    let before = meta::dirent_at(&dirents, *id, name, ga)?.map(|x| x.1);
+                    let after = meta::dirent_at(&dirents, *id, name, gb)?.map(|x| x.1);
+                    if before.map(|d| d.ino) == after.map(|d| d.ino) {
+                        continue;
+                    }
+                    if let Some(d) = before {
+                        gone.entry(d.ino)
+                            .or_default()
+                            .push((*id, name.clone(), d.kind));
+                    }
+                    if let Some(d) = after {
+                        came.entry(d.ino)
+                            .or_default()
+                            .push((*id, name.clone(), d.kind));
+                    }
+                }
+                _ => {
+                    touched.insert(*id);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let size_at = |ino: u64, at: u64| -> store::Result<u64> {
+            Ok(meta::inode_at(&inodes, ino, at)?.map_or(0, |(_, r)| r.size))
+        };
+        for (ino, olds) in &gone {
+            let news = came.get(ino).cloned().unwrap_or_default();
+            for (k, (p, n, kind)) in olds.iter().enumerate() {
+                let from = show_path(&path_at(&inodes, *p, n, ga)?);
+                match news.get(k) {
+                    Some((np, nn, _)) => {
+                        out.push(DiffEntry {
+                            change: "renamed",
+                            path: show_path(&path_at(&inodes, *np, nn, gb)?),
+                            from: Some(from),
+                            kind: kind_name(*kind),
+                            size: size_at(*ino, gb)?,
+                            size_before: None,
+                        });
+                    }
+                    None => out.push(DiffEntry {
+                        change: "removed",
+                        path: from,
+                        from: None,
+                        kind: kind_name(*kind),
+                        size: size_at(*ino, ga)?,
+                        size_before: None,
+                    }),
+                }
+            }
+        }
+        for (ino, news) in &came {
+            let skip = gone.get(ino).map_or(0, |o| o.len());
+            for (p, n, kind) in news.iter().skip(skip) {
+                out.push(DiffEntry {
+                    change: "added",
+                    path: show_path(&path_at(&inodes, *p, n, gb)?),
+                    from: None,
+                    kind: kind_name(*kind),
+                    size: size_at(*ino, gb)?,
+                    size_before: None,
+                });
+            }
+        }
+        for ino in touched {
+            let (Some((ba, ra)), Some((bb, rb))) = (
+                meta::inode_at(&inodes, ino, ga)?,
+                meta::inode_at(&inodes, ino, gb)?,
+            ) else {
+                continue; // added or removed: reported by name above
+            };
+            let content_changed = meta::content_at(&contents, ino, ga)?.map(|x| x.0)
+                != meta::content_at(&contents, ino, gb)?.map(|x| x.0);
+            let xattrs_changed = {
+                let na = meta::list_xattrs_at(&xattrs, ino, ga)?;
+                let nb = meta::list_xattrs_at(&xattrs, ino, gb)?;
+                let mut differ = na != nb;
+                for n in &na {
+                    if differ {
+                        break;
+                    }
+                    differ = meta::xattr_at(&xattrs, ino, n, ga)?.map(|x| x.0)
+                        != meta::xattr_at(&xattrs, ino, n, gb)?.map(|x| x.0);
+                }
+                differ
+            };
+            let attrs_changed = ra.perm != rb.perm || ra.uid != rb.uid || ra.gid != rb.gid;
+            let data_changed = ra.size != rb.size
+                || ra.content != rb.content
+                || content_changed
+                || (ra.kind != Kind::Dir && ra.mtime != rb.mtime);
+            // A directory whose only change is its entries (reported by
+            // name) or its times is not itself modified.
+            let modified = if ra.kind == Kind::Dir {
+                attrs_changed || xattrs_changed
+            } else {
+                ba != bb && (attrs_changed || xattrs_changed || data_changed)
+            };
+            if !modified {
+                continue;
+            }
+            out.push(DiffEntry {
+                change: "modified",
+                path: show_path(&name_at(&inodes, &dirents, ino, &rb, gb)?),
+                from: None,
+                kind: kind_name(rb.kind),
+                size: rb.size,
+                size_before: Some(ra.size),
+            });
+        }
+        out.sort_by(|x, y| x.path.cmp(&y.path).then(x.change.cmp(y.change)));
+        Ok(out)
+    }
+
+    /// Commits every staged file now (open ones included), so reads of the
+    /// records see the live tree's bytes.
+    fn flush_staged(&self) -> Result<()> {
+        self.wait_ingest_idle();
+        let _c = self.content_lock.lock();
+        self.commit_staged_locked(|_| Ok(()))?;
+        Ok(())
+    }
+
+    /// With `content_lock` held: commits every staged file's current bytes,
+    /// plus whatever `then` adds to the same meta transaction.
+    fn commit_staged_locked(
+        &self,
+        then: impl FnOnce(&redb::WriteTransaction) -> store::Result<()>,
+    ) -> Result<()> {
+        let mut entries: Vec<(u64, Arc<Mutex<Staged>>)> = self
+            .staged
+            .lock()
+            .iter()
+            .map(|(i, s)| (*i, s.clone()))
+            .collect();
+        entries.sort_by_key(|e| e.0);
+        let mut guards: Vec<_> = entries.iter().map(|e| e.1.lock()).collect();
+        let mut batch = self.repo.store().batch()?;
+        let mut built: Vec<(usize, StagedView, NewContent)> = Vec::new();
+        for (i, g) in guards.iter().enumerate() {
+            if g.version == UNTOUCHED {
+                continue;
+            }
+            let view = g.view();
+            let content = self.build_content(&view, &mut batch)?;
+            built.push((i, view, content));
+        }
+        if built.is_empty() {
+            let tx = self.repo.meta().begin_write().map_err(store::Error::from)?;
+            then(&tx)?;
+            tx.commit().map_err(store::Error::from)?;
+            return Ok(());
+        }
+        let items: Vec<(u64, &NewContent)> = built.iter().map(|b| (entries[b.0].0, &b.2)).collect();
+        let live = self.queue_content_refs(&mut batch, &items)?;
+        let meta_db = self.repo.meta();
+        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
+        batch.commit(|ref_seq| {
+            let tx = meta_db.begin_write()?;
+            {
+                let mut st = tx.open_table(meta::STATE)?;
+                let g = Gens::load(&st)?;
+                let mut t = Versioned::open(&tx, g)?;
+                for (k, (i, view, new)) in built.iter().enumerate() {
+                    if live[k] {
+                        commit_content(&mut t, entries[*i].0, view, new)?;
+                    }
+                }
+                if let Some(r) = ref_seq {
+                    st.insert("ref_seq", r)?;
+                }
+            }
+            then(&tx)?;
+            tx.commit()?;
+            Ok(())
+        })?;
+        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
+        self.map_epoch.fetch_add(1, Ordering::SeqCst);
+        for (i, _, new) in &built {
+            let ino = entries[*i].0;
+            let g = &mut guards[*i];
+            g.version += 1;
+            self.maps.lock().pop(&ino);
+            if g.writers == 0 {
+                self.staged.lock().remove(&ino);
+                let _ = fs::remove_file(&g.path);
+                let _ = fs::remove_file(sidecar_path(&g.path));
+            } else if let Err(e) = rebase_staged(g, new) {
+                log::warn!("inode {ino}: keeping staged overlay: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ restore
+
+    /// Copies `path` as snapshot `snap` saw it to `to` (default: `path`) in
+    /// the live tree, replacing what is there. Files share the snapshot's
+    /// chunks: a restore writes metadata only.
+    pub fn snap_restore(
+        &self,
+        snap: &str,
+        path: &[u8],
+        to: Option<&[u8]>,
+    ) -> Result<RestoreReport> {
+        self.check_writable()?;
+        self.check_space(Space::Grows)?;
+        let src_parts = components(path)?;
+        let dst_parts = components(to.unwrap_or(path))?;
+        let Some((dst_name, dst_dir)) = dst_parts.split_last() else {
+            return Err(snap_err(format!(
+                "restore from {snap}: the destination cannot be the root; use `snapctl rollback {snap}` to restore the whole tree"
+            )));
+        };
+        let _c = self.content_lock.lock();
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let snaps = load_snaps(&rt)?;
+        let sgen = snaps
+            .iter()
+            .find(|(n, _)| n == snap)
+            .map(|(_, r)| r.generation)
+            .ok_or_else(|| snap_err(format!("snapshot {snap} does not exist")))?;
+        let inodes = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        let dirents = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
+        let xattrs = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
+        let contents = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
+        let shown = show_path(path);
+        // Resolve the source in the snapshot.
+        let mut src = meta::ROOT_INO;
+        for c in &src_parts {
+            let (_, d) = meta::dirent_at(&dirents, src, c, sgen)?
+                .ok_or_else(|| snap_err(format!("snapshot {snap} has no {shown}")))?;
+            src = d.ino;
+        }
+        // Walk the snapshot's subtree.
+        let mut plan: Vec<CopyItem> = Vec::new();
+        let mut stack: Vec<(u64, usize, Vec<u8>)> = vec![(src, usize::MAX, dst_name.to_vec())];
+        let mut report = RestoreReport {
+            path: shown.clone(),
+            to: show_path(to.unwrap_or(path)),
+            ..Default::default()
+        };
+        while let Some((ino, parent, name)) = stack.pop() {
+            let (_, rec) = meta::inode_at(&inodes, ino, sgen)?
+                .ok_or_else(|| snap_err(format!("snapshot {snap}: inode {ino} is missing")))?;
+            let chunks = match rec.content {
+                Content::Chunked => meta::content_at(&contents, ino, sgen)?.map(|(_, l)| l),
+                _ => None,
+            };
+            let mut xs = Vec::new();
+            for n in meta::list_xattrs_at(&xattrs, ino, sgen)? {
+                if let Some((_, v)) = meta::xattr_at(&xattrs, ino, &n, sgen)? {
+                    xs.push((n, v));
+                }
+            }
+            let me = plan.len();
+            if rec.kind == Kind::Dir {
+                report.dirs += 1;
+                for (n, d) in meta::list_dir_at(&dirents, ino, sgen, None)? {
+                    stack.push((d.ino, me, n));
+                }
+            } else {
+                report.files += 1;
+                report.bytes += rec.size;
+            }
+            plan.push(CopyItem {
+                src: ino,
+                parent,
+                name,
+                rec,
+                chunks,
+                xattrs: xs,
+            });
+        }
+        drop((inodes, dirents, xattrs, contents, rt));
+        let mut batch = self.repo.store().batch()?;
+        for it in &plan {
+            if let Some(l) = &it.chunks {
+                batch.add_refs(OwnerId::LOCAL, l.iter().map(|c| c.id));
+            }
+        }
+        let meta_db = self.repo.meta();
+        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
+        let mut replaced = false;
+        let mut failure: Option<Error> = None;
+        let res = batch.commit(|ref_seq| {
+            let tx = meta_db.begin_write()?;
+            let r = (|| -> Result<()> {
+                let g = Gens::load(&tx.open_table(meta::STATE).map_err(store::Error::from)?)?;
+                let mut m = MetaTx {
+                    t: Versioned::open(&tx, g)?,
+                    orphans: tx.open_table(meta::ORPHANS).map_err(store::Error::from)?,
+                    state: tx.open_table(meta::STATE).map_err(store::Error::from)?,
+                };
+                // The destination's directory must exist in the live tree.
+                let mut dir = meta::ROOT_INO;
+                for c in dst_dir {
+                    let (_, d) = meta::lookup_dirent(&m.t.dirents, dir, c)?.ok_or_else(|| {
+                        snap_err(format!(
+                            "restore from {snap}: {} does not exist in the live tree",
+                            show_path(c)
+                        ))
+                    })?;
+                    dir = d.ino;
+                }
+                let mut parent_rec = m.dir(dir)?;
+                if let Some((_, old)) = meta::lookup_dirent(&m.t.dirents, dir, dst_name)? {
+                    remove_tree(&mut m, dir, dst_name, old)?;
+                    replaced = true;
+                    if old.kind == Kind::Dir {
+                        parent_rec.nlink = parent_rec.nlink.saturating_sub(1);
+                    }
+                }
+                let mut new_ino: HashMap<u64, u64> = HashMap::new();
+                let mut links: HashMap<u64, u32> = HashMap::new();
+                let mut subdirs: HashMap<u64, u32> = HashMap::new();
+                let mut placed: Vec<(u64, u64)> = Vec::new(); // (new ino, new parent)
+                for it in &plan {
+                    let np = if it.parent == usize::MAX {
+                        dir
+                    } else {
+                        placed[it.parent].0
+                    };
+                    let hard = it.rec.kind != Kind::Dir && new_ino.contains_key(&it.src);
+                    let ino = match new_ino.get(&it.src) {
+                        Some(i) if hard => *i,
+                        _ => {
+                            let i = meta::alloc_ino(&mut m.state)?;
+                            new_ino.insert(it.src, i);
+                            i
+                        }
+                    };
+                    placed.push((ino, np));
+                    m.t.write_dirent(np, &it.name, ino, it.rec.kind)?;
+                    *links.entry(ino).or_default() += 1;
+                    if it.rec.kind == Kind::Dir {
+                        *subdirs.entry(np).or_default() += 1;
+                    }
+                    if hard {
+                        continue;
+                    }
+                    let mut rec = it.rec.clone();
+                    rec.parent = np;
+                    rec.name = it.name.clone();
+                    m.t.write_inode(ino, &rec)?;
+                    if let Some(l) = &it.chunks {
+                        m.t.write_content(ino, Some(l))?;
+                    }
+                    for (n, v) in &it.xattrs {
+                        m.t.set_xattr(ino, n, v)?;
+                    }
+                }
+                // Link counts of what was restored: names made here only.
+                for (ino, n) in &links {
+                    let mut r = m.inode(*ino)?;
+                    r.nlink = if r.kind == Kind::Dir {
+                        2 + subdirs.get(ino).copied().unwrap_or(0)
+                    } else {
+                        *n
+                    };
+                    m.t.write_inode(*ino, &r)?;
+                }
+                let now = Timespec::now();
+                if plan.first().is_some_and(|p| p.rec.kind == Kind::Dir) {
+                    parent_rec.nlink += 1;
+                }
+                parent_rec.mtime = now;
+                parent_rec.ctime = now;
+                m.t.write_inode(dir, &parent_rec)?;
+                if let Some(r) = ref_seq {
+                    m.state.insert("ref_seq", r).map_err(store::Error::from)?;
+                }
+                Ok(())
+            })();
+            match r {
+                Ok(()) => {
+                    tx.commit()?;
+                    Ok(())
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    failure = Some(e);
+                    Err(store::Error::Invalid(msg))
+                }
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        res?;
+        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
+        self.map_epoch.fetch_add(1, Ordering::SeqCst);
+        report.replaced = replaced;
+        self.send(Msg::Reap);
+        self.invalidate_entry(meta::ROOT_INO, b"");
+        Ok(report)
+    }
+
+    // ------------------------------------------------------------ rollback
+
+    /// Puts the whole live tree back to snapshot `snap`, keeping inode
+    /// numbers. Costs what changed since the snapshot. Refuses while files
+    /// are open for writing unless `force`; forced, their handles continue
+    /// on the rolled-back content.
+    pub fn snap_rollback(&self, snap: &str, force: bool) -> Result<RollbackReport> {
+        self.check_writable()?;
+        self.check_space(Space::Grows)?;
+        let open_writers: Vec<u64> = self
+            .staged
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.lock().writers > 0)
+            .map(|(i, _)| *i)
+            .collect();
+        if !open_writers.is_empty() && !force {
+            return Err(snap_err(format!(
+                "rollback to {snap} refused: {} file(s) are open for writing (inodes {:?}); close them or use --force",
+                open_writers.len(),
+                &open_writers[..open_writers.len().min(10)]
+            )));
+        }
+        // Closed files still staged are part of the tree being replaced:
+        // commit them first so the log covers them.
+        self.flush_staged()?;
+        let _c = self.content_lock.lock();
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let snaps = load_snaps(&rt)?;
+        let s = snaps
+            .iter()
+            .find(|(n, _)| n == snap)
+            .map(|(_, r)| r.generation)
+            .ok_or_else(|| snap_err(format!("snapshot {snap} does not exist")))?;
+        let g = Gens::load(&rt.open_table(meta::STATE).map_err(store::Error::from)?)?;
+        let keys = changed_keys(&rt, s, g.current)?;
+        // Contents: plan the reference changes (only content writes hold
+        // references, and only content_lock holders change them).
+        let contents = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
+        let mut batch = self.repo.store().batch()?;
+        let mut content_plan: Vec<(u64, Option<Vec<ChunkRef>>)> = Vec::new();
+        for (rec, id, _) in &keys {
+            if *rec != Rec::Content {
+                continue;
+            }
+            let want = meta::content_at(&contents, *id, s)?;
+            let have = meta::live_content(&contents, *id)?;
+            if want.as_ref().map(|x| x.0) == have.as_ref().map(|x| x.0) {
+                continue;
+            }
+            if let Some((born, old)) = &have
+                && *born > g.last_snap
+            {
+                batch.drop_refs(OwnerId::LOCAL, old.iter().map(|c| c.id));
+            }
+            if let Some((_, l)) = &want {
+                batch.add_refs(OwnerId::LOCAL, l.iter().map(|c| c.id));
+            }
+            content_plan.push((*id, want.map(|x| x.1)));
+        }
+        drop((contents, rt));
+        let meta_db = self.repo.meta();
+        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
+        let mut report = RollbackReport {
+            snapshot: snap.to_string(),
+            ..Default::default()
+        };
+        let mut changed_inodes: BTreeSet<u64> = BTreeSet::new();
+        let mut changed_names: Vec<(u64, Vec<u8>)> = Vec::new();
+        batch.commit(|ref_seq| {
+            let tx = meta_db.begin_write()?;
+            {
+                let mut st = tx.open_table(meta::STATE)?;
+                let g = Gens::load(&st)?;
+                let mut t = Versioned::open(&tx, g)?;
+                let mut orphans = tx.open_table(meta::ORPHANS)?;
+                for (ino, want) in &content_plan {
+                    t.write_content(*ino, want.as_deref())?;
+                    changed_inodes.insert(*ino);
+                    report.records_reverted += 1;
+                }
+                for (rec, id, name) in &keys {
+                    match rec {
+                        Rec::Content => {}
+                        Rec::Inode => {
+                            let want = meta::inode_at(&t.inodes, *id, s)?;
+                            let have = meta::live_inode(&t.inodes, *id)?;
+                            if want.as_ref().map(|x| x.0) == have.as_ref().map(|x| x.0) {
+                                continue;
+                            }
+                            match want {
+                                Some((_, r)) => {
+                                    if r.nlink > 0 {
+                                        orphans.remove(*id)?;
+                                    }
+                                    t.write_inode(*id, &r)?;
+                                }
+                                None => {
+                                    orphans.remove(*id)?;
+                                    t.remove_inode(*id)?;
+                                }
+                            }
+                            changed_inodes.insert(*id);
+                            report.records_reverted += 1;
+                        }
+                        Rec::Dirent => {
+                            let want = meta::dirent_at(&t.dirents, *id, name, s)?;
+                            let have = meta::lookup_dirent(&t.dirents, *id, name)?;
+                            if want.as_ref().map(|x| x.0) == have.as_ref().map(|x| x.0) {
+                                continue;
+                            }
+                            match want {
+                                Some((_, d)) => t.write_dirent(*id, name, d.ino, d.kind)?,
+                                None => t.remove_dirent(*id, name)?,
+                            }
+                            changed_names.push((*id, name.clone()));
+                            report.records_reverted += 1;
+                        }
+                        Rec::Xattr => {
+                            let want = meta::xattr_at(&t.xattrs, *id, name, s)?;
+                            let have = meta::xattr_at(&t.xattrs, *id, name, NOW)?;
+                            if want.as_ref().map(|x| x.0) == have.as_ref().map(|x| x.0) {
+                                continue;
+                            }
+                            match want {
+                                Some((_, v)) => t.set_xattr(*id, name, &v)?,
+                                None => {
+                                    t.remove_xattr(*id, name)?;
+                                }
+                            }
+                            report.records_reverted += 1;
+                        }
+                    }
+                }
+                if let Some(r) = ref_seq {
+                    st.insert("ref_seq", r)?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
+        self.map_epoch.fetch_add(1, Ordering::SeqCst);
+        // Open writers continue on the rolled-back content.
+        for ino in &changed_inodes {
+            self.maps.lock().pop(ino);
+            let Some(st) = self.staged_of(*ino) else {
+                continue;
+            };
+            let mut s = st.lock();
+            let rec = self.read_inode(*ino).ok();
+            match rec {
+                Some(rec) if rec.kind == Kind::File && s.writers > 0 => {
+                    match self.new_staged(*ino, &rec) {
+                        Ok(mut fresh) => {
+                            fresh.writers = s.writers;
+                            fresh.queued = s.queued;
+                            fresh.version = s.version + 2;
+                            *s = fresh;
+                            report.open_writers_reset += 1;
+                        }
+                        Err(e) => log::error!("inode {ino}: resetting staging after rollback: {e}"),
+                    }
+                }
+                _ if s.writers == 0 => {
+                    s.version += 1;
+                    self.staged.lock().remove(ino);
+                    let _ = fs::remove_file(&s.path);
+                    let _ = fs::remove_file(sidecar_path(&s.path));
+                }
+                _ => {}
+            }
+        }
+        for ino in &changed_inodes {
+            self.invalidate_inode(*ino);
+        }
+        for (p, n) in &changed_names {
+            self.invalidate_entry(*p, n);
+        }
+        self.send(Msg::Reap);
+        log::info!(
+            "rolled back to snapshot {snap}: {} records",
+            report.records_reverted
+        );
+        Ok(report)
+    }
+
+    // ------------------------------------------------------------ settings
+
+    /// A stored setting (the retention policy).
+    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = match rt.open_table(meta::SETTINGS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(store::Error::from(e).into()),
+        };
+        Ok(t.get(key)
+            .map_err(store::Error::from)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Stores a setting durably.
+    pub fn set_setting(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        self.check_space(Space::Grows)?;
+        let tx = self.repo.meta().begin_write().map_err(store::Error::from)?;
+        tx.open_table(meta::SETTINGS)
+            .map_err(store::Error::from)?
+            .insert(key, value)
+            .map_err(store::Error::from)?;
+        tx.commit().map_err(store::Error::from)?;
+        Ok(())
+    }
+
+    /// Whether the volume still serves (shutdown has not begun).
+    pub fn is_running(&self) -> bool {
+        self.queue.lock().is_some()
+    }
+
+    fn invalidate_inode(&self, ino: u64) {
+        if let Some(f) = self.invalidator.lock().as_ref() {
+            f(Invalidate::Inode(ino));
+        }
+    }
+
+    fn invalidate_entry(&self, parent: u64, name: &[u8]) {
+        if name.is_empty() {
+            return;
+        }
+        if let Some(f) = self.invalidator.lock().as_ref() {
+            f(Invalidate::Entry(parent, name.to_vec()));
+        }
+    }
+}
+
+/// Refers of a snapshot: a scan of the inodes it sees (once per snapshot).
+fn refer_at(rt: &ReadTransaction, sgen: u64) -> store::Result<Refer> {
+    let t = rt.open_table(meta::INODES)?;
+    let mut out = Refer::default();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        if k.value().1 > sgen {
+            continue;
+        }
+        let r = InodeRec::decode(v.value()).map_err(|e| store::Error::Db(format!("inode: {e}")))?;
+        if r.died > sgen && r.kind == Kind::File {
+            out.bytes += r.size;
+            out.files += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// After its bytes were committed, an open file's overlay starts over on
+/// top of the new content.
+fn rebase_staged(s: &mut Staged, new: &NewContent) -> std::io::Result<()> {
+    match new {
+        NewContent::Chunked(list) => {
+            s.base = Arc::new(ChunkMap::new(list.clone()));
+            s.base_limit = s.base.len();
+            s.dirty = RangeSet::default();
+        }
+        NewContent::Inline(b) => {
+            s.file.write_all_at(b, 0)?;
+            s.base = Arc::new(ChunkMap::default());
+            s.base_limit = 0;
+            s.dirty = RangeSet::default();
+            s.dirty.insert(0, b.len() as u64);
+        }
+    }
+    write_sidecar(s, false)
+}
+
+/// Unlinks (parent, name) and, for a directory, everything under it; the
+/// inodes become orphans for the reaper.
+fn remove_tree(m: &mut MetaTx<'_>, parent: u64, name: &[u8], ent: DirentVal) -> Result<()> {
+    if ent.kind == Kind::Dir {
+        for (n, d) in meta::list_dir(&m.t.dirents, ent.ino, None)? {
+            remove_tree(m, ent.ino, &n, d)?;
+        }
+    }
+    m.t.remove_dirent(parent, name)?;
+    m.drop_link(ent.ino, ent.kind == Kind::Dir)
+}
+
+/// What the kernel must forget after a change made behind its back.
+pub enum Invalidate {
+    Inode(u64),
+    Entry(u64, Vec<u8>),
+}
