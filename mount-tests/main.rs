@@ -11,3 +11,4 @@ mod harness;
 mod many;
 mod model;
 mod posix;
+mod snap;

@@ -661,6 +661,23 @@ fn mount(
                 .quiesced(|repo| repo.fsck(&dedupfs::NoProgress))
                 .map_err(|e| e.to_string())
                 .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
+            "sync" => {
+                // Pending ingest committed and metadata durable (benches
+                // and scripts wait on this).
+                // {"all": true}: until nothing is staged at all (no writer
+                // left open), up to 60 s.
+                if args.get("all").and_then(|a| a.as_bool()) == Some(true) {
+                    if !handler_vol.wait_all_committed(std::time::Duration::from_secs(60)) {
+                        return Err("files are still open for writing".into());
+                    }
+                } else {
+                    handler_vol.wait_ingest_idle();
+                }
+                handler_vol
+                    .sync_meta()
+                    .map(|_| serde_json::Value::Null)
+                    .map_err(|e| e.to_string())
+            }
             dedupfs::snapcmd::CTL_COMMAND => dedupfs::snapcmd::handle(&handler_vol, args),
             other => Err(format!("unknown command '{other}'")),
         });

@@ -320,6 +320,24 @@ impl Volume {
         }
     }
 
+    /// Blocks until no file is staged at all (every writer closed and its
+    /// data committed), or `limit` passes; returns whether it got there.
+    /// FUSE sends a release after close(2) has returned, so waiting for the
+    /// ingest queue alone can miss a file just closed.
+    pub fn wait_all_committed(&self, limit: Duration) -> bool {
+        let start = std::time::Instant::now();
+        loop {
+            self.wait_ingest_idle();
+            if self.staged.lock().is_empty() {
+                return true;
+            }
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The staged state of a file. The map's lock is released before the
     /// caller locks the entry (lock order: entry, then map).
     fn staged_of(&self, ino: u64) -> Option<Arc<Mutex<Staged>>> {
