@@ -1182,6 +1182,7 @@ impl Volume {
         let meta_db = self.repo.meta();
         let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
         let mut replaced = false;
+        let mut dest_dir: Option<u64> = None;
         let mut failure: Option<Error> = None;
         let res = batch.commit(|ref_seq| {
             let tx = meta_db.begin_write()?;
@@ -1204,6 +1205,7 @@ impl Volume {
                     dir = d.ino;
                 }
                 let mut parent_rec = m.dir(dir)?;
+                dest_dir = Some(dir);
                 if let Some((_, old)) = meta::lookup_dirent(&m.t.dirents, dir, dst_name)? {
                     remove_tree(&mut m, dir, dst_name, old)?;
                     replaced = true;
@@ -1291,8 +1293,12 @@ impl Volume {
         self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
         self.map_epoch.fetch_add(1, Ordering::SeqCst);
         report.replaced = replaced;
+        drop(_c);
         self.send(Msg::Reap);
-        self.invalidate_entry(meta::ROOT_INO, b"");
+        if let Some(dir) = dest_dir {
+            // Outside content_lock (see `snap_rollback`).
+            self.invalidate_entry(dir, dst_name);
+        }
         Ok(report)
     }
 
@@ -1388,8 +1394,12 @@ impl Volume {
                             }
                             match want {
                                 Some((_, r)) => {
+                                    // An inode the snapshot saw unlinked
+                                    // but open is the reaper's again.
                                     if r.nlink > 0 {
                                         orphans.remove(*id)?;
+                                    } else {
+                                        orphans.insert(*id, g.current)?;
                                     }
                                     t.write_inode(*id, &r)?;
                                 }
@@ -1469,6 +1479,10 @@ impl Volume {
                 _ => {}
             }
         }
+        // Not under content_lock: the kernel takes a directory's lock to
+        // drop an entry, and a create in that directory may be waiting
+        // for content_lock while holding it.
+        drop(_c);
         for ino in &changed_inodes {
             self.invalidate_inode(*ino);
         }
