@@ -921,22 +921,12 @@ impl Volume {
             return Err(Error::Errno(libc::ENOTDIR));
         }
         let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
-        let mut entries = vec![
-            DirEntry {
-                name: b".".to_vec(),
-                ino,
-                kind: Kind::Dir,
-            },
-            DirEntry {
-                name: b"..".to_vec(),
-                ino: if rec.parent == 0 {
-                    meta::ROOT_INO
-                } else {
-                    rec.parent
-                },
-                kind: Kind::Dir,
-            },
-        ];
+        let up = if rec.parent == 0 {
+            meta::ROOT_INO
+        } else {
+            rec.parent
+        };
+        let mut entries = dot_entries(ino, up);
         if ino == meta::ROOT_INO && self.snaps.visible.load(Ordering::Relaxed) {
             entries.push(DirEntry {
                 name: SNAPDIR_NAME.to_vec(),
@@ -1179,15 +1169,27 @@ impl Volume {
             return Ok(out);
         }
         let rec = self.read_inode(ino)?;
+        self.read_record(&rec, off, size, || self.chunk_map(ino))
+    }
+
+    /// Reads a committed file (live or in a snapshot) from its record and,
+    /// when chunked, the chunk map `map` gives.
+    fn read_record(
+        &self,
+        rec: &InodeRec,
+        off: u64,
+        size: u32,
+        map: impl FnOnce() -> Result<Arc<ChunkMap>>,
+    ) -> Result<Vec<u8>> {
         let end = (off + size as u64).min(rec.size);
         if off >= end {
             return Ok(Vec::new());
         }
-        match rec.content {
+        match &rec.content {
             Content::Inline(b) => Ok(b[off as usize..(end as usize).min(b.len())].to_vec()),
             Content::Empty => Ok(vec![0u8; (end - off) as usize]),
             Content::Chunked => {
-                let map = self.chunk_map(ino)?;
+                let map = map()?;
                 let mut out = vec![0u8; (end - off) as usize];
                 self.read_map(&map, off, &mut out)?;
                 Ok(out)
@@ -1923,6 +1925,22 @@ fn write_sidecar(s: &Staged, sync: bool) -> io::Result<()> {
         fs::write(&tmp, &bytes)?;
         fs::rename(&tmp, &path)
     }
+}
+
+/// A directory listing's "." and "..".
+fn dot_entries(ino: u64, up: u64) -> Vec<DirEntry> {
+    vec![
+        DirEntry {
+            name: b".".to_vec(),
+            ino,
+            kind: Kind::Dir,
+        },
+        DirEntry {
+            name: b"..".to_vec(),
+            ino: up,
+            kind: Kind::Dir,
+        },
+    ]
 }
 
 /// Snapshots are read-only.

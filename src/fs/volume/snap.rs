@@ -487,18 +487,7 @@ impl Volume {
     pub(super) fn snap_entries(&self, ino: u64) -> Result<Vec<DirEntry>> {
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         if ino == SNAPDIR_INO {
-            let mut out = vec![
-                DirEntry {
-                    name: b".".to_vec(),
-                    ino,
-                    kind: Kind::Dir,
-                },
-                DirEntry {
-                    name: b"..".to_vec(),
-                    ino: meta::ROOT_INO,
-                    kind: Kind::Dir,
-                },
-            ];
+            let mut out = dot_entries(ino, meta::ROOT_INO);
             let mut snaps = load_snaps(&rt)?;
             snaps.sort_by(|a, b| a.0.cmp(&b.0));
             for (name, r) in snaps {
@@ -519,18 +508,7 @@ impl Volume {
         } else {
             join(sid, rec.parent)
         };
-        let mut out = vec![
-            DirEntry {
-                name: b".".to_vec(),
-                ino,
-                kind: Kind::Dir,
-            },
-            DirEntry {
-                name: b"..".to_vec(),
-                ino: up,
-                kind: Kind::Dir,
-            },
-        ];
+        let mut out = dot_entries(ino, up);
         let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
         for (name, v) in meta::list_dir_at(&d, inner, sgen, None)? {
             out.push(DirEntry {
@@ -552,20 +530,7 @@ impl Volume {
 
     pub(super) fn snap_read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let (_, _, _, rec) = self.snap_inode(ino)?;
-        let end = (off + size as u64).min(rec.size);
-        if off >= end {
-            return Ok(Vec::new());
-        }
-        match rec.content {
-            Content::Inline(b) => Ok(b[off as usize..(end as usize).min(b.len())].to_vec()),
-            Content::Empty => Ok(vec![0u8; (end - off) as usize]),
-            Content::Chunked => {
-                let map = self.snap_chunk_map(ino)?;
-                let mut out = vec![0u8; (end - off) as usize];
-                self.read_map(&map, off, &mut out)?;
-                Ok(out)
-            }
-        }
+        self.read_record(&rec, off, size, || self.snap_chunk_map(ino))
     }
 
     /// The chunk map of a snapshot file. Snapshot inode numbers are never
