@@ -1276,9 +1276,14 @@ impl Volume {
     pub fn snap_rollback(&self, snap: &str, force: bool) -> Result<RollbackReport> {
         self.check_writable()?;
         self.check_space(Space::Grows)?;
-        let open_writers: Vec<u64> = self
+        // Lock order: an entry, then the map; so copy the map out first.
+        let staged: Vec<(u64, Arc<Mutex<Staged>>)> = self
             .staged
             .lock()
+            .iter()
+            .map(|(i, s)| (*i, s.clone()))
+            .collect();
+        let open_writers: Vec<u64> = staged
             .iter()
             .filter(|(_, s)| s.lock().writers > 0)
             .map(|(i, _)| *i)
