@@ -1021,7 +1021,11 @@ impl<'s> Batch<'s> {
                 })?;
             }
             let mut dead_change: HashMap<PackId, i64> = HashMap::new();
-            for (id, n) in &self.new {
+            // In key order: each leaf of the chunk table is dirtied once, and
+            // redb's small page cache is not thrashed by random keys.
+            let mut new: Vec<(&ChunkId, &NewChunk)> = self.new.iter().collect();
+            new.sort_unstable_by_key(|(id, _)| **id);
+            for (id, n) in new {
                 let existing = match chunks.get(&id.0)? {
                     Some(v) => {
                         Some(ChunkEntry::decode(v.value()).map_err(|e| Error::Db(e.to_string()))?)
