@@ -607,12 +607,14 @@ impl Store {
         self.commit_lock.lock()
     }
 
-    fn take_writer(&self) -> Result<PackWriter> {
+    /// A writer with room: an idle one, or a new pack written through
+    /// `lane` (the lane of the caller's previous, now full, pack).
+    fn take_writer(&self, lane: Option<Arc<pack::IoLane>>) -> Result<PackWriter> {
         if let Some(w) = self.writers.lock().pop() {
             return Ok(w);
         }
         let id = PackId(self.next_pack.fetch_add(1, Ordering::SeqCst));
-        let w = PackWriter::create(&self.dir, id)
+        let w = PackWriter::create(&self.dir, id, lane)
             .map_err(|e| Error::io(format!("creating {id}"), e))?;
         self.active_packs.lock().insert(id);
         Ok(w)
@@ -630,7 +632,8 @@ impl Store {
             // Never named by a commit: nothing can refer to it.
             let _ = fs::remove_file(pack::pack_path(&self.dir, w.id));
         }
-        if keep && w.committed_len != 0 && w.len < self.config.pack_target_bytes {
+        if keep && !w.is_failed() && w.committed_len != 0 && w.len < self.config.pack_target_bytes {
+            w.free_buffers();
             self.writers.lock().push(w);
         } else {
             self.active_packs.lock().remove(&w.id);
@@ -907,7 +910,8 @@ impl<'s> Batch<'s> {
         let cfg = &self.store.config;
         let (bh, payload) = self.encoder.encode(data);
         if self.writer.is_none() {
-            self.writer = Some(self.store.take_writer()?);
+            let lane = self.full.last().map(|w| w.lane());
+            self.writer = Some(self.store.take_writer(lane)?);
         }
         let Some(w) = self.writer.as_mut() else {
             return Err(Error::Invalid("no pack writer".into()));
@@ -925,9 +929,13 @@ impl<'s> Batch<'s> {
             },
         );
         if w.len >= cfg.pack_target_bytes
-            && let Some(w) = self.writer.take()
+            && let Some(mut w) = self.writer.take()
         {
+            // Start its sync now, while we go on chunking into the next one.
+            let sealed = w.seal();
+            let id = w.id;
             self.full.push(w);
+            sealed.map_err(|e| Error::io(format!("sealing {id}"), e))?;
         }
         if self.new.len() >= FLUSH_EVERY_CHUNKS {
             self.commit_inner(false, |_| Ok(()))?;
