@@ -51,6 +51,10 @@ pub const INDEX_FORMAT_VERSION: u64 = 1;
 /// Chunks a batch may hold uncommitted before it commits them on its own
 /// (their places, not yet their references), bounding a batch's memory.
 const FLUSH_EVERY_CHUNKS: usize = 32768;
+/// The undo record of a commit is stored in values of at most this many
+/// deltas (64 KB each), so neither a value nor the redb page holding it
+/// grows with the size of a commit.
+const UNDO_SEGMENT_DELTAS: usize = 2000;
 /// redb's page cache for index.redb. Small on purpose: lookups of new chunks
 /// are answered by the negative cache, so a bigger cache only grows memory
 /// with the store (4 GiB of unique data filled 16 MiB and cost 1.6x the
@@ -656,7 +660,7 @@ impl Store {
             st.insert("commit_seq", seq)?;
             st.insert("ref_seq", ref_seq.saturating_sub(1))?;
             let mut undo = tx.open_table(UNDO)?;
-            undo.remove("last")?;
+            undo.retain(|_, _| false)?;
         }
         tx.commit()?;
         Ok(())
@@ -666,15 +670,18 @@ impl Store {
     pub fn last_ref_deltas(&self) -> Result<Option<Vec<(ChunkId, OwnerId, i64)>>> {
         let rt = self.db.begin_read()?;
         let undo = rt.open_table(UNDO)?;
-        let Some(v) = undo.get("last")? else {
-            return Ok(None);
-        };
-        format::decode_ref_deltas(v.value())
-            .map(Some)
-            .map_err(|e| Error::IndexDamaged {
+        let mut out: Option<Vec<_>> = None;
+        // "last" (one value, as written before undo records were split) or
+        // "last/NNNNNNNN" segments; a table holds one or the other.
+        for row in undo.iter()? {
+            let (_, v) = row?;
+            let seg = format::decode_ref_deltas(v.value()).map_err(|e| Error::IndexDamaged {
                 path: self.dir.join(INDEX_FILE),
                 why: e.to_string(),
-            })
+            })?;
+            out.get_or_insert_with(Vec::new).extend(seg);
+        }
+        Ok(out)
     }
 
     /// Counters, pack totals, and the negative cache size.
@@ -805,6 +812,19 @@ pub fn adjust_pack(
     };
     f(&mut e);
     packs.insert(pack.0, e.encode().as_slice())?;
+    Ok(())
+}
+
+/// Replaces the undo record with `deltas`, split into segments.
+fn write_undo(
+    undo: &mut redb::Table<&'static str, &'static [u8]>,
+    deltas: &[(ChunkId, OwnerId, i64)],
+) -> Result<()> {
+    undo.retain(|_, _| false)?;
+    for (n, seg) in deltas.chunks(UNDO_SEGMENT_DELTAS).enumerate() {
+        let key = format!("last/{n:08}");
+        undo.insert(key.as_str(), format::encode_ref_deltas(seg).as_slice())?;
+    }
     Ok(())
 }
 
@@ -953,19 +973,21 @@ impl<'s> Batch<'s> {
             .extend(chunks.into_iter().map(|c| (c, owner, -1)));
     }
 
-    /// Sums the deltas per (chunk, owner) in place, dropping zeros.
+    /// Sums the deltas per (chunk, owner) in place, dropping zeros. In
+    /// place because a big object's deltas are the biggest thing a commit
+    /// holds; sorted, so the index is updated leaf by leaf.
     fn merged_deltas(&mut self) -> Vec<(ChunkId, OwnerId, i64)> {
         let mut d = std::mem::take(&mut self.deltas);
         d.sort_unstable_by_key(|(c, o, _)| (*c, *o));
-        let mut out: Vec<(ChunkId, OwnerId, i64)> = Vec::with_capacity(d.len());
-        for (c, o, n) in d {
-            match out.last_mut() {
-                Some(last) if last.0 == c && last.1 == o => last.2 += n,
-                _ => out.push((c, o, n)),
+        d.dedup_by(|next, kept| {
+            let same = next.0 == kept.0 && next.1 == kept.1;
+            if same {
+                kept.2 += next.2;
             }
-        }
-        out.retain(|x| x.2 != 0);
-        out
+            same
+        });
+        d.retain(|x| x.2 != 0);
+        d
     }
 
     pub fn is_empty(&self) -> bool {
@@ -993,6 +1015,7 @@ impl<'s> Batch<'s> {
             then(None)?;
             return Ok(CommitInfo::default());
         }
+        let t0 = std::time::Instant::now();
         // Blobs first: everything the index will name must be on disk,
         // including the directory entries of packs no commit named before.
         let mut new_pack = false;
@@ -1004,6 +1027,7 @@ impl<'s> Batch<'s> {
         if new_pack {
             sync_pack_dirs(&self.store.dir)?;
         }
+        let t_sync = t0.elapsed();
         let deltas = if final_commit {
             self.merged_deltas()
         } else {
@@ -1076,14 +1100,26 @@ impl<'s> Batch<'s> {
             } else {
                 let r = st.get("ref_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
                 st.insert("ref_seq", r)?;
-                undo.insert("last", format::encode_ref_deltas(&deltas).as_slice())?;
+                write_undo(&mut undo, &deltas)?;
                 ref_seq = Some(r);
             }
             counters.commits += 1;
             counters.save(&mut st)?;
             st.insert("commit_seq", seq)?;
         }
+        let t_tx = t0.elapsed();
         tx.commit()?;
+        let n_deltas = deltas.len();
+        // The meta commit below holds the object's chunk list twice over;
+        // the deltas need not be held with it (the undo record has them).
+        drop(deltas);
+        log::debug!(
+            "commit: {} new chunks, {} ref deltas: sync {t_sync:?}, index writes {:?}, index commit {:?}",
+            self.new.len(),
+            n_deltas,
+            t_tx - t_sync,
+            t0.elapsed() - t_tx
+        );
         let new_chunks = self.new.len();
         self.new.clear();
         self.read = None;
@@ -1098,7 +1134,9 @@ impl<'s> Batch<'s> {
         }
         if final_commit && let Err(e) = then(ref_seq) {
             if ref_seq.is_some()
-                && let Err(undo_err) = store.undo_ref_deltas(&deltas)
+                && let Err(undo_err) = store
+                    .last_ref_deltas()
+                    .and_then(|d| store.undo_ref_deltas(&d.unwrap_or_default()))
             {
                 // The index now counts references nobody holds; the next
                 // open sees ref_seq ahead of meta and undoes them.
