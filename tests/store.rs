@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use dedupfs::NoProgress;
-use dedupfs::format::{ChunkId, OwnerId};
+use dedupfs::format::{ChunkId, ChunkerParams, OwnerId};
 use dedupfs::repo::Repo;
 use dedupfs::store::{Error, InitOptions, pack};
 use proptest::prelude::*;
@@ -437,6 +437,71 @@ fn disk_full_fails_with_enospc_and_recovers() {
         .unwrap();
     assert_eq!(get(&repo, "medium").unwrap(), medium);
     assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+/// A repo whose chunks are small, so a few MB make thousands of them.
+fn small_chunk_repo(dir: &Path) -> Repo {
+    let opts = InitOptions {
+        chunker: ChunkerParams {
+            min: 64,
+            avg: 256,
+            max: 1024,
+        },
+        ..InitOptions::default()
+    };
+    Repo::init(dir, &opts).unwrap();
+    Repo::open(dir).unwrap()
+}
+
+#[test]
+fn an_undo_record_of_many_segments_is_reversed_after_a_failed_meta_commit() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = small_chunk_repo(&dir);
+    repo.put_object(OwnerId::LOCAL, "kept", &random_bytes(64 << 10, 1)[..])
+        .unwrap();
+    let before = repo.store().stats().unwrap().counters;
+    let mut b = repo.store().batch().unwrap();
+    let refs = b.ingest(&random_bytes(2 << 20, 2)[..]).unwrap();
+    assert!(
+        refs.len() > 5000,
+        "{} chunks: want several undo segments",
+        refs.len()
+    );
+    b.add_refs(OwnerId::LOCAL, refs.iter().map(|c| c.id));
+    let err = b
+        .commit(|_| Err(Error::Invalid("meta refused".into())))
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)), "{err}");
+    let after = repo.store().stats().unwrap().counters;
+    assert_eq!(after.logical_bytes, before.logical_bytes);
+    assert_eq!(after.live_chunks, before.live_chunks);
+    drop(repo);
+    let repo = Repo::open(&dir).unwrap();
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+#[test]
+fn an_index_commit_whose_meta_commit_never_landed_is_undone_at_open() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = small_chunk_repo(&dir);
+    let kept = random_bytes(64 << 10, 3);
+    repo.put_object(OwnerId::LOCAL, "kept", &kept[..]).unwrap();
+    let before = repo.store().stats().unwrap().counters;
+    let mut b = repo.store().batch().unwrap();
+    let refs = b.ingest(&random_bytes(2 << 20, 4)[..]).unwrap();
+    b.add_refs(OwnerId::LOCAL, refs.iter().map(|c| c.id));
+    // The index commits; the meta commit that should follow never happens,
+    // as after a crash between the two.
+    b.commit(|_| Ok(())).unwrap();
+    drop(repo);
+    let repo = Repo::open(&dir).unwrap();
+    let after = repo.store().stats().unwrap().counters;
+    assert_eq!(after.logical_bytes, before.logical_bytes);
+    assert_eq!(after.live_chunks, before.live_chunks);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+    assert_eq!(get(&repo, "kept").unwrap(), kept);
 }
 
 fn nix_root() -> bool {

@@ -179,7 +179,7 @@ pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcRe
             let bytes = pack::read_record(&file, rec.offset, e.record_len)
                 .map_err(|why| Error::io(format!("reading {pid}"), std::io::Error::other(why)))?;
             if writer.is_none() {
-                writer = Some(store.take_writer()?);
+                writer = Some(store.take_writer(None)?);
             }
             if let Some(w) = writer.as_mut() {
                 let off = w

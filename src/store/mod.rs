@@ -51,6 +51,10 @@ pub const INDEX_FORMAT_VERSION: u64 = 1;
 /// Chunks a batch may hold uncommitted before it commits them on its own
 /// (their places, not yet their references), bounding a batch's memory.
 const FLUSH_EVERY_CHUNKS: usize = 32768;
+/// The undo record of a commit is stored in values of at most this many
+/// deltas (64 KB each), so neither a value nor the redb page holding it
+/// grows with the size of a commit.
+const UNDO_SEGMENT_DELTAS: usize = 2000;
 /// redb's page cache for index.redb. Small on purpose: lookups of new chunks
 /// are answered by the negative cache, so a bigger cache only grows memory
 /// with the store (4 GiB of unique data filled 16 MiB and cost 1.6x the
@@ -607,12 +611,14 @@ impl Store {
         self.commit_lock.lock()
     }
 
-    fn take_writer(&self) -> Result<PackWriter> {
+    /// A writer with room: an idle one, or a new pack written through
+    /// `lane` (the lane of the caller's previous, now full, pack).
+    fn take_writer(&self, lane: Option<Arc<pack::IoLane>>) -> Result<PackWriter> {
         if let Some(w) = self.writers.lock().pop() {
             return Ok(w);
         }
         let id = PackId(self.next_pack.fetch_add(1, Ordering::SeqCst));
-        let w = PackWriter::create(&self.dir, id)
+        let w = PackWriter::create(&self.dir, id, lane)
             .map_err(|e| Error::io(format!("creating {id}"), e))?;
         self.active_packs.lock().insert(id);
         Ok(w)
@@ -630,7 +636,8 @@ impl Store {
             // Never named by a commit: nothing can refer to it.
             let _ = fs::remove_file(pack::pack_path(&self.dir, w.id));
         }
-        if keep && w.committed_len != 0 && w.len < self.config.pack_target_bytes {
+        if keep && !w.is_failed() && w.committed_len != 0 && w.len < self.config.pack_target_bytes {
+            w.free_buffers();
             self.writers.lock().push(w);
         } else {
             self.active_packs.lock().remove(&w.id);
@@ -653,7 +660,7 @@ impl Store {
             st.insert("commit_seq", seq)?;
             st.insert("ref_seq", ref_seq.saturating_sub(1))?;
             let mut undo = tx.open_table(UNDO)?;
-            undo.remove("last")?;
+            undo.retain(|_, _| false)?;
         }
         tx.commit()?;
         Ok(())
@@ -663,15 +670,18 @@ impl Store {
     pub fn last_ref_deltas(&self) -> Result<Option<Vec<(ChunkId, OwnerId, i64)>>> {
         let rt = self.db.begin_read()?;
         let undo = rt.open_table(UNDO)?;
-        let Some(v) = undo.get("last")? else {
-            return Ok(None);
-        };
-        format::decode_ref_deltas(v.value())
-            .map(Some)
-            .map_err(|e| Error::IndexDamaged {
+        let mut out: Option<Vec<_>> = None;
+        // "last" (one value, as written before undo records were split) or
+        // "last/NNNNNNNN" segments; a table holds one or the other.
+        for row in undo.iter()? {
+            let (_, v) = row?;
+            let seg = format::decode_ref_deltas(v.value()).map_err(|e| Error::IndexDamaged {
                 path: self.dir.join(INDEX_FILE),
                 why: e.to_string(),
-            })
+            })?;
+            out.get_or_insert_with(Vec::new).extend(seg);
+        }
+        Ok(out)
     }
 
     /// Counters, pack totals, and the negative cache size.
@@ -805,6 +815,19 @@ pub fn adjust_pack(
     Ok(())
 }
 
+/// Replaces the undo record with `deltas`, split into segments.
+fn write_undo(
+    undo: &mut redb::Table<&'static str, &'static [u8]>,
+    deltas: &[(ChunkId, OwnerId, i64)],
+) -> Result<()> {
+    undo.retain(|_, _| false)?;
+    for (n, seg) in deltas.chunks(UNDO_SEGMENT_DELTAS).enumerate() {
+        let key = format!("last/{n:08}");
+        undo.insert(key.as_str(), format::encode_ref_deltas(seg).as_slice())?;
+    }
+    Ok(())
+}
+
 /// Syncs `packs/` and its fan-out directories, so that new pack files are
 /// durable before a commit names them.
 fn sync_pack_dirs(dir: &Path) -> Result<()> {
@@ -907,7 +930,8 @@ impl<'s> Batch<'s> {
         let cfg = &self.store.config;
         let (bh, payload) = self.encoder.encode(data);
         if self.writer.is_none() {
-            self.writer = Some(self.store.take_writer()?);
+            let lane = self.full.last().map(|w| w.lane());
+            self.writer = Some(self.store.take_writer(lane)?);
         }
         let Some(w) = self.writer.as_mut() else {
             return Err(Error::Invalid("no pack writer".into()));
@@ -925,9 +949,13 @@ impl<'s> Batch<'s> {
             },
         );
         if w.len >= cfg.pack_target_bytes
-            && let Some(w) = self.writer.take()
+            && let Some(mut w) = self.writer.take()
         {
+            // Start its sync now, while we go on chunking into the next one.
+            let sealed = w.seal();
+            let id = w.id;
             self.full.push(w);
+            sealed.map_err(|e| Error::io(format!("sealing {id}"), e))?;
         }
         if self.new.len() >= FLUSH_EVERY_CHUNKS {
             self.commit_inner(false, |_| Ok(()))?;
@@ -945,19 +973,21 @@ impl<'s> Batch<'s> {
             .extend(chunks.into_iter().map(|c| (c, owner, -1)));
     }
 
-    /// Sums the deltas per (chunk, owner) in place, dropping zeros.
+    /// Sums the deltas per (chunk, owner) in place, dropping zeros. In
+    /// place because a big object's deltas are the biggest thing a commit
+    /// holds; sorted, so the index is updated leaf by leaf.
     fn merged_deltas(&mut self) -> Vec<(ChunkId, OwnerId, i64)> {
         let mut d = std::mem::take(&mut self.deltas);
         d.sort_unstable_by_key(|(c, o, _)| (*c, *o));
-        let mut out: Vec<(ChunkId, OwnerId, i64)> = Vec::with_capacity(d.len());
-        for (c, o, n) in d {
-            match out.last_mut() {
-                Some(last) if last.0 == c && last.1 == o => last.2 += n,
-                _ => out.push((c, o, n)),
+        d.dedup_by(|next, kept| {
+            let same = next.0 == kept.0 && next.1 == kept.1;
+            if same {
+                kept.2 += next.2;
             }
-        }
-        out.retain(|x| x.2 != 0);
-        out
+            same
+        });
+        d.retain(|x| x.2 != 0);
+        d
     }
 
     pub fn is_empty(&self) -> bool {
@@ -985,6 +1015,7 @@ impl<'s> Batch<'s> {
             then(None)?;
             return Ok(CommitInfo::default());
         }
+        let t0 = std::time::Instant::now();
         // Blobs first: everything the index will name must be on disk,
         // including the directory entries of packs no commit named before.
         let mut new_pack = false;
@@ -996,6 +1027,7 @@ impl<'s> Batch<'s> {
         if new_pack {
             sync_pack_dirs(&self.store.dir)?;
         }
+        let t_sync = t0.elapsed();
         let deltas = if final_commit {
             self.merged_deltas()
         } else {
@@ -1021,7 +1053,11 @@ impl<'s> Batch<'s> {
                 })?;
             }
             let mut dead_change: HashMap<PackId, i64> = HashMap::new();
-            for (id, n) in &self.new {
+            // In key order: each leaf of the chunk table is dirtied once, and
+            // redb's small page cache is not thrashed by random keys.
+            let mut new: Vec<(&ChunkId, &NewChunk)> = self.new.iter().collect();
+            new.sort_unstable_by_key(|(id, _)| **id);
+            for (id, n) in new {
                 let existing = match chunks.get(&id.0)? {
                     Some(v) => {
                         Some(ChunkEntry::decode(v.value()).map_err(|e| Error::Db(e.to_string()))?)
@@ -1064,14 +1100,26 @@ impl<'s> Batch<'s> {
             } else {
                 let r = st.get("ref_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
                 st.insert("ref_seq", r)?;
-                undo.insert("last", format::encode_ref_deltas(&deltas).as_slice())?;
+                write_undo(&mut undo, &deltas)?;
                 ref_seq = Some(r);
             }
             counters.commits += 1;
             counters.save(&mut st)?;
             st.insert("commit_seq", seq)?;
         }
+        let t_tx = t0.elapsed();
         tx.commit()?;
+        let n_deltas = deltas.len();
+        // The meta commit below holds the object's chunk list twice over;
+        // the deltas need not be held with it (the undo record has them).
+        drop(deltas);
+        log::debug!(
+            "commit: {} new chunks, {} ref deltas: sync {t_sync:?}, index writes {:?}, index commit {:?}",
+            self.new.len(),
+            n_deltas,
+            t_tx - t_sync,
+            t0.elapsed() - t_tx
+        );
         let new_chunks = self.new.len();
         self.new.clear();
         self.read = None;
@@ -1086,7 +1134,9 @@ impl<'s> Batch<'s> {
         }
         if final_commit && let Err(e) = then(ref_seq) {
             if ref_seq.is_some()
-                && let Err(undo_err) = store.undo_ref_deltas(&deltas)
+                && let Err(undo_err) = store
+                    .last_ref_deltas()
+                    .and_then(|d| store.undo_ref_deltas(&d.unwrap_or_default()))
             {
                 // The index now counts references nobody holds; the next
                 // open sees ref_seq ahead of meta and undoes them.

@@ -8,6 +8,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
 
 use crate::format::{
     self, BlobHeader, ChunkId, Compression, PACK_HEADER_LEN, PackId, RECORD_HEADER_LEN,
@@ -19,29 +24,156 @@ pub fn pack_path(dir: &Path, id: PackId) -> PathBuf {
 }
 
 /// An open pack being appended to by one batch at a time.
+///
+/// The caller fills a buffer; a writer thread (an `IoLane`) does the
+/// `pwrite`s and the syncs, so the ingest thread goes on chunking and
+/// hashing while the disk works. `sync` and `rollback` wait for every write
+/// handed over before them, so the order blobs, then index still holds.
 pub struct PackWriter {
     pub id: PackId,
-    file: File,
+    file: Arc<File>,
     buf: Vec<u8>,
     /// File length including buffered bytes.
     pub len: u64,
     /// Length the index vouches for (synced and committed).
     pub committed_len: u64,
+    /// Bytes handed to the writer thread: `buf` starts at this offset.
+    handed_len: u64,
     /// Length known to be on stable storage.
     synced_len: u64,
-    /// A thread that starts writeback of what we appended while we go on
-    /// chunking, so the commit's sync finds little left to wait for.
-    writeback: Option<std::sync::mpsc::SyncSender<()>>,
-    written_since_kick: u64,
+    lane: Arc<IoLane>,
+    /// Reply to a sync started when the pack filled up (`seal`).
+    pending_sync: Option<(u64, Receiver<io::Result<()>>)>,
+    /// Set once a write or sync failed: the pack takes no more appends and
+    /// is retired, never pooled.
+    failed: bool,
 }
 
-/// Bytes appended between early-writeback kicks.
+/// Size of one buffer handed to the writer thread.
+const WRITE_BUF: usize = 1 << 20;
+/// Buffers queued on a lane before the ingest thread waits: with the one
+/// being written and the one being filled, a lane holds at most
+/// `QUEUE_DEPTH + 2` buffers however slow the disk.
+const QUEUE_DEPTH: usize = 4;
+/// Bytes a lane writes to one pack between syncs of its own, so the data
+/// reaches the disk while ingest goes on and the commit's sync finds little
+/// left to wait for.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
-const WRITE_BUF: usize = 1 << 20;
+enum IoMsg {
+    Write {
+        file: Arc<File>,
+        at: u64,
+        buf: Vec<u8>,
+    },
+    /// Reply once everything before it is written (and `sync` synced).
+    Barrier {
+        sync: Option<Arc<File>>,
+        reply: SyncSender<io::Result<()>>,
+    },
+}
+
+/// A writer thread with a bounded queue. A batch's packs share one lane
+/// (a full pack passes its lane on to the next), so the memory in flight is
+/// bounded per batch, not per pack.
+pub struct IoLane {
+    tx: SyncSender<IoMsg>,
+    /// Emptied buffers coming back for reuse (a Mutex only to make the
+    /// lane Sync; one batch uses it at a time).
+    spare: Mutex<Receiver<Vec<u8>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl IoLane {
+    pub fn spawn() -> io::Result<Arc<IoLane>> {
+        let (tx, rx) = sync_channel::<IoMsg>(QUEUE_DEPTH);
+        let (spare_tx, spare) = sync_channel::<Vec<u8>>(QUEUE_DEPTH + 1);
+        let handle = std::thread::Builder::new()
+            .name("pack-writer".into())
+            .spawn(move || io_loop(&rx, &spare_tx))?;
+        Ok(Arc::new(IoLane {
+            tx,
+            spare: Mutex::new(spare),
+            handle: Some(handle),
+        }))
+    }
+
+    /// Frees the buffers kept for reuse (an idle writer holds none).
+    fn free_spares(&self) {
+        let spare = self.spare.lock();
+        while spare.try_recv().is_ok() {}
+    }
+}
+
+impl Drop for IoLane {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once it has written what it
+        // holds; joining means no write can land after we return.
+        let (dead, _) = sync_channel(0);
+        drop(std::mem::replace(&mut self.tx, dead));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The writer thread: writes buffers in order, syncs a pack every
+/// `WRITEBACK_EVERY` bytes, and answers barriers. After the first error it
+/// writes nothing more and reports that error to every barrier.
+fn io_loop(rx: &Receiver<IoMsg>, spare: &SyncSender<Vec<u8>>) {
+    let mut err: Option<io::Error> = None;
+    let mut unsynced = 0u64;
+    for msg in rx {
+        match msg {
+            IoMsg::Write { file, at, mut buf } => {
+                if err.is_none() {
+                    match file.write_all_at(&buf, at) {
+                        Ok(()) => unsynced += buf.len() as u64,
+                        Err(e) => err = Some(e),
+                    }
+                }
+                if err.is_none() && unsynced >= WRITEBACK_EVERY {
+                    unsynced = 0;
+                    if let Err(e) = file.sync_data() {
+                        err = Some(e);
+                    }
+                }
+                buf.clear();
+                let _ = spare.try_send(buf);
+            }
+            IoMsg::Barrier { sync, reply } => {
+                if err.is_none()
+                    && let Some(f) = sync
+                {
+                    unsynced = 0;
+                    if let Err(e) = f.sync_data() {
+                        err = Some(e);
+                    }
+                }
+                let _ = reply.send(match &err {
+                    None => Ok(()),
+                    Some(e) => Err(copy_err(e)),
+                });
+            }
+        }
+    }
+}
+
+/// io::Error is not Clone; keep the OS error (ENOSPC must stay ENOSPC).
+fn copy_err(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+fn lane_gone() -> io::Error {
+    io::Error::other("pack writer thread is gone")
+}
 
 impl PackWriter {
-    pub fn create(dir: &Path, id: PackId) -> io::Result<PackWriter> {
+    /// Creates pack `id`, written through `lane` (a new one if `None`).
+    pub fn create(dir: &Path, id: PackId, lane: Option<Arc<IoLane>>) -> io::Result<PackWriter> {
         let path = pack_path(dir, id);
         let parent = path.parent().unwrap_or(dir);
         fs::create_dir_all(parent)?;
@@ -53,16 +185,27 @@ impl PackWriter {
         file.write_all(&format::encode_pack_header(id))?;
         // No sync here: the first commit that names this pack syncs its data
         // and the packs directory (`sync`, `is_new`).
+        let lane = match lane {
+            Some(l) => l,
+            None => IoLane::spawn()?,
+        };
         Ok(PackWriter {
             id,
-            file,
-            buf: Vec::with_capacity(WRITE_BUF),
+            file: Arc::new(file),
+            buf: Vec::new(),
             len: PACK_HEADER_LEN as u64,
             committed_len: 0,
+            handed_len: PACK_HEADER_LEN as u64,
             synced_len: 0,
-            writeback: None,
-            written_since_kick: 0,
+            lane,
+            pending_sync: None,
+            failed: false,
         })
+    }
+
+    /// The lane this pack is written through, to pass on to the next pack.
+    pub fn lane(&self) -> Arc<IoLane> {
+        self.lane.clone()
     }
 
     /// Appends one record; returns its offset and length.
@@ -75,9 +218,7 @@ impl PackWriter {
         let rh = RecordHeader::for_blob(id, blob_header, payload);
         let offset = self.len;
         let rec_len = rh.record_len();
-        if self.buf.len() + rec_len as usize > WRITE_BUF {
-            self.flush()?;
-        }
+        self.make_room(rec_len as usize)?;
         self.buf.extend_from_slice(&rh.encode());
         self.buf.extend_from_slice(blob_header);
         self.buf.extend_from_slice(payload);
@@ -88,47 +229,96 @@ impl PackWriter {
     /// Appends a record that is already framed (gc copies records verbatim).
     pub fn append_raw(&mut self, record: &[u8]) -> io::Result<u64> {
         let offset = self.len;
-        if self.buf.len() + record.len() > WRITE_BUF {
-            self.flush()?;
-        }
+        self.make_room(record.len())?;
         self.buf.extend_from_slice(record);
         self.len += record.len() as u64;
         Ok(offset)
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.file.write_all(&self.buf)?;
-            self.written_since_kick += self.buf.len() as u64;
-            self.buf.clear();
-            if self.written_since_kick >= WRITEBACK_EVERY {
-                self.written_since_kick = 0;
-                self.kick_writeback();
+    /// Hands the buffer over if `n` more bytes would not fit, and makes sure
+    /// there is a buffer to append to.
+    fn make_room(&mut self, n: usize) -> io::Result<()> {
+        if self.failed {
+            return Err(self.barrier(None).err().unwrap_or_else(lane_gone));
+        }
+        if !self.buf.is_empty() && self.buf.len() + n > WRITE_BUF {
+            self.hand_over()?;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf = self.lane.spare.lock().try_recv().unwrap_or_default();
+            self.buf.reserve(WRITE_BUF.max(n));
+        }
+        Ok(())
+    }
+
+    /// Sends the buffered bytes to the writer thread.
+    fn hand_over(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let n = buf.len() as u64;
+        let msg = IoMsg::Write {
+            file: self.file.clone(),
+            at: self.handed_len,
+            buf,
+        };
+        if self.lane.tx.send(msg).is_err() {
+            self.failed = true;
+            return Err(lane_gone());
+        }
+        self.handed_len += n;
+        Ok(())
+    }
+
+    /// Sends a barrier (syncing this pack if `sync` is given).
+    fn send_barrier(&self, sync: Option<Arc<File>>) -> Option<Receiver<io::Result<()>>> {
+        let (reply, rx) = sync_channel(1);
+        self.lane
+            .tx
+            .send(IoMsg::Barrier { sync, reply })
+            .ok()
+            .map(|_| rx)
+    }
+
+    /// Waits until the lane has done everything handed to it (and synced
+    /// `sync`); returns its first error, if any.
+    fn barrier(&mut self, sync: Option<Arc<File>>) -> io::Result<()> {
+        let r = match self.send_barrier(sync) {
+            Some(rx) => rx.recv().unwrap_or_else(|_| Err(lane_gone())),
+            None => Err(lane_gone()),
+        };
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    /// Called when the pack is full: hands over the last bytes and starts
+    /// their sync without waiting for it. The commit's `sync` collects the
+    /// result.
+    pub fn seal(&mut self) -> io::Result<()> {
+        self.hand_over()?;
+        self.buf = Vec::new();
+        match self.send_barrier(Some(self.file.clone())) {
+            Some(rx) => self.pending_sync = Some((self.handed_len, rx)),
+            None => {
+                self.failed = true;
+                return Err(lane_gone());
             }
         }
         Ok(())
     }
 
-    fn kick_writeback(&mut self) {
-        if self.writeback.is_none() {
-            let Ok(f) = self.file.try_clone() else { return };
-            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-            let spawned = std::thread::Builder::new()
-                .name("pack-writeback".into())
-                .spawn(move || {
-                    while rx.recv().is_ok() {
-                        // Errors surface at the commit's own sync.
-                        let _ = f.sync_data();
-                    }
-                });
-            if spawned.is_ok() {
-                self.writeback = Some(tx);
-            }
-        }
-        if let Some(tx) = &self.writeback {
-            // Full means a sync is already under way: that will do.
-            let _ = tx.try_send(());
-        }
+    /// Frees this writer's buffers while it sits idle in the pool.
+    pub fn free_buffers(&mut self) {
+        self.buf = Vec::new();
+        self.lane.free_spares();
+    }
+
+    /// Whether a write or sync failed (the writer must not be reused).
+    pub fn is_failed(&self) -> bool {
+        self.failed
     }
 
     /// Whether no commit has named this pack yet (its directory entry may
@@ -139,9 +329,18 @@ impl PackWriter {
 
     /// Makes everything appended so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
-        self.flush()?;
+        if let Some((upto, rx)) = self.pending_sync.take() {
+            match rx.recv().unwrap_or_else(|_| Err(lane_gone())) {
+                Ok(()) => self.synced_len = self.synced_len.max(upto),
+                Err(e) => {
+                    self.failed = true;
+                    return Err(e);
+                }
+            }
+        }
         if self.synced_len != self.len {
-            self.file.sync_data()?;
+            self.hand_over()?;
+            self.barrier(Some(self.file.clone()))?;
             self.synced_len = self.len;
         }
         Ok(())
@@ -151,9 +350,14 @@ impl PackWriter {
     /// abandoned batch), so the pack holds no unindexed records.
     pub fn rollback(&mut self) -> io::Result<()> {
         self.buf.clear();
+        self.pending_sync = None;
+        // No write handed over before this may land after the cut; an
+        // error it hit does not matter, those bytes are being cut anyway.
+        let _ = self.barrier(None);
         let keep = self.committed_len.max(PACK_HEADER_LEN as u64);
         self.file.set_len(keep)?;
         self.len = keep;
+        self.handed_len = keep;
         self.synced_len = keep.min(self.synced_len);
         Ok(())
     }
