@@ -12,3 +12,5 @@ mod many;
 mod model;
 mod posix;
 mod snap;
+mod snapfault;
+mod snapmodel;
