@@ -627,6 +627,30 @@ impl<'t> Versioned<'t> {
     }
 }
 
+/// The distinct chunks of every content version of `ino`, leaving out the
+/// versions born at `skip`. The filesystem holds one reference to each
+/// (decision 5's "references follow versions", counted per inode: a new
+/// version of a big file that shares most chunks with a version a snapshot
+/// keeps adds references only for its new chunks).
+pub fn chunks_of_ino(
+    t: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    ino: u64,
+    skip: &[u64],
+) -> Result<std::collections::HashSet<format::ChunkId>> {
+    let mut out = std::collections::HashSet::new();
+    for row in t.range((ino, 0)..=(ino, u64::MAX))? {
+        let (k, v) = row?;
+        if skip.contains(&k.value().1) {
+            continue;
+        }
+        let (_, body) = format::decode_versioned(v.value()).map_err(|e| corrupt("content", e))?;
+        for c in decode_chunk_list_body(body)? {
+            out.insert(c.id);
+        }
+    }
+    Ok(out)
+}
+
 /// Every chunk reference the filesystem's content versions hold.
 pub fn for_each_content(
     db: &Database,

@@ -315,9 +315,19 @@ impl Repo {
             }
             Ok(())
         })?;
-        meta::for_each_content(meta_db, |_, list| {
+        // The filesystem holds one reference per chunk per inode that any of
+        // the inode's content versions contains (rows come in ino order).
+        let mut cur: Option<u64> = None;
+        let mut seen: std::collections::HashSet<ChunkId> = std::collections::HashSet::new();
+        meta::for_each_content(meta_db, |ino, list| {
+            if cur != Some(ino) {
+                cur = Some(ino);
+                seen.clear();
+            }
             for c in list {
-                *counts.entry((c.id, OwnerId::LOCAL)).or_default() += 1;
+                if seen.insert(c.id) {
+                    *counts.entry((c.id, OwnerId::LOCAL)).or_default() += 1;
+                }
             }
             Ok(())
         })?;

@@ -1675,14 +1675,17 @@ impl Volume {
                 continue;
             }
             live[i] = true;
-            if let Some((born, old)) = meta::live_content(&contents, *ino)?
-                && born > g.last_snap
-            {
-                batch.drop_refs(OwnerId::LOCAL, old.iter().map(|c| c.id));
-            }
+            // The live version goes if no snapshot holds it (in place).
+            let skip: Vec<u64> = match meta::live_content(&contents, *ino)? {
+                Some((born, _)) if born > g.last_snap => vec![born],
+                _ => Vec::new(),
+            };
+            let before = meta::chunks_of_ino(&contents, *ino, &[])?;
+            let mut after = meta::chunks_of_ino(&contents, *ino, &skip)?;
             if let NewContent::Chunked(list) = new {
-                batch.add_refs(OwnerId::LOCAL, list.iter().map(|c| c.id));
+                after.extend(list.iter().map(|c| c.id));
             }
+            queue_union_change(batch, &before, &after);
         }
         Ok(live)
     }
@@ -1786,10 +1789,12 @@ impl Volume {
             let g = Gens::load(&rt.open_table(meta::STATE).map_err(store::Error::from)?)?;
             let contents = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
             for ino in &doomed {
-                if let Some((born, old)) = meta::live_content(&contents, *ino)?
+                if let Some((born, _)) = meta::live_content(&contents, *ino)?
                     && born > g.last_snap
                 {
-                    batch.drop_refs(OwnerId::LOCAL, old.iter().map(|c| c.id));
+                    let before = meta::chunks_of_ino(&contents, *ino, &[])?;
+                    let after = meta::chunks_of_ino(&contents, *ino, &[born])?;
+                    queue_union_change(&mut batch, &before, &after);
                 }
             }
         }
@@ -1828,6 +1833,18 @@ impl Volume {
         }
         Ok(())
     }
+}
+
+/// Queues the reference changes of an inode whose content versions held the
+/// chunks `before` and will hold `after` (one reference per chunk per inode,
+/// see `meta::chunks_of_ino`).
+fn queue_union_change(
+    batch: &mut Batch<'_>,
+    before: &std::collections::HashSet<ChunkId>,
+    after: &std::collections::HashSet<ChunkId>,
+) {
+    batch.add_refs(OwnerId::LOCAL, after.difference(before).copied());
+    batch.drop_refs(OwnerId::LOCAL, before.difference(after).copied());
 }
 
 /// Gives a file its new content in a meta transaction: the chunk list (or

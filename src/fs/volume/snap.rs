@@ -252,7 +252,7 @@ enum Doomed {
     Inode(u64, u64),
     Dirent(u64, Vec<u8>, u64),
     Xattr(u64, Vec<u8>, u64),
-    Content(u64, u64, Vec<ChunkRef>),
+    Content(u64, u64),
 }
 
 /// The versions only snapshot `s` sees, given the retained snapshots around
@@ -319,19 +319,36 @@ fn doomed_versions(
             Rec::Content => {
                 for row in contents.range((id, 0)..=(id, u64::MAX))? {
                     let (k, v) = row?;
-                    let (died, body) = format::decode_versioned(v.value())
+                    let (died, _) = format::decode_versioned(v.value())
                         .map_err(|e| store::Error::Db(format!("content: {e}")))?;
                     let born = k.value().1;
                     if only_s(born, died) {
-                        let list = format::decode_chunk_list(body)
-                            .map_err(|e| store::Error::Db(format!("content of {id}: {e}")))?;
-                        out.push(Doomed::Content(id, born, list));
+                        out.push(Doomed::Content(id, born));
                     }
                 }
             }
         }
     }
     Ok((out, inline_bytes))
+}
+
+/// The references freeing `doomed` drops: per inode, the chunks no
+/// remaining version of it holds (one reference per chunk per inode).
+fn ref_drops(rt: &ReadTransaction, doomed: &[Doomed]) -> store::Result<Vec<ChunkId>> {
+    let contents = rt.open_table(meta::CONTENTS)?;
+    let mut gone: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for d in doomed {
+        if let Doomed::Content(ino, born) = d {
+            gone.entry(*ino).or_default().push(*born);
+        }
+    }
+    let mut out = Vec::new();
+    for (ino, borns) in gone {
+        let before = meta::chunks_of_ino(&contents, ino, &[])?;
+        let after = meta::chunks_of_ino(&contents, ino, &borns)?;
+        out.extend(before.difference(&after).copied());
+    }
+    Ok(out)
 }
 
 /// (parent, name) -> path, at generation `at`, through each directory's
@@ -675,12 +692,8 @@ impl Volume {
             let hi = snaps.get(i + 1).map_or(g.current, |n| n.1.generation);
             let (doomed, inline) = doomed_versions(&rt, p, r.generation, hi)?;
             let mut refs: HashMap<ChunkId, u64> = HashMap::new();
-            for d in &doomed {
-                if let Doomed::Content(_, _, list) = d {
-                    for c in list {
-                        *refs.entry(c.id).or_default() += 1;
-                    }
-                }
+            for c in ref_drops(&rt, &doomed)? {
+                *refs.entry(c).or_default() += 1;
             }
             let mut used = inline;
             for (id, n) in refs {
@@ -752,18 +765,15 @@ impl Volume {
         let next = snaps.get(i + 1).map(|n| n.1.generation);
         let hi = next.unwrap_or(g.current);
         let (doomed, _) = doomed_versions(&rt, p, s, hi)?;
+        let drops = ref_drops(&rt, &doomed)?;
         drop(rt);
         let mut batch = self.repo.store().batch()?;
         let mut report = DeleteReport {
             name: name.to_string(),
             ..Default::default()
         };
-        for d in &doomed {
-            if let Doomed::Content(_, _, list) = d {
-                batch.drop_refs(OwnerId::LOCAL, list.iter().map(|c| c.id));
-                report.chunk_refs_dropped += list.len() as u64;
-            }
-        }
+        report.chunk_refs_dropped = drops.len() as u64;
+        batch.drop_refs(OwnerId::LOCAL, drops);
         report.versions_freed = doomed.len() as u64;
         let oldest = i == 0;
         let newest = next.is_none();
@@ -787,7 +797,7 @@ impl Volume {
                         Doomed::Xattr(ino, name, born) => {
                             xattrs.remove((*ino, name.as_slice(), *born))?;
                         }
-                        Doomed::Content(ino, born, _) => {
+                        Doomed::Content(ino, born) => {
                             contents.remove((*ino, *born))?;
                         }
                     }
@@ -1139,9 +1149,14 @@ impl Volume {
         }
         drop((inodes, dirents, xattrs, contents, rt));
         let mut batch = self.repo.store().batch()?;
+        // One reference per chunk per new inode (hard links share one).
+        let mut counted: BTreeSet<u64> = BTreeSet::new();
         for it in &plan {
-            if let Some(l) = &it.chunks {
-                batch.add_refs(OwnerId::LOCAL, l.iter().map(|c| c.id));
+            if let Some(l) = &it.chunks
+                && counted.insert(it.src)
+            {
+                let distinct: std::collections::HashSet<ChunkId> = l.iter().map(|c| c.id).collect();
+                batch.add_refs(OwnerId::LOCAL, distinct);
             }
         }
         let meta_db = self.repo.meta();
@@ -1322,14 +1337,16 @@ impl Volume {
             if want.as_ref().map(|x| x.0) == have.as_ref().map(|x| x.0) {
                 continue;
             }
-            if let Some((born, old)) = &have
-                && *born > g.last_snap
-            {
-                batch.drop_refs(OwnerId::LOCAL, old.iter().map(|c| c.id));
-            }
+            let skip: Vec<u64> = match &have {
+                Some((born, _)) if *born > g.last_snap => vec![*born],
+                _ => Vec::new(),
+            };
+            let before = meta::chunks_of_ino(&contents, *id, &[])?;
+            let mut after = meta::chunks_of_ino(&contents, *id, &skip)?;
             if let Some((_, l)) = &want {
-                batch.add_refs(OwnerId::LOCAL, l.iter().map(|c| c.id));
+                after.extend(l.iter().map(|c| c.id));
             }
+            queue_union_change(&mut batch, &before, &after);
             content_plan.push((*id, want.map(|x| x.1)));
         }
         drop((contents, rt));
