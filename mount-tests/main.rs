@@ -10,4 +10,5 @@ mod diskfull;
 mod harness;
 mod many;
 mod model;
+mod passthrough;
 mod posix;

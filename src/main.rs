@@ -613,6 +613,7 @@ fn mount(
         .ok();
     let mut config = Config::default();
     let mut read_only = false;
+    let mut passthrough = true;
     config.mount_options.push(MountOption::FSName(
         std::fs::canonicalize(store)?.to_string_lossy().into_owned(),
     ));
@@ -636,14 +637,16 @@ fn mount(
             "exec" => config.mount_options.push(MountOption::Exec),
             "noexec" => config.mount_options.push(MountOption::NoExec),
             "noatime" => config.mount_options.push(MountOption::NoAtime),
+            "passthrough" => passthrough = true,
+            "nopassthrough" => passthrough = false,
             other => log::warn!("ignoring mount option '{other}'"),
         }
     }
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
     let vol = dedupfs::fs::volume::Volume::start(repo, read_only, 2)?;
-    let mut session =
-        fuser::Session::new(dedupfs::fs::DedupFs::new(vol.clone()), mountpoint, &config)?;
+    let fs = dedupfs::fs::DedupFs::new(vol.clone()).with_passthrough(passthrough);
+    let mut session = fuser::Session::new(fs, mountpoint, &config)?;
     let handler_vol = vol.clone();
     let handler: std::sync::Arc<dedupfs::ctl::Handler> =
         std::sync::Arc::new(move |cmd: &str, _args: &serde_json::Value| match cmd {

@@ -7,13 +7,20 @@
 //! Invariant: the bytes of a staged file at offset o are the staging file's
 //! if o is in a dirty range, else the base's if o < base_limit, else zero;
 //! and nothing past `size` exists.
+//!
+//! A *whole* staged file (one open through kernel FUSE passthrough) holds
+//! every byte in its staging file, and the kernel writes there without
+//! telling us: its length and mtime are the file's size and mtime, and
+//! [`Staged::refresh`] folds them in (the whole file dirty, no base) before
+//! anything reads the layout.
 
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::fs::{File, FileTimes};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::format::{ChunkRef, Timespec};
 
@@ -163,6 +170,9 @@ pub struct Staged {
     pub ctime: Timespec,
     /// Queued for ingest and not yet committed.
     pub queued: bool,
+    /// The staging file holds the whole file and may be written by the
+    /// kernel (passthrough); see the module doc.
+    pub whole: bool,
 }
 
 impl Staged {
@@ -180,9 +190,83 @@ impl Staged {
         let now = Timespec::now();
         self.mtime = now;
         self.ctime = now;
+        if self.whole {
+            // The staging file's mtime is the file's: keep it ours, or the
+            // next refresh would take the kernel's older one back.
+            self.set_file_mtime();
+        }
+    }
+
+    /// Puts `mtime` on the staging file of a whole staged file.
+    pub fn set_file_mtime(&self) {
+        let t = system_time(self.mtime);
+        if let Err(e) = self.file.set_times(FileTimes::new().set_modified(t)) {
+            log::warn!("setting the mtime of staged inode {}: {e}", self.ino);
+        }
+    }
+
+    /// Whether every byte lives in the staging file already (a new file,
+    /// one truncated to zero, one staged from inline content), so the
+    /// kernel may read and write it there directly.
+    pub fn can_be_whole(&self) -> bool {
+        self.whole || self.base_limit.min(self.base.len()) == 0
+    }
+
+    /// Switches to whole mode: the staging file gets the file's length and
+    /// mtime, and the layout says so. The bytes do not change.
+    pub fn make_whole(&mut self) -> io::Result<()> {
+        if self.whole {
+            return Ok(());
+        }
+        if !self.can_be_whole() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if self.file.metadata()?.len() != self.size {
+            self.file.set_len(self.size)?;
+        }
+        self.whole = true;
+        self.set_file_mtime();
+        self.base = Arc::new(ChunkMap::default());
+        self.base_limit = 0;
+        self.dirty = RangeSet::default();
+        self.dirty.insert(0, self.size);
+        Ok(())
+    }
+
+    /// Takes the size and mtime of a whole staged file from its staging
+    /// file, where the kernel's writes left them; a change bumps `version`.
+    pub fn refresh(&mut self) -> io::Result<()> {
+        if !self.whole {
+            return Ok(());
+        }
+        let m = self.file.metadata()?;
+        let mtime = Timespec {
+            secs: m.mtime(),
+            nanos: m.mtime_nsec() as u32,
+        };
+        if m.len() != self.size || mtime != self.mtime {
+            self.size = m.len();
+            self.mtime = mtime;
+            self.ctime = self.ctime.max(Timespec {
+                secs: m.ctime(),
+                nanos: m.ctime_nsec() as u32,
+            });
+            self.dirty = RangeSet::default();
+            self.dirty.insert(0, self.size);
+            self.version += 1;
+        }
+        Ok(())
     }
 
     pub fn set_size(&mut self, size: u64) -> io::Result<()> {
+        if self.whole {
+            self.file.set_len(size)?;
+            self.size = size;
+            self.dirty = RangeSet::default();
+            self.dirty.insert(0, size);
+            self.touch();
+            return Ok(());
+        }
         if size < self.size {
             self.dirty.truncate(size);
             self.base_limit = self.base_limit.min(size);
@@ -215,6 +299,15 @@ impl Staged {
             mtime: self.mtime,
             ctime: self.ctime,
         }
+    }
+}
+
+fn system_time(t: Timespec) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(t.nanos as u64)
     }
 }
 

@@ -97,6 +97,26 @@ struct Handle {
     ino: u64,
     write: bool,
     append: bool,
+    /// Opened through kernel passthrough: reads and writes go to the
+    /// staging file without us.
+    pt: bool,
+}
+
+/// The staging file the kernel reads and writes for a file's passthrough
+/// handles. The kernel wants every open of an inode that has one to use
+/// the same backing file, so this outlives the `Staged` entry: a file
+/// committed while a passthrough reader is open keeps its staging file,
+/// and a new writer stages into it again.
+struct PtFile {
+    file: Arc<File>,
+    handles: u32,
+}
+
+/// A new handle, and the file to hand the kernel for passthrough if the
+/// handle should use it.
+pub struct Opened {
+    pub fh: u64,
+    pub backing: Option<Arc<File>>,
 }
 
 pub struct DirEntry {
@@ -124,6 +144,17 @@ pub struct Volume {
     staged: Mutex<HashMap<u64, Arc<Mutex<Staged>>>>,
     open: Mutex<HashMap<u64, u32>>,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// Files with passthrough handles open (see `PtFile`).
+    pt: Mutex<HashMap<u64, PtFile>>,
+    /// Set by the fuser layer once the kernel has agreed to passthrough;
+    /// cleared when registering a backing file fails.
+    passthrough: AtomicBool,
+    /// Handles opened with passthrough, and write requests (and bytes)
+    /// the daemon served itself; logged at unmount (the mount tests read
+    /// them to tell the two paths apart).
+    pt_opens: AtomicU64,
+    daemon_writes: AtomicU64,
+    daemon_write_bytes: AtomicU64,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
     maps: Mutex<LruCache<u64, Arc<ChunkMap>>>,
@@ -179,6 +210,11 @@ impl Volume {
             staged: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
+            pt: Mutex::new(HashMap::new()),
+            passthrough: AtomicBool::new(false),
+            pt_opens: AtomicU64::new(0),
+            daemon_writes: AtomicU64::new(0),
+            daemon_write_bytes: AtomicU64::new(0),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             maps: Mutex::new(LruCache::new(cap(1024))),
@@ -251,8 +287,12 @@ impl Volume {
         self.wait_ingest_idle();
         let left: Vec<_> = self.staged.lock().values().cloned().collect();
         for st in left {
-            let s = st.lock();
-            if let Err(e) = s.file.sync_data().and_then(|_| write_sidecar(&s, true)) {
+            let mut s = st.lock();
+            if let Err(e) = s
+                .refresh()
+                .and_then(|_| s.file.sync_data())
+                .and_then(|_| write_sidecar(&s, true))
+            {
                 log::error!("inode {} stays staged and could not be synced: {e}", s.ino);
             }
         }
@@ -271,6 +311,21 @@ impl Volume {
         if let Err(e) = self.sync_meta() {
             log::error!("final metadata sync failed: {e}");
         }
+        log::info!(
+            "passthrough opens {}, write requests served by the daemon {} ({} bytes)",
+            self.pt_opens.load(Ordering::Relaxed),
+            self.daemon_writes.load(Ordering::Relaxed),
+            self.daemon_write_bytes.load(Ordering::Relaxed)
+        );
+    }
+
+    /// The kernel agreed to passthrough (or, with false, it failed).
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::SeqCst);
+    }
+
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::SeqCst)
     }
 
     /// Queues every staged file with no writer that is not queued already.
@@ -422,7 +477,8 @@ impl Volume {
             btime: rec.btime,
         };
         if let Some(st) = self.staged_of(ino) {
-            let st = st.lock();
+            let mut st = st.lock();
+            refresh(&mut st);
             a.size = st.size;
             a.mtime = st.mtime;
             a.ctime = a.ctime.max(st.ctime);
@@ -775,6 +831,9 @@ impl Volume {
             if s.mtime.is_some() {
                 st.mtime = rec.mtime;
                 st.version += 1;
+                if st.whole {
+                    st.set_file_mtime();
+                }
             }
             st.ctime = st.ctime.max(rec.ctime);
         }
@@ -886,19 +945,37 @@ impl Volume {
 
     // ------------------------------------------------------------ files
 
-    /// Opens a file; returns a handle.
+    /// Opens a file; returns a handle (never a passthrough one).
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        Ok(self.open_file(ino, flags, false)?.fh)
+    }
+
+    /// Opens a file. With `passthrough`, the handle may come back with a
+    /// staging file for the kernel to read and write directly: when the
+    /// whole file is in staging (new, truncated to zero, or small), it is
+    /// opened write-only or read-only, and no other handle is open; and
+    /// always while other passthrough handles of the file are open,
+    /// because the kernel refuses a mix (EIO).
+    ///
+    /// Why not read-write: the kernel maps passthrough files onto the
+    /// staging file itself, so a shared mapping outlives the handle's
+    /// release; ingest would commit the file and drop its staging state
+    /// while the mapping can still write. A read-write handle (the only
+    /// kind that can map shared and writable) goes through the daemon.
+    pub fn open_file(&self, ino: u64, flags: i32, passthrough: bool) -> Result<Opened> {
         let rec = self.read_inode(ino)?;
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         if rec.kind == Kind::Dir && write {
             return Err(Error::Errno(libc::EISDIR));
         }
+        let mut staged = None;
         if write {
             self.check_writable()?;
             let st = self.stage_writer(ino)?;
             if flags & libc::O_TRUNC != 0 {
                 let mut s = st.lock();
+                refresh(&mut s);
                 if s.size != 0
                     && let Err(e) = s.set_size(0)
                 {
@@ -907,8 +984,69 @@ impl Volume {
                     return Err(io_err("truncating staging", e));
                 }
             }
+            staged = Some(st);
+        } else if rec.kind == Kind::File {
+            staged = self.staged_of(ino);
         }
-        *self.open.lock().entry(ino).or_default() += 1;
+        let want_pt = passthrough
+            && rec.kind == Kind::File
+            && acc != libc::O_RDWR
+            && self.passthrough.load(Ordering::SeqCst);
+        let backing = {
+            // Lock order: the Staged entry, then the small maps.
+            let mut guard = staged.as_ref().map(|st| st.lock());
+            if let (Some(st), false) = (&staged, write)
+                && !self.is_current(ino, st)
+            {
+                guard = None;
+            }
+            let mut pt = self.pt.lock();
+            let mut open = self.open.lock();
+            let backing = if let Some(p) = pt.get_mut(&ino) {
+                // Every open must use the backing the kernel already has.
+                if let Some(g) = guard.as_mut()
+                    && write
+                    && (!Arc::ptr_eq(&g.file, &p.file) || g.make_whole().is_err())
+                {
+                    log::error!("inode {ino}: staging is not the passthrough file");
+                    drop((open, pt, guard));
+                    if let Some(st) = &staged {
+                        self.drop_writer(ino, st);
+                    }
+                    return Err(Error::Errno(libc::EBUSY));
+                }
+                p.handles += 1;
+                Some(p.file.clone())
+            } else if want_pt
+                && !open.contains_key(&ino)
+                && let Some(g) = guard.as_mut()
+                && g.can_be_whole()
+            {
+                match g.make_whole() {
+                    Ok(()) => {
+                        pt.insert(
+                            ino,
+                            PtFile {
+                                file: g.file.clone(),
+                                handles: 1,
+                            },
+                        );
+                        Some(g.file.clone())
+                    }
+                    Err(e) => {
+                        log::warn!("inode {ino}: no passthrough ({e})");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            *open.entry(ino).or_default() += 1;
+            backing
+        };
+        if backing.is_some() {
+            self.pt_opens.fetch_add(1, Ordering::Relaxed);
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(
             fh,
@@ -916,9 +1054,64 @@ impl Volume {
                 ino,
                 write,
                 append: flags & libc::O_APPEND != 0,
+                pt: backing.is_some(),
             },
         );
-        Ok(fh)
+        Ok(Opened { fh, backing })
+    }
+
+    /// The kernel would not take the backing file of a passthrough handle:
+    /// the handle goes through the daemon, and so does every later open.
+    pub fn passthrough_failed(&self, fh: u64) {
+        self.passthrough.store(false, Ordering::SeqCst);
+        let ino = {
+            let mut hs = self.handles.lock();
+            let Some(h) = hs.get_mut(&fh) else { return };
+            if !h.pt {
+                return;
+            }
+            h.pt = false;
+            h.ino
+        };
+        self.pt_opens.fetch_sub(1, Ordering::Relaxed);
+        self.drop_pt(ino);
+    }
+
+    /// One passthrough handle of `ino` is gone. After the last, a staging
+    /// file no `Staged` entry owns any more (ingest left it for the
+    /// kernel) is removed.
+    fn drop_pt(&self, ino: u64) {
+        let last = {
+            let mut pt = self.pt.lock();
+            match pt.get_mut(&ino) {
+                Some(p) if p.handles > 1 => {
+                    p.handles -= 1;
+                    false
+                }
+                Some(_) => {
+                    pt.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last && !self.staged.lock().contains_key(&ino) {
+            // Under content_lock no new Staged entry (which would reuse
+            // the path) can appear between the check and the unlink.
+            let _c = self.content_lock.lock();
+            if !self.staged.lock().contains_key(&ino) && !self.pt.lock().contains_key(&ino) {
+                let _ = fs::remove_file(self.staging_dir.join(ino.to_string()));
+            }
+        }
+    }
+
+    /// Removes a staging file and its sidecar, keeping the file itself
+    /// while passthrough handles read it (see `PtFile`).
+    fn remove_staging(&self, ino: u64, path: &std::path::Path) {
+        if !self.pt.lock().contains_key(&ino) {
+            let _ = fs::remove_file(path);
+        }
+        let _ = fs::remove_file(sidecar_path(path));
     }
 
     /// Registers a writer on a file's staging state, creating that state
@@ -972,14 +1165,22 @@ impl Volume {
         let idle = {
             let mut s = st.lock();
             s.writers = s.writers.saturating_sub(1);
+            refresh(&mut s);
+            if s.whole && s.writers == 0 && s.version != UNTOUCHED {
+                // The kernel wrote behind our back: make sure an ingest
+                // that chunked the file before those writes sees it went
+                // stale, even if size and mtime happen to match.
+                s.version += 1;
+            }
             if s.writers == 0 && s.version == UNTOUCHED && !s.queued && self.is_current(ino, st) {
                 // Opened for writing, changed nothing (`touch` or a create
                 // without data): the committed record is already right, so
                 // skip the sidecar and a durable ingest commit. Creating
                 // many empty files cost a commit with fsync each.
+                // Unlink before leaving the map: once the entry is gone a
+                // new writer may create a staging file at the same path.
+                self.remove_staging(ino, &s.path);
                 self.staged.lock().remove(&ino);
-                let _ = fs::remove_file(&s.path);
-                let _ = fs::remove_file(sidecar_path(&s.path));
                 return;
             }
             if s.writers == 0 {
@@ -1001,6 +1202,32 @@ impl Volume {
             return Err(Error::Errno(libc::EINVAL));
         }
         let path = self.staging_dir.join(ino.to_string());
+        let pt_file = self.pt.lock().get(&ino).map(|p| p.file.clone());
+        if let Some(file) = pt_file {
+            // Passthrough readers still have the staging file ingest left
+            // (it holds the committed bytes): stage into it again.
+            let size = file
+                .metadata()
+                .map_err(|e| io_err("reading staging", e))?
+                .len();
+            let mut dirty = RangeSet::default();
+            dirty.insert(0, size);
+            return Ok(Staged {
+                ino,
+                file,
+                path,
+                base: Arc::new(ChunkMap::default()),
+                base_limit: 0,
+                size,
+                dirty,
+                writers: 0,
+                version: UNTOUCHED,
+                mtime: rec.mtime,
+                ctime: rec.ctime,
+                queued: false,
+                whole: true,
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1032,6 +1259,7 @@ impl Volume {
             mtime: rec.mtime,
             ctime: rec.ctime,
             queued: false,
+            whole: false,
         })
     }
 
@@ -1065,7 +1293,8 @@ impl Volume {
 
     pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         if let Some(st) = self.staged_of(ino) {
-            let st = st.lock();
+            let mut st = st.lock();
+            refresh(&mut st);
             let end = (off + size as u64).min(st.size);
             if off >= end {
                 return Ok(Vec::new());
@@ -1151,7 +1380,11 @@ impl Volume {
             .cloned()
             .ok_or(Error::Errno(libc::EBADF))?;
         self.check_space(Space::Data(data.len() as u64))?;
+        self.daemon_writes.fetch_add(1, Ordering::Relaxed);
+        self.daemon_write_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut st = st.lock();
+        refresh(&mut st);
         let off = if append { st.size } else { off };
         st.write(off, data)
             .map_err(|e| io_err("writing staging", e))?;
@@ -1166,6 +1399,9 @@ impl Volume {
             && let Some(st) = self.staged_of(h.ino)
         {
             self.drop_writer(h.ino, &st);
+        }
+        if h.pt {
+            self.drop_pt(h.ino);
         }
         let last = {
             let mut open = self.open.lock();
@@ -1219,7 +1455,8 @@ impl Volume {
     /// does all metadata committed so far.
     pub fn fsync(&self, ino: u64) -> Result<()> {
         if let Some(st) = self.staged_of(ino) {
-            let s = st.lock();
+            let mut s = st.lock();
+            refresh(&mut s);
             // An entry ingest has just committed is durable already; a
             // sidecar written for it now would outlive its staging file and
             // be replayed against the next one.
@@ -1256,6 +1493,7 @@ impl Volume {
             .cloned()
             .ok_or(Error::Errno(libc::EBADF))?;
         let mut st = st.lock();
+        refresh(&mut st);
         let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
         if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 {
             // Zero only what exists (and, without KEEP_SIZE, what the range
@@ -1319,7 +1557,9 @@ impl Volume {
             && let Some(st) = self.staged_of(ino_out)
         {
             let mut st = st.lock();
-            if st.size == 0 {
+            // A whole staged file is read and written by the kernel in
+            // its staging file, which must hold the bytes: copy them.
+            if st.size == 0 && !st.whole {
                 st.base = self.chunk_map(ino_in)?;
                 st.base_limit = st.base.len();
                 st.size = st.base.len();
@@ -1408,6 +1648,7 @@ impl Volume {
                 },
                 ctime: Timespec::now(),
                 queued: false,
+                whole: false,
             }));
             self.staged.lock().insert(ino, st.clone());
             self.queue_ingest(ino, &st);
@@ -1471,6 +1712,7 @@ impl Volume {
                     s.queued = false;
                     continue;
                 }
+                refresh(&mut s);
                 s.view()
             };
             let content = self.build_content(&view, &mut batch)?;
@@ -1570,8 +1812,7 @@ impl Volume {
             }
             self.maps.lock().pop(ino);
             self.staged.lock().remove(ino);
-            let _ = fs::remove_file(&gd.path);
-            let _ = fs::remove_file(sidecar_path(&gd.path));
+            self.remove_staging(*ino, &gd.path);
         }
         Ok(again)
     }
@@ -1750,6 +1991,13 @@ impl Read for MergedReader<'_> {
             .map_err(|e| io::Error::other(e.to_string()))?;
         self.pos = end;
         Ok(n)
+    }
+}
+
+/// `Staged::refresh`, logged: a failed fstat leaves the last known size.
+fn refresh(s: &mut Staged) {
+    if let Err(e) = s.refresh() {
+        log::warn!("reading the staging state of inode {}: {e}", s.ino);
     }
 }
 
