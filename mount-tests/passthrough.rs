@@ -142,6 +142,9 @@ fn run(options: &[&str]) -> (bool, u64, u64) {
         check(t, &files, "while staged");
         t.umount();
         res = counters(t);
+        if res.2 > 0 && options.is_empty() {
+            eprintln!("{}", t.log());
+        }
         t.mount();
         check(t, &files, "after remount (chunked)");
         let m = fs::metadata(t.p("timed")).unwrap();

@@ -679,7 +679,7 @@ impl Filesystem for DedupFs {
             .and_then(|a| {
                 // The new file is opened for writing whatever the access mode
                 // says about the caller: it may write to what it just made.
-                let o = self.vol.open_file(a.ino, flags, true)?;
+                let o = self.vol.open_created(a.ino, &a, flags, true)?;
                 Ok((a, o))
             });
         match r {

@@ -173,6 +173,24 @@ pub struct Staged {
     /// The staging file holds the whole file and may be written by the
     /// kernel (passthrough); see the module doc.
     pub whole: bool,
+    /// A whole staged file whose staging file carries [`WHOLE_XATTR`]: it
+    /// describes itself, so it needs no sidecar (see `mark_whole`).
+    pub marked: bool,
+}
+
+/// Marks a staging file that holds its whole file: after a crash it is
+/// replayed as it stands (its length the size, its mtime the mtime).
+pub const WHOLE_XATTR: &str = "user.dedupfs.whole";
+
+/// Whether a staging file carries [`WHOLE_XATTR`].
+pub fn is_marked_whole(f: &File) -> bool {
+    let mut buf = [0u8; 8];
+    rustix::fs::fgetxattr(f, WHOLE_XATTR, &mut buf).is_ok()
+}
+
+/// Removes [`WHOLE_XATTR`] from a staging file reused for partial staging.
+pub fn unmark_whole(f: &File) {
+    let _ = rustix::fs::fremovexattr(f, WHOLE_XATTR);
 }
 
 impl Staged {
@@ -225,12 +243,53 @@ impl Staged {
             self.file.set_len(self.size)?;
         }
         self.whole = true;
+        self.mark_whole();
         self.set_file_mtime();
         self.base = Arc::new(ChunkMap::default());
         self.base_limit = 0;
         self.dirty = RangeSet::default();
         self.dirty.insert(0, self.size);
         Ok(())
+    }
+
+    /// Tags the staging file with [`WHOLE_XATTR`]. Why: a sidecar is a new
+    /// file (temp + rename) on every close, and on the untar benchmark the
+    /// store's disk spent most of the daemon's time finding free inodes
+    /// among the recently deleted ones (ext4 without a journal scans them).
+    /// A whole file needs no layout beyond its own length, so a tag set
+    /// once replaces the sidecar; fsync of the staging file makes it
+    /// durable with the bytes. Where the staging disk has no user xattrs,
+    /// sidecars are written as before.
+    fn mark_whole(&mut self) {
+        if self.marked {
+            return;
+        }
+        match rustix::fs::fsetxattr(
+            &*self.file,
+            WHOLE_XATTR,
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            Ok(()) => {
+                self.marked = true;
+                // A sidecar from before (a partial layout) would win at
+                // recovery over the tag, and no longer follows the bytes.
+                let mut side = self.path.clone().into_os_string();
+                side.push(".side");
+                match std::fs::remove_file(&side) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        log::warn!("staged inode {}: stale sidecar stays ({e})", self.ino);
+                        self.marked = false;
+                    }
+                }
+            }
+            Err(e) => log::debug!(
+                "staged inode {}: no whole-file tag ({e}); sidecars instead",
+                self.ino
+            ),
+        }
     }
 
     /// Takes the size and mtime of a whole staged file from its staging

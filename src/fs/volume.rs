@@ -24,7 +24,7 @@ use parking_lot::{Condvar, Mutex};
 use redb::{Durability, ReadableDatabase, ReadableTable};
 
 use super::Error;
-use super::staging::{ChunkMap, Piece, RangeSet, Sidecar, Staged, StagedView};
+use super::staging::{self, ChunkMap, Piece, RangeSet, Sidecar, Staged, StagedView};
 use crate::format::{ChunkId, ChunkRef, Content, InodeRec, Kind, LIVE, OwnerId, Timespec};
 use crate::meta::{self, Gens};
 use crate::repo::Repo;
@@ -45,6 +45,8 @@ const SPACE_FLOOR: u64 = 1 << 20;
 /// Group commit bounds for ingest.
 const INGEST_GROUP_FILES: usize = 512;
 const INGEST_GROUP_BYTES: u64 = 128 << 20;
+/// How long ingest waits for more closed files before committing a group.
+const INGEST_GATHER: Duration = Duration::from_millis(250);
 
 /// Attributes as the kernel sees them.
 #[derive(Clone, Debug)]
@@ -963,7 +965,50 @@ impl Volume {
     /// while the mapping can still write. A read-write handle (the only
     /// kind that can map shared and writable) goes through the daemon.
     pub fn open_file(&self, ino: u64, flags: i32, passthrough: bool) -> Result<Opened> {
-        let rec = self.read_inode(ino)?;
+        self.open_inner(ino, flags, passthrough, None)
+    }
+
+    /// `open_file` of a file `make_node` has just created with `rec`.
+    pub fn open_created(
+        &self,
+        ino: u64,
+        rec: &Attr,
+        flags: i32,
+        passthrough: bool,
+    ) -> Result<Opened> {
+        if rec.kind != Kind::File || rec.size != 0 {
+            return self.open_file(ino, flags, passthrough);
+        }
+        self.open_inner(ino, flags, passthrough, Some(rec))
+    }
+
+    fn open_inner(
+        &self,
+        ino: u64,
+        flags: i32,
+        passthrough: bool,
+        new_file: Option<&Attr>,
+    ) -> Result<Opened> {
+        let rec = match new_file {
+            Some(a) => InodeRec {
+                died: LIVE,
+                kind: a.kind,
+                perm: a.perm,
+                uid: a.uid,
+                gid: a.gid,
+                nlink: a.nlink,
+                rdev: a.rdev,
+                size: 0,
+                atime: a.atime,
+                mtime: a.mtime,
+                ctime: a.ctime,
+                btime: a.btime,
+                content: Content::Empty,
+                parent: 0,
+                name: Vec::new(),
+            },
+            None => self.read_inode(ino)?,
+        };
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         if rec.kind == Kind::Dir && write {
@@ -972,7 +1017,10 @@ impl Volume {
         let mut staged = None;
         if write {
             self.check_writable()?;
-            let st = self.stage_writer(ino)?;
+            let st = match new_file {
+                Some(rec) => self.stage_new_file(ino, rec)?,
+                None => self.stage_writer(ino)?,
+            };
             if flags & libc::O_TRUNC != 0 {
                 let mut s = st.lock();
                 refresh(&mut s);
@@ -1074,16 +1122,20 @@ impl Volume {
             h.ino
         };
         self.pt_opens.fetch_sub(1, Ordering::Relaxed);
-        self.drop_pt(ino);
+        self.drop_pt(ino, false);
     }
 
-    /// One passthrough handle of `ino` is gone. After the last, a staging
-    /// file no `Staged` entry owns any more (ingest left it for the
-    /// kernel) is removed.
-    fn drop_pt(&self, ino: u64) {
-        let last = {
+    /// One passthrough handle of `ino` is gone (with `close`, the handle
+    /// itself too: both counts drop under the `pt` lock, or an open between
+    /// them saw a handle but no passthrough and answered without it, which
+    /// the kernel refuses). After the last, a staging file no `Staged`
+    /// entry owns any more (ingest left it for the kernel) is removed.
+    /// Returns whether that was the file's last open handle.
+    fn drop_pt(&self, ino: u64, close: bool) -> bool {
+        let (last, last_open) = {
             let mut pt = self.pt.lock();
-            match pt.get_mut(&ino) {
+            let last_open = close && count_close(&mut self.open.lock(), ino);
+            let last = match pt.get_mut(&ino) {
                 Some(p) if p.handles > 1 => {
                     p.handles -= 1;
                     false
@@ -1093,7 +1145,8 @@ impl Volume {
                     true
                 }
                 None => false,
-            }
+            };
+            (last, last_open)
         };
         if last && !self.staged.lock().contains_key(&ino) {
             // Under content_lock no new Staged entry (which would reuse
@@ -1103,6 +1156,7 @@ impl Volume {
                 let _ = fs::remove_file(self.staging_dir.join(ino.to_string()));
             }
         }
+        last_open
     }
 
     /// Removes a staging file and its sidecar, keeping the file itself
@@ -1148,6 +1202,55 @@ impl Volume {
             self.staged.lock().insert(ino, st.clone());
             return Ok(st);
         }
+    }
+
+    /// `stage_writer` for a file `make_node` has just created: nothing has
+    /// been committed for it, so nothing ingest or the reaper does can race
+    /// the new entry, and it need not wait on `content_lock` (which ingest
+    /// holds across its commit: every create of an untar waited for it).
+    /// The staging file is created exclusively; if anything got there
+    /// first (a concurrent open of the new name), the ordinary path runs.
+    fn stage_new_file(&self, ino: u64, a: &Attr) -> Result<Arc<Mutex<Staged>>> {
+        let path = self.staging_dir.join(ino.to_string());
+        if self.staged.lock().contains_key(&ino) || self.pt.lock().contains_key(&ino) {
+            return self.stage_writer(ino);
+        }
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return self.stage_writer(ino),
+            Err(e) => return Err(io_err("creating a staging file", e)),
+        };
+        let st = Arc::new(Mutex::new(Staged {
+            ino,
+            file: Arc::new(file),
+            path,
+            base: Arc::new(ChunkMap::default()),
+            base_limit: 0,
+            size: 0,
+            dirty: RangeSet::default(),
+            writers: 1,
+            version: UNTOUCHED,
+            mtime: a.mtime,
+            ctime: a.ctime,
+            queued: false,
+            whole: false,
+            marked: false,
+        }));
+        {
+            let mut map = self.staged.lock();
+            if map.contains_key(&ino) {
+                // Someone staged it meanwhile (and owns the file now).
+                drop(map);
+                return self.stage_writer(ino);
+            }
+            map.insert(ino, st.clone());
+        }
+        Ok(st)
     }
 
     /// Whether `st` is still the file's entry in `staged` (call with the
@@ -1212,6 +1315,7 @@ impl Volume {
                 .len();
             let mut dirty = RangeSet::default();
             dirty.insert(0, size);
+            let marked = staging::is_marked_whole(&file);
             return Ok(Staged {
                 ino,
                 file,
@@ -1226,6 +1330,7 @@ impl Volume {
                 ctime: rec.ctime,
                 queued: false,
                 whole: true,
+                marked,
             });
         }
         let file = OpenOptions::new()
@@ -1235,6 +1340,8 @@ impl Volume {
             .truncate(true)
             .open(&path)
             .map_err(|e| io_err("creating a staging file", e))?;
+        // A staging file left behind (see `drop_pt`) may carry the tag.
+        staging::unmark_whole(&file);
         let mut dirty = RangeSet::default();
         let base = match &rec.content {
             Content::Chunked => self.chunk_map(ino)?,
@@ -1260,6 +1367,7 @@ impl Volume {
             ctime: rec.ctime,
             queued: false,
             whole: false,
+            marked: false,
         })
     }
 
@@ -1381,6 +1489,10 @@ impl Volume {
             .ok_or(Error::Errno(libc::EBADF))?;
         self.check_space(Space::Data(data.len() as u64))?;
         self.daemon_writes.fetch_add(1, Ordering::Relaxed);
+        log::debug!(
+            "write of {} bytes at {off} to inode {ino} through the daemon",
+            data.len()
+        );
         self.daemon_write_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut st = st.lock();
@@ -1400,19 +1512,10 @@ impl Volume {
         {
             self.drop_writer(h.ino, &st);
         }
-        if h.pt {
-            self.drop_pt(h.ino);
-        }
-        let last = {
-            let mut open = self.open.lock();
-            let n = open.entry(h.ino).or_default();
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&h.ino);
-                true
-            } else {
-                false
-            }
+        let last = if h.pt {
+            self.drop_pt(h.ino, true)
+        } else {
+            count_close(&mut self.open.lock(), h.ino)
         };
         if last {
             self.send(Msg::Reap);
@@ -1587,6 +1690,7 @@ impl Volume {
     fn recover_staging(&self) -> Result<()> {
         let rd = fs::read_dir(&self.staging_dir).map_err(|e| io_err("listing staging/", e))?;
         let mut found = Vec::new();
+        let mut whole = Vec::new();
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(ino) = name
@@ -1598,8 +1702,40 @@ impl Volume {
                 let ino = name.parse::<u64>().ok();
                 let side = self.staging_dir.join(format!("{name}.side"));
                 if ino.is_none() || !side.exists() {
-                    let _ = fs::remove_file(e.path());
+                    match (ino, File::open(e.path())) {
+                        (Some(ino), Ok(f)) if staging::is_marked_whole(&f) => whole.push(ino),
+                        _ => {
+                            let _ = fs::remove_file(e.path());
+                        }
+                    }
                 }
+            }
+        }
+        for ino in whole {
+            // A whole staged file describes itself (see `mark_whole`).
+            let data_path = self.staging_dir.join(ino.to_string());
+            let Ok(m) = fs::metadata(&data_path) else {
+                continue;
+            };
+            let side = Sidecar {
+                ino,
+                size: m.len(),
+                base_limit: 0,
+                dirty: vec![(0, m.len())],
+                mtime: (
+                    std::os::unix::fs::MetadataExt::mtime(&m),
+                    std::os::unix::fs::MetadataExt::mtime_nsec(&m) as u32,
+                ),
+            };
+            match serde_json::to_vec(&side) {
+                Ok(b) => {
+                    if let Err(e) = store::write_file_atomic(&sidecar_path(&data_path), &b) {
+                        log::error!("recovering staged inode {ino}: {e}");
+                        continue;
+                    }
+                    found.push(ino);
+                }
+                Err(e) => log::error!("recovering staged inode {ino}: {e}"),
             }
         }
         for ino in found {
@@ -1649,6 +1785,7 @@ impl Volume {
                 ctime: Timespec::now(),
                 queued: false,
                 whole: false,
+                marked: false,
             }));
             self.staged.lock().insert(ino, st.clone());
             self.queue_ingest(ino, &st);
@@ -1994,6 +2131,18 @@ impl Read for MergedReader<'_> {
     }
 }
 
+/// One handle of `ino` is closed; returns whether it was the last.
+fn count_close(open: &mut HashMap<u64, u32>, ino: u64) -> bool {
+    let n = open.entry(ino).or_default();
+    *n = n.saturating_sub(1);
+    if *n == 0 {
+        open.remove(&ino);
+        true
+    } else {
+        false
+    }
+}
+
 /// `Staged::refresh`, logged: a failed fstat leaves the last known size.
 fn refresh(s: &mut Staged) {
     if let Err(e) = s.refresh() {
@@ -2022,6 +2171,17 @@ fn sidecar_path(p: &std::path::Path) -> PathBuf {
 }
 
 fn write_sidecar(s: &Staged, sync: bool) -> io::Result<()> {
+    if s.whole && s.marked {
+        // The staging file describes itself; fsync makes its bytes, length
+        // and tag durable, and the directory entry naming it.
+        if sync {
+            s.file.sync_all()?;
+            if let Some(dir) = s.path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+        }
+        return Ok(());
+    }
     let bytes = serde_json::to_vec(&s.sidecar()).map_err(io::Error::other)?;
     let path = sidecar_path(&s.path);
     if sync {
@@ -2101,7 +2261,12 @@ impl MetaTx<'_> {
 
 fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
     loop {
-        let first = match rx.lock().recv() {
+        // The receiver stays locked while this worker gathers its group,
+        // so the other workers wait for the lock instead of splitting the
+        // stream into groups of one (and the gathering never waits on a
+        // worker blocked in recv: that stranded groups at unmount).
+        let rxg = rx.lock();
+        let first = match rxg.recv() {
             Ok(m) => m,
             Err(_) => return,
         };
@@ -2111,11 +2276,12 @@ fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
         let mut stop = false;
         let mut bytes = 0u64;
         let mut next = Some(first);
+        let deadline = std::time::Instant::now() + INGEST_GATHER;
         while let Some(m) = next.take() {
             match m {
                 Msg::Ingest(i) => {
                     if let Some(st) = v.staged_of(i) {
-                        bytes += st.lock().size;
+                        bytes += st.try_lock().map(|s| s.size).unwrap_or(0);
                     }
                     group.push(i);
                 }
@@ -2123,13 +2289,21 @@ fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
                 Msg::Stop => stop = true,
             }
             if !stop && group.len() < INGEST_GROUP_FILES && bytes < INGEST_GROUP_BYTES {
-                // try_lock: an idle worker holds the receiver while it
-                // blocks in recv(). Waiting for that lock stranded this
-                // group (and `pending`) until some later message arrived;
-                // at unmount none does, and shutdown hung for good.
-                next = rx.try_lock().and_then(|r| r.try_recv().ok());
+                next = match rxg.try_recv() {
+                    Ok(m) => Some(m),
+                    // Wait a little for more files to close: every group
+                    // is a durable commit, and redb holds its write lock
+                    // across the fsync, so creates and setattrs wait for
+                    // each one. An untar committed each file on its own.
+                    Err(_) if !group.is_empty() => {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        rxg.recv_timeout(left).ok()
+                    }
+                    Err(_) => None,
+                };
             }
         }
+        drop(rxg);
         if !group.is_empty() {
             group.sort_unstable();
             let messages = group.len() as u64;
