@@ -10,6 +10,7 @@ mod diskfull;
 mod harness;
 mod many;
 mod model;
+mod passthrough;
 mod posix;
 mod snap;
 mod snapfault;

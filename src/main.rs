@@ -598,6 +598,7 @@ fn mount(
     let mut config = Config::default();
     let mut read_only = false;
     let mut show_snapdir = false;
+    let mut passthrough = true;
     config.mount_options.push(MountOption::FSName(
         std::fs::canonicalize(store)?.to_string_lossy().into_owned(),
     ));
@@ -623,6 +624,8 @@ fn mount(
             "noatime" => config.mount_options.push(MountOption::NoAtime),
             "snapdir=visible" => show_snapdir = true,
             "snapdir=hidden" => show_snapdir = false,
+            "passthrough" => passthrough = true,
+            "nopassthrough" => passthrough = false,
             other => log::warn!("ignoring mount option '{other}'"),
         }
     }
@@ -630,8 +633,8 @@ fn mount(
     config.clone_fd = true;
     let vol = dedupfs::fs::volume::Volume::start(repo, read_only, 2)?;
     vol.show_snapdir(show_snapdir);
-    let mut session =
-        fuser::Session::new(dedupfs::fs::DedupFs::new(vol.clone()), mountpoint, &config)?;
+    let fs = dedupfs::fs::DedupFs::new(vol.clone()).with_passthrough(passthrough);
+    let mut session = fuser::Session::new(fs, mountpoint, &config)?;
     let notifier = session.notifier();
     vol.set_invalidator(Box::new(move |what| {
         use dedupfs::fs::volume::Invalidate;

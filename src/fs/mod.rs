@@ -7,22 +7,24 @@
 pub mod staging;
 pub mod volume;
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::format::{Kind, Timespec};
 use crate::store;
-use volume::{Attr, Caller, SetAttr, Volume};
+use parking_lot::Mutex;
+use volume::{Attr, Caller, Opened, SetAttr, Volume};
 
 /// Errors of the filesystem layer.
 #[derive(Debug, thiserror::Error)]
@@ -143,11 +145,88 @@ fn errno(e: &Error) -> Errno {
 /// The filesystem as fuser sees it.
 pub struct DedupFs {
     vol: Arc<Volume>,
+    /// Ask the kernel for passthrough (the `nopassthrough` mount option
+    /// turns it off).
+    want_passthrough: bool,
+    backing: Mutex<Backings>,
+}
+
+/// The kernel's ids for staging files of passthrough handles. All
+/// passthrough opens of one inode must name the same backing, so it is
+/// shared by inode while any of its handles is open, and closed (dropped)
+/// with the last.
+#[derive(Default)]
+struct Backings {
+    by_fh: HashMap<u64, Arc<BackingId>>,
+    /// With the staging file it names: a new staging file of the same
+    /// inode needs a new id.
+    by_ino: HashMap<u64, (Weak<BackingId>, Arc<std::fs::File>)>,
 }
 
 impl DedupFs {
     pub fn new(vol: Arc<Volume>) -> DedupFs {
-        DedupFs { vol }
+        DedupFs {
+            vol,
+            want_passthrough: true,
+            backing: Mutex::new(Backings::default()),
+        }
+    }
+
+    /// Whether to ask the kernel for FUSE passthrough at init.
+    pub fn with_passthrough(mut self, on: bool) -> DedupFs {
+        self.want_passthrough = on;
+        self
+    }
+
+    /// The backing id to reply with for a passthrough handle, registering
+    /// the staging file with the kernel if the inode has none; None (and
+    /// the handle turned into an ordinary one) if the kernel refuses.
+    fn backing_for(
+        &self,
+        ino: u64,
+        opened: &Opened,
+        open_backing: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let file = opened.backing.as_ref()?;
+        let mut b = self.backing.lock();
+        let known = b
+            .by_ino
+            .get(&ino)
+            .filter(|(_, f)| Arc::ptr_eq(f, file))
+            .and_then(|(w, _)| w.upgrade());
+        let id = match known {
+            Some(id) => id,
+            None if !self.vol.passthrough() => {
+                // Turned off since the volume decided: no new backings.
+                drop(b);
+                self.vol.passthrough_failed(opened.fh);
+                return None;
+            }
+            None => match open_backing(file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    b.by_ino.insert(ino, (Arc::downgrade(&id), file.clone()));
+                    id
+                }
+                Err(e) => {
+                    drop(b);
+                    log::info!(
+                        "passthrough refused by the kernel ({e}); writes go through the daemon"
+                    );
+                    self.vol.passthrough_failed(opened.fh);
+                    return None;
+                }
+            },
+        };
+        b.by_fh.insert(opened.fh, id.clone());
+        Some(id)
+    }
+
+    fn forget_backing(&self, fh: u64) {
+        let mut b = self.backing.lock();
+        if b.by_fh.remove(&fh).is_some() {
+            b.by_ino.retain(|_, (w, _)| w.strong_count() > 0);
+        }
     }
 }
 
@@ -179,6 +258,17 @@ impl Filesystem for DedupFs {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_time_granularity(Duration::from_nanos(1));
+        if !self.want_passthrough {
+            log::info!("passthrough off (mount option); writes go through the daemon");
+        } else if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
+            // Depth 1: backing files on a plain filesystem, and this mount
+            // may itself sit under overlayfs.
+            let _ = config.set_max_stack_depth(1);
+            self.vol.set_passthrough(true);
+            log::info!("kernel passthrough on for files written whole");
+        } else {
+            log::info!("the kernel offers no passthrough; writes go through the daemon");
+        }
         Ok(())
     }
 
@@ -354,8 +444,11 @@ impl Filesystem for DedupFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.vol.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        match self.vol.open_file(ino.0, flags.0, true) {
+            Ok(o) => match self.backing_for(ino.0, &o, |f| reply.open_backing(f)) {
+                Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id),
+                None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
+            },
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -416,7 +509,9 @@ impl Filesystem for DedupFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.release(fh.0));
+        let r = self.vol.release(fh.0);
+        self.forget_backing(fh.0);
+        reply_empty(reply, r);
     }
 
     fn fsync(
@@ -588,17 +683,27 @@ impl Filesystem for DedupFs {
             .and_then(|a| {
                 // The new file is opened for writing whatever the access mode
                 // says about the caller: it may write to what it just made.
-                let fh = self.vol.open(a.ino, flags)?;
-                Ok((a, fh))
+                let o = self.vol.open_created(a.ino, &a, flags, true)?;
+                Ok((a, o))
             });
         match r {
-            Ok((a, fh)) => reply.created(
-                &TTL,
-                &fattr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((a, o)) => match self.backing_for(a.ino, &o, |f| reply.open_backing(f)) {
+                Some(id) => reply.created_passthrough(
+                    &TTL,
+                    &fattr(&a),
+                    Generation(0),
+                    FileHandle(o.fh),
+                    FopenFlags::empty(),
+                    &id,
+                ),
+                None => reply.created(
+                    &TTL,
+                    &fattr(&a),
+                    Generation(0),
+                    FileHandle(o.fh),
+                    FopenFlags::empty(),
+                ),
+            },
             Err(e) => reply.error(errno(&e)),
         }
     }

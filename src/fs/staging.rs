@@ -7,13 +7,20 @@
 //! Invariant: the bytes of a staged file at offset o are the staging file's
 //! if o is in a dirty range, else the base's if o < base_limit, else zero;
 //! and nothing past `size` exists.
+//!
+//! A *whole* staged file (one open through kernel FUSE passthrough) holds
+//! every byte in its staging file, and the kernel writes there without
+//! telling us: its length and mtime are the file's size and mtime, and
+//! [`Staged::refresh`] folds them in (the whole file dirty, no base) before
+//! anything reads the layout.
 
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::fs::{File, FileTimes};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::format::{ChunkRef, Timespec};
 
@@ -163,6 +170,27 @@ pub struct Staged {
     pub ctime: Timespec,
     /// Queued for ingest and not yet committed.
     pub queued: bool,
+    /// The staging file holds the whole file and may be written by the
+    /// kernel (passthrough); see the module doc.
+    pub whole: bool,
+    /// A whole staged file whose staging file carries [`WHOLE_XATTR`]: it
+    /// describes itself, so it needs no sidecar (see `mark_whole`).
+    pub marked: bool,
+}
+
+/// Marks a staging file that holds its whole file: after a crash it is
+/// replayed as it stands (its length the size, its mtime the mtime).
+pub const WHOLE_XATTR: &str = "user.dedupfs.whole";
+
+/// Whether a staging file carries [`WHOLE_XATTR`].
+pub fn is_marked_whole(f: &File) -> bool {
+    let mut buf = [0u8; 8];
+    rustix::fs::fgetxattr(f, WHOLE_XATTR, &mut buf).is_ok()
+}
+
+/// Removes [`WHOLE_XATTR`] from a staging file reused for partial staging.
+pub fn unmark_whole(f: &File) {
+    let _ = rustix::fs::fremovexattr(f, WHOLE_XATTR);
 }
 
 impl Staged {
@@ -180,9 +208,124 @@ impl Staged {
         let now = Timespec::now();
         self.mtime = now;
         self.ctime = now;
+        if self.whole {
+            // The staging file's mtime is the file's: keep it ours, or the
+            // next refresh would take the kernel's older one back.
+            self.set_file_mtime();
+        }
+    }
+
+    /// Puts `mtime` on the staging file of a whole staged file.
+    pub fn set_file_mtime(&self) {
+        let t = system_time(self.mtime);
+        if let Err(e) = self.file.set_times(FileTimes::new().set_modified(t)) {
+            log::warn!("setting the mtime of staged inode {}: {e}", self.ino);
+        }
+    }
+
+    /// Whether every byte lives in the staging file already (a new file,
+    /// one truncated to zero, one staged from inline content), so the
+    /// kernel may read and write it there directly.
+    pub fn can_be_whole(&self) -> bool {
+        self.whole || self.base_limit.min(self.base.len()) == 0
+    }
+
+    /// Switches to whole mode: the staging file gets the file's length and
+    /// mtime, and the layout says so. The bytes do not change.
+    pub fn make_whole(&mut self) -> io::Result<()> {
+        if self.whole {
+            return Ok(());
+        }
+        if !self.can_be_whole() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if self.file.metadata()?.len() != self.size {
+            self.file.set_len(self.size)?;
+        }
+        self.whole = true;
+        self.mark_whole();
+        self.set_file_mtime();
+        self.base = Arc::new(ChunkMap::default());
+        self.base_limit = 0;
+        self.dirty = RangeSet::default();
+        self.dirty.insert(0, self.size);
+        Ok(())
+    }
+
+    /// Tags the staging file with [`WHOLE_XATTR`]. Why: a sidecar is a new
+    /// file (temp + rename) on every close, and on the untar benchmark the
+    /// store's disk spent most of the daemon's time finding free inodes
+    /// among the recently deleted ones (ext4 without a journal scans them).
+    /// A whole file needs no layout beyond its own length, so a tag set
+    /// once replaces the sidecar; fsync of the staging file makes it
+    /// durable with the bytes. Where the staging disk has no user xattrs,
+    /// sidecars are written as before.
+    fn mark_whole(&mut self) {
+        if self.marked {
+            return;
+        }
+        match rustix::fs::fsetxattr(
+            &*self.file,
+            WHOLE_XATTR,
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            Ok(()) => {
+                self.marked = true;
+                // A sidecar from before (a partial layout) would win at
+                // recovery over the tag, and no longer follows the bytes.
+                let mut side = self.path.clone().into_os_string();
+                side.push(".side");
+                match std::fs::remove_file(&side) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        log::warn!("staged inode {}: stale sidecar stays ({e})", self.ino);
+                        self.marked = false;
+                    }
+                }
+            }
+            Err(e) => log::debug!(
+                "staged inode {}: no whole-file tag ({e}); sidecars instead",
+                self.ino
+            ),
+        }
+    }
+
+    /// Takes the size and mtime of a whole staged file from its staging
+    /// file, where the kernel's writes left them; a change bumps `version`.
+    pub fn refresh(&mut self) -> io::Result<()> {
+        if !self.whole {
+            return Ok(());
+        }
+        let m = self.file.metadata()?;
+        let mtime = Timespec {
+            secs: m.mtime(),
+            nanos: m.mtime_nsec() as u32,
+        };
+        if m.len() != self.size || mtime != self.mtime {
+            self.size = m.len();
+            self.mtime = mtime;
+            self.ctime = self.ctime.max(Timespec {
+                secs: m.ctime(),
+                nanos: m.ctime_nsec() as u32,
+            });
+            self.dirty = RangeSet::default();
+            self.dirty.insert(0, self.size);
+            self.version += 1;
+        }
+        Ok(())
     }
 
     pub fn set_size(&mut self, size: u64) -> io::Result<()> {
+        if self.whole {
+            self.file.set_len(size)?;
+            self.size = size;
+            self.dirty = RangeSet::default();
+            self.dirty.insert(0, size);
+            self.touch();
+            return Ok(());
+        }
         if size < self.size {
             self.dirty.truncate(size);
             self.base_limit = self.base_limit.min(size);
@@ -215,6 +358,15 @@ impl Staged {
             mtime: self.mtime,
             ctime: self.ctime,
         }
+    }
+}
+
+fn system_time(t: Timespec) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(t.nanos as u64)
     }
 }
 

@@ -24,7 +24,7 @@ use parking_lot::{Condvar, Mutex};
 use redb::{Durability, ReadableDatabase, ReadableTable};
 
 use super::Error;
-use super::staging::{ChunkMap, Piece, RangeSet, Sidecar, Staged, StagedView};
+use super::staging::{self, ChunkMap, Piece, RangeSet, Sidecar, Staged, StagedView};
 use crate::format::{ChunkId, ChunkRef, Content, InodeRec, Kind, LIVE, OwnerId, Timespec};
 use crate::meta::{self, Gens};
 use crate::repo::Repo;
@@ -51,6 +51,8 @@ const SPACE_FLOOR: u64 = 1 << 20;
 /// Group commit bounds for ingest.
 const INGEST_GROUP_FILES: usize = 512;
 const INGEST_GROUP_BYTES: u64 = 128 << 20;
+/// How long ingest waits for more closed files before committing a group.
+const INGEST_GATHER: Duration = Duration::from_millis(250);
 
 /// Attributes as the kernel sees them.
 #[derive(Clone, Debug)]
@@ -103,6 +105,26 @@ struct Handle {
     ino: u64,
     write: bool,
     append: bool,
+    /// Opened through kernel passthrough: reads and writes go to the
+    /// staging file without us.
+    pt: bool,
+}
+
+/// The staging file the kernel reads and writes for a file's passthrough
+/// handles. The kernel wants every open of an inode that has one to use
+/// the same backing file, so this outlives the `Staged` entry: a file
+/// committed while a passthrough reader is open keeps its staging file,
+/// and a new writer stages into it again.
+struct PtFile {
+    file: Arc<File>,
+    handles: u32,
+}
+
+/// A new handle, and the file to hand the kernel for passthrough if the
+/// handle should use it.
+pub struct Opened {
+    pub fh: u64,
+    pub backing: Option<Arc<File>>,
 }
 
 pub struct DirEntry {
@@ -130,6 +152,17 @@ pub struct Volume {
     staged: Mutex<HashMap<u64, Arc<Mutex<Staged>>>>,
     open: Mutex<HashMap<u64, u32>>,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// Files with passthrough handles open (see `PtFile`).
+    pt: Mutex<HashMap<u64, PtFile>>,
+    /// Set by the fuser layer once the kernel has agreed to passthrough;
+    /// cleared when registering a backing file fails.
+    passthrough: AtomicBool,
+    /// Handles opened with passthrough, and write requests (and bytes)
+    /// the daemon served itself; logged at unmount (the mount tests read
+    /// them to tell the two paths apart).
+    pt_opens: AtomicU64,
+    daemon_writes: AtomicU64,
+    daemon_write_bytes: AtomicU64,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
     maps: Mutex<LruCache<u64, Arc<ChunkMap>>>,
@@ -191,6 +224,11 @@ impl Volume {
             staged: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
+            pt: Mutex::new(HashMap::new()),
+            passthrough: AtomicBool::new(false),
+            pt_opens: AtomicU64::new(0),
+            daemon_writes: AtomicU64::new(0),
+            daemon_write_bytes: AtomicU64::new(0),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             maps: Mutex::new(LruCache::new(cap(1024))),
@@ -274,8 +312,12 @@ impl Volume {
         self.wait_ingest_idle();
         let left: Vec<_> = self.staged.lock().values().cloned().collect();
         for st in left {
-            let s = st.lock();
-            if let Err(e) = s.file.sync_data().and_then(|_| write_sidecar(&s, true)) {
+            let mut s = st.lock();
+            if let Err(e) = s
+                .refresh()
+                .and_then(|_| s.file.sync_data())
+                .and_then(|_| write_sidecar(&s, true))
+            {
                 log::error!("inode {} stays staged and could not be synced: {e}", s.ino);
             }
         }
@@ -294,6 +336,21 @@ impl Volume {
         if let Err(e) = self.sync_meta() {
             log::error!("final metadata sync failed: {e}");
         }
+        log::info!(
+            "passthrough opens {}, write requests served by the daemon {} ({} bytes)",
+            self.pt_opens.load(Ordering::Relaxed),
+            self.daemon_writes.load(Ordering::Relaxed),
+            self.daemon_write_bytes.load(Ordering::Relaxed)
+        );
+    }
+
+    /// The kernel agreed to passthrough (or, with false, it failed).
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::SeqCst);
+    }
+
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::SeqCst)
     }
 
     /// Queues every staged file with no writer that is not queued already.
@@ -463,7 +520,8 @@ impl Volume {
             btime: rec.btime,
         };
         if let Some(st) = self.staged_of(ino) {
-            let st = st.lock();
+            let mut st = st.lock();
+            refresh(&mut st);
             a.size = st.size;
             a.mtime = st.mtime;
             a.ctime = a.ctime.max(st.ctime);
@@ -837,6 +895,9 @@ impl Volume {
             if s.mtime.is_some() {
                 st.mtime = rec.mtime;
                 st.version += 1;
+                if st.whole {
+                    st.set_file_mtime();
+                }
             }
             st.ctime = st.ctime.max(rec.ctime);
         }
@@ -960,8 +1021,48 @@ impl Volume {
 
     // ------------------------------------------------------------ files
 
-    /// Opens a file; returns a handle.
+    /// Opens a file; returns a handle (never a passthrough one).
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        Ok(self.open_file(ino, flags, false)?.fh)
+    }
+
+    /// Opens a file. With `passthrough`, the handle may come back with a
+    /// staging file for the kernel to read and write directly: when the
+    /// whole file is in staging (new, truncated to zero, or small), it is
+    /// opened write-only or read-only, and no other handle is open; and
+    /// always while other passthrough handles of the file are open,
+    /// because the kernel refuses a mix (EIO).
+    ///
+    /// Why not read-write: the kernel maps passthrough files onto the
+    /// staging file itself, so a shared mapping outlives the handle's
+    /// release; ingest would commit the file and drop its staging state
+    /// while the mapping can still write. A read-write handle (the only
+    /// kind that can map shared and writable) goes through the daemon.
+    pub fn open_file(&self, ino: u64, flags: i32, passthrough: bool) -> Result<Opened> {
+        self.open_inner(ino, flags, passthrough, None)
+    }
+
+    /// `open_file` of a file `make_node` has just created with `rec`.
+    pub fn open_created(
+        &self,
+        ino: u64,
+        rec: &Attr,
+        flags: i32,
+        passthrough: bool,
+    ) -> Result<Opened> {
+        if rec.kind != Kind::File || rec.size != 0 {
+            return self.open_file(ino, flags, passthrough);
+        }
+        self.open_inner(ino, flags, passthrough, Some(rec))
+    }
+
+    fn open_inner(
+        &self,
+        ino: u64,
+        flags: i32,
+        passthrough: bool,
+        new_file: Option<&Attr>,
+    ) -> Result<Opened> {
         if is_snap_ino(ino) {
             let acc = flags & libc::O_ACCMODE;
             if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
@@ -975,21 +1076,46 @@ impl Volume {
                     ino,
                     write: false,
                     append: false,
+                    pt: false,
                 },
             );
-            return Ok(fh);
+            return Ok(Opened { fh, backing: None });
         }
-        let rec = self.read_inode(ino)?;
+        let rec = match new_file {
+            Some(a) => InodeRec {
+                died: LIVE,
+                kind: a.kind,
+                perm: a.perm,
+                uid: a.uid,
+                gid: a.gid,
+                nlink: a.nlink,
+                rdev: a.rdev,
+                size: 0,
+                atime: a.atime,
+                mtime: a.mtime,
+                ctime: a.ctime,
+                btime: a.btime,
+                content: Content::Empty,
+                parent: 0,
+                name: Vec::new(),
+            },
+            None => self.read_inode(ino)?,
+        };
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         if rec.kind == Kind::Dir && write {
             return Err(Error::Errno(libc::EISDIR));
         }
+        let mut staged = None;
         if write {
             self.check_writable()?;
-            let st = self.stage_writer(ino)?;
+            let st = match new_file {
+                Some(rec) => self.stage_new_file(ino, rec)?,
+                None => self.stage_writer(ino)?,
+            };
             if flags & libc::O_TRUNC != 0 {
                 let mut s = st.lock();
+                refresh(&mut s);
                 if s.size != 0
                     && let Err(e) = s.set_size(0)
                 {
@@ -998,8 +1124,69 @@ impl Volume {
                     return Err(io_err("truncating staging", e));
                 }
             }
+            staged = Some(st);
+        } else if rec.kind == Kind::File {
+            staged = self.staged_of(ino);
         }
-        *self.open.lock().entry(ino).or_default() += 1;
+        let want_pt = passthrough
+            && rec.kind == Kind::File
+            && acc != libc::O_RDWR
+            && self.passthrough.load(Ordering::SeqCst);
+        let backing = {
+            // Lock order: the Staged entry, then the small maps.
+            let mut guard = staged.as_ref().map(|st| st.lock());
+            if let (Some(st), false) = (&staged, write)
+                && !self.is_current(ino, st)
+            {
+                guard = None;
+            }
+            let mut pt = self.pt.lock();
+            let mut open = self.open.lock();
+            let backing = if let Some(p) = pt.get_mut(&ino) {
+                // Every open must use the backing the kernel already has.
+                if let Some(g) = guard.as_mut()
+                    && write
+                    && (!Arc::ptr_eq(&g.file, &p.file) || g.make_whole().is_err())
+                {
+                    log::error!("inode {ino}: staging is not the passthrough file");
+                    drop((open, pt, guard));
+                    if let Some(st) = &staged {
+                        self.drop_writer(ino, st);
+                    }
+                    return Err(Error::Errno(libc::EBUSY));
+                }
+                p.handles += 1;
+                Some(p.file.clone())
+            } else if want_pt
+                && !open.contains_key(&ino)
+                && let Some(g) = guard.as_mut()
+                && g.can_be_whole()
+            {
+                match g.make_whole() {
+                    Ok(()) => {
+                        pt.insert(
+                            ino,
+                            PtFile {
+                                file: g.file.clone(),
+                                handles: 1,
+                            },
+                        );
+                        Some(g.file.clone())
+                    }
+                    Err(e) => {
+                        log::warn!("inode {ino}: no passthrough ({e})");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            *open.entry(ino).or_default() += 1;
+            backing
+        };
+        if backing.is_some() {
+            self.pt_opens.fetch_add(1, Ordering::Relaxed);
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(
             fh,
@@ -1007,9 +1194,70 @@ impl Volume {
                 ino,
                 write,
                 append: flags & libc::O_APPEND != 0,
+                pt: backing.is_some(),
             },
         );
-        Ok(fh)
+        Ok(Opened { fh, backing })
+    }
+
+    /// The kernel would not take the backing file of a passthrough handle:
+    /// the handle goes through the daemon, and so does every later open.
+    pub fn passthrough_failed(&self, fh: u64) {
+        self.passthrough.store(false, Ordering::SeqCst);
+        let ino = {
+            let mut hs = self.handles.lock();
+            let Some(h) = hs.get_mut(&fh) else { return };
+            if !h.pt {
+                return;
+            }
+            h.pt = false;
+            h.ino
+        };
+        self.pt_opens.fetch_sub(1, Ordering::Relaxed);
+        self.drop_pt(ino, false);
+    }
+
+    /// One passthrough handle of `ino` is gone (with `close`, the handle
+    /// itself too: both counts drop under the `pt` lock, or an open between
+    /// them saw a handle but no passthrough and answered without it, which
+    /// the kernel refuses). After the last, a staging file no `Staged`
+    /// entry owns any more (ingest left it for the kernel) is removed.
+    /// Returns whether that was the file's last open handle.
+    fn drop_pt(&self, ino: u64, close: bool) -> bool {
+        let (last, last_open) = {
+            let mut pt = self.pt.lock();
+            let last_open = close && count_close(&mut self.open.lock(), ino);
+            let last = match pt.get_mut(&ino) {
+                Some(p) if p.handles > 1 => {
+                    p.handles -= 1;
+                    false
+                }
+                Some(_) => {
+                    pt.remove(&ino);
+                    true
+                }
+                None => false,
+            };
+            (last, last_open)
+        };
+        if last && !self.staged.lock().contains_key(&ino) {
+            // Under content_lock no new Staged entry (which would reuse
+            // the path) can appear between the check and the unlink.
+            let _c = self.content_lock.lock();
+            if !self.staged.lock().contains_key(&ino) && !self.pt.lock().contains_key(&ino) {
+                let _ = fs::remove_file(self.staging_dir.join(ino.to_string()));
+            }
+        }
+        last_open
+    }
+
+    /// Removes a staging file and its sidecar, keeping the file itself
+    /// while passthrough handles read it (see `PtFile`).
+    fn remove_staging(&self, ino: u64, path: &std::path::Path) {
+        if !self.pt.lock().contains_key(&ino) {
+            let _ = fs::remove_file(path);
+        }
+        let _ = fs::remove_file(sidecar_path(path));
     }
 
     /// Registers a writer on a file's staging state, creating that state
@@ -1048,6 +1296,55 @@ impl Volume {
         }
     }
 
+    /// `stage_writer` for a file `make_node` has just created: nothing has
+    /// been committed for it, so nothing ingest or the reaper does can race
+    /// the new entry, and it need not wait on `content_lock` (which ingest
+    /// holds across its commit: every create of an untar waited for it).
+    /// The staging file is created exclusively; if anything got there
+    /// first (a concurrent open of the new name), the ordinary path runs.
+    fn stage_new_file(&self, ino: u64, a: &Attr) -> Result<Arc<Mutex<Staged>>> {
+        let path = self.staging_dir.join(ino.to_string());
+        if self.staged.lock().contains_key(&ino) || self.pt.lock().contains_key(&ino) {
+            return self.stage_writer(ino);
+        }
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return self.stage_writer(ino),
+            Err(e) => return Err(io_err("creating a staging file", e)),
+        };
+        let st = Arc::new(Mutex::new(Staged {
+            ino,
+            file: Arc::new(file),
+            path,
+            base: Arc::new(ChunkMap::default()),
+            base_limit: 0,
+            size: 0,
+            dirty: RangeSet::default(),
+            writers: 1,
+            version: UNTOUCHED,
+            mtime: a.mtime,
+            ctime: a.ctime,
+            queued: false,
+            whole: false,
+            marked: false,
+        }));
+        {
+            let mut map = self.staged.lock();
+            if map.contains_key(&ino) {
+                // Someone staged it meanwhile (and owns the file now).
+                drop(map);
+                return self.stage_writer(ino);
+            }
+            map.insert(ino, st.clone());
+        }
+        Ok(st)
+    }
+
     /// Whether `st` is still the file's entry in `staged` (call with the
     /// entry locked: only then can ingest not remove it under us).
     fn is_current(&self, ino: u64, st: &Arc<Mutex<Staged>>) -> bool {
@@ -1063,14 +1360,22 @@ impl Volume {
         let idle = {
             let mut s = st.lock();
             s.writers = s.writers.saturating_sub(1);
+            refresh(&mut s);
+            if s.whole && s.writers == 0 && s.version != UNTOUCHED {
+                // The kernel wrote behind our back: make sure an ingest
+                // that chunked the file before those writes sees it went
+                // stale, even if size and mtime happen to match.
+                s.version += 1;
+            }
             if s.writers == 0 && s.version == UNTOUCHED && !s.queued && self.is_current(ino, st) {
                 // Opened for writing, changed nothing (`touch` or a create
                 // without data): the committed record is already right, so
                 // skip the sidecar and a durable ingest commit. Creating
                 // many empty files cost a commit with fsync each.
+                // Unlink before leaving the map: once the entry is gone a
+                // new writer may create a staging file at the same path.
+                self.remove_staging(ino, &s.path);
                 self.staged.lock().remove(&ino);
-                let _ = fs::remove_file(&s.path);
-                let _ = fs::remove_file(sidecar_path(&s.path));
                 return;
             }
             if s.writers == 0 {
@@ -1092,6 +1397,34 @@ impl Volume {
             return Err(Error::Errno(libc::EINVAL));
         }
         let path = self.staging_dir.join(ino.to_string());
+        let pt_file = self.pt.lock().get(&ino).map(|p| p.file.clone());
+        if let Some(file) = pt_file {
+            // Passthrough readers still have the staging file ingest left
+            // (it holds the committed bytes): stage into it again.
+            let size = file
+                .metadata()
+                .map_err(|e| io_err("reading staging", e))?
+                .len();
+            let mut dirty = RangeSet::default();
+            dirty.insert(0, size);
+            let marked = staging::is_marked_whole(&file);
+            return Ok(Staged {
+                ino,
+                file,
+                path,
+                base: Arc::new(ChunkMap::default()),
+                base_limit: 0,
+                size,
+                dirty,
+                writers: 0,
+                version: UNTOUCHED,
+                mtime: rec.mtime,
+                ctime: rec.ctime,
+                queued: false,
+                whole: true,
+                marked,
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1099,6 +1432,8 @@ impl Volume {
             .truncate(true)
             .open(&path)
             .map_err(|e| io_err("creating a staging file", e))?;
+        // A staging file left behind (see `drop_pt`) may carry the tag.
+        staging::unmark_whole(&file);
         let mut dirty = RangeSet::default();
         let base = match &rec.content {
             Content::Chunked => self.chunk_map(ino)?,
@@ -1123,6 +1458,8 @@ impl Volume {
             mtime: rec.mtime,
             ctime: rec.ctime,
             queued: false,
+            whole: false,
+            marked: false,
         })
     }
 
@@ -1159,7 +1496,8 @@ impl Volume {
             return self.snap_read(ino, off, size);
         }
         if let Some(st) = self.staged_of(ino) {
-            let st = st.lock();
+            let mut st = st.lock();
+            refresh(&mut st);
             let end = (off + size as u64).min(st.size);
             if off >= end {
                 return Ok(Vec::new());
@@ -1257,7 +1595,15 @@ impl Volume {
             .cloned()
             .ok_or(Error::Errno(libc::EBADF))?;
         self.check_space(Space::Data(data.len() as u64))?;
+        self.daemon_writes.fetch_add(1, Ordering::Relaxed);
+        log::debug!(
+            "write of {} bytes at {off} to inode {ino} through the daemon",
+            data.len()
+        );
+        self.daemon_write_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut st = st.lock();
+        refresh(&mut st);
         let off = if append { st.size } else { off };
         st.write(off, data)
             .map_err(|e| io_err("writing staging", e))?;
@@ -1273,16 +1619,10 @@ impl Volume {
         {
             self.drop_writer(h.ino, &st);
         }
-        let last = {
-            let mut open = self.open.lock();
-            let n = open.entry(h.ino).or_default();
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&h.ino);
-                true
-            } else {
-                false
-            }
+        let last = if h.pt {
+            self.drop_pt(h.ino, true)
+        } else {
+            count_close(&mut self.open.lock(), h.ino)
         };
         if last {
             self.send(Msg::Reap);
@@ -1325,7 +1665,8 @@ impl Volume {
     /// does all metadata committed so far.
     pub fn fsync(&self, ino: u64) -> Result<()> {
         if let Some(st) = self.staged_of(ino) {
-            let s = st.lock();
+            let mut s = st.lock();
+            refresh(&mut s);
             // An entry ingest has just committed is durable already; a
             // sidecar written for it now would outlive its staging file and
             // be replayed against the next one.
@@ -1362,6 +1703,7 @@ impl Volume {
             .cloned()
             .ok_or(Error::Errno(libc::EBADF))?;
         let mut st = st.lock();
+        refresh(&mut st);
         let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
         if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 {
             // Zero only what exists (and, without KEEP_SIZE, what the range
@@ -1429,7 +1771,9 @@ impl Volume {
             && let Some(st) = self.staged_of(ino_out)
         {
             let mut st = st.lock();
-            if st.size == 0 {
+            // A whole staged file is read and written by the kernel in
+            // its staging file, which must hold the bytes: copy them.
+            if st.size == 0 && !st.whole {
                 st.base = if is_snap_ino(ino_in) {
                     self.snap_chunk_map(ino_in)?
                 } else {
@@ -1461,6 +1805,7 @@ impl Volume {
     fn recover_staging(&self) -> Result<()> {
         let rd = fs::read_dir(&self.staging_dir).map_err(|e| io_err("listing staging/", e))?;
         let mut found = Vec::new();
+        let mut whole = Vec::new();
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(ino) = name
@@ -1472,8 +1817,40 @@ impl Volume {
                 let ino = name.parse::<u64>().ok();
                 let side = self.staging_dir.join(format!("{name}.side"));
                 if ino.is_none() || !side.exists() {
-                    let _ = fs::remove_file(e.path());
+                    match (ino, File::open(e.path())) {
+                        (Some(ino), Ok(f)) if staging::is_marked_whole(&f) => whole.push(ino),
+                        _ => {
+                            let _ = fs::remove_file(e.path());
+                        }
+                    }
                 }
+            }
+        }
+        for ino in whole {
+            // A whole staged file describes itself (see `mark_whole`).
+            let data_path = self.staging_dir.join(ino.to_string());
+            let Ok(m) = fs::metadata(&data_path) else {
+                continue;
+            };
+            let side = Sidecar {
+                ino,
+                size: m.len(),
+                base_limit: 0,
+                dirty: vec![(0, m.len())],
+                mtime: (
+                    std::os::unix::fs::MetadataExt::mtime(&m),
+                    std::os::unix::fs::MetadataExt::mtime_nsec(&m) as u32,
+                ),
+            };
+            match serde_json::to_vec(&side) {
+                Ok(b) => {
+                    if let Err(e) = store::write_file_atomic(&sidecar_path(&data_path), &b) {
+                        log::error!("recovering staged inode {ino}: {e}");
+                        continue;
+                    }
+                    found.push(ino);
+                }
+                Err(e) => log::error!("recovering staged inode {ino}: {e}"),
             }
         }
         for ino in found {
@@ -1522,6 +1899,8 @@ impl Volume {
                 },
                 ctime: Timespec::now(),
                 queued: false,
+                whole: false,
+                marked: false,
             }));
             self.staged.lock().insert(ino, st.clone());
             self.queue_ingest(ino, &st);
@@ -1585,6 +1964,7 @@ impl Volume {
                     s.queued = false;
                     continue;
                 }
+                refresh(&mut s);
                 s.view()
             };
             let content = self.build_content(&view, &mut batch)?;
@@ -1650,8 +2030,7 @@ impl Volume {
             }
             self.maps.lock().pop(ino);
             self.staged.lock().remove(ino);
-            let _ = fs::remove_file(&gd.path);
-            let _ = fs::remove_file(sidecar_path(&gd.path));
+            self.remove_staging(*ino, &gd.path);
         }
         Ok(again)
     }
@@ -1912,6 +2291,25 @@ impl Read for MergedReader<'_> {
     }
 }
 
+/// One handle of `ino` is closed; returns whether it was the last.
+fn count_close(open: &mut HashMap<u64, u32>, ino: u64) -> bool {
+    let n = open.entry(ino).or_default();
+    *n = n.saturating_sub(1);
+    if *n == 0 {
+        open.remove(&ino);
+        true
+    } else {
+        false
+    }
+}
+
+/// `Staged::refresh`, logged: a failed fstat leaves the last known size.
+fn refresh(s: &mut Staged) {
+    if let Err(e) = s.refresh() {
+        log::warn!("reading the staging state of inode {}: {e}", s.ino);
+    }
+}
+
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
@@ -1933,6 +2331,17 @@ fn sidecar_path(p: &std::path::Path) -> PathBuf {
 }
 
 fn write_sidecar(s: &Staged, sync: bool) -> io::Result<()> {
+    if s.whole && s.marked {
+        // The staging file describes itself; fsync makes its bytes, length
+        // and tag durable, and the directory entry naming it.
+        if sync {
+            s.file.sync_all()?;
+            if let Some(dir) = s.path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+        }
+        return Ok(());
+    }
     let bytes = serde_json::to_vec(&s.sidecar()).map_err(io::Error::other)?;
     let path = sidecar_path(&s.path);
     if sync {
@@ -2046,7 +2455,12 @@ impl MetaTx<'_> {
 
 fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
     loop {
-        let first = match rx.lock().recv() {
+        // The receiver stays locked while this worker gathers its group,
+        // so the other workers wait for the lock instead of splitting the
+        // stream into groups of one (and the gathering never waits on a
+        // worker blocked in recv: that stranded groups at unmount).
+        let rxg = rx.lock();
+        let first = match rxg.recv() {
             Ok(m) => m,
             Err(_) => return,
         };
@@ -2056,11 +2470,12 @@ fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
         let mut stop = false;
         let mut bytes = 0u64;
         let mut next = Some(first);
+        let deadline = std::time::Instant::now() + INGEST_GATHER;
         while let Some(m) = next.take() {
             match m {
                 Msg::Ingest(i) => {
                     if let Some(st) = v.staged_of(i) {
-                        bytes += st.lock().size;
+                        bytes += st.try_lock().map(|s| s.size).unwrap_or(0);
                     }
                     group.push(i);
                 }
@@ -2068,13 +2483,21 @@ fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
                 Msg::Stop => stop = true,
             }
             if !stop && group.len() < INGEST_GROUP_FILES && bytes < INGEST_GROUP_BYTES {
-                // try_lock: an idle worker holds the receiver while it
-                // blocks in recv(). Waiting for that lock stranded this
-                // group (and `pending`) until some later message arrived;
-                // at unmount none does, and shutdown hung for good.
-                next = rx.try_lock().and_then(|r| r.try_recv().ok());
+                next = match rxg.try_recv() {
+                    Ok(m) => Some(m),
+                    // Wait a little for more files to close: every group
+                    // is a durable commit, and redb holds its write lock
+                    // across the fsync, so creates and setattrs wait for
+                    // each one. An untar committed each file on its own.
+                    Err(_) if !group.is_empty() => {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        rxg.recv_timeout(left).ok()
+                    }
+                    Err(_) => None,
+                };
             }
         }
+        drop(rxg);
         if !group.is_empty() {
             group.sort_unstable();
             let messages = group.len() as u64;

@@ -1012,7 +1012,10 @@ impl Volume {
         let mut guards: Vec<_> = entries.iter().map(|e| e.1.lock()).collect();
         let mut batch = self.repo.store().batch()?;
         let mut built: Vec<(usize, StagedView, NewContent)> = Vec::new();
-        for (i, g) in guards.iter().enumerate() {
+        for (i, g) in guards.iter_mut().enumerate() {
+            // A passthrough writer's bytes reached the staging file
+            // without us: take its size and mtime first.
+            refresh(g);
             if g.version == UNTOUCHED {
                 continue;
             }
@@ -1445,6 +1448,14 @@ impl Volume {
             let mut s = st.lock();
             let rec = self.read_inode(*ino).ok();
             match rec {
+                Some(rec) if rec.kind == Kind::File && s.writers > 0 && s.whole => {
+                    // The kernel writes this staging file directly: put
+                    // the rolled-back bytes in it.
+                    match self.fill_whole(&mut s, *ino, &rec) {
+                        Ok(()) => report.open_writers_reset += 1,
+                        Err(e) => log::error!("inode {ino}: resetting staging after rollback: {e}"),
+                    }
+                }
                 Some(rec) if rec.kind == Kind::File && s.writers > 0 => {
                     match self.new_staged(*ino, &rec) {
                         Ok(mut fresh) => {
@@ -1482,6 +1493,28 @@ impl Volume {
             report.records_reverted
         );
         Ok(report)
+    }
+
+    /// Rewrites a whole staged file's staging file with a committed record's
+    /// bytes.
+    fn fill_whole(&self, s: &mut Staged, ino: u64, rec: &InodeRec) -> Result<()> {
+        const STEP: u64 = 16 << 20;
+        s.file
+            .set_len(0)
+            .map_err(|e| io_err("truncating staging", e))?;
+        let mut off = 0;
+        while off < rec.size {
+            let n = (rec.size - off).min(STEP) as u32;
+            let data = self.read_record(rec, off, n, || self.chunk_map(ino))?;
+            s.file
+                .write_all_at(&data, off)
+                .map_err(|e| io_err("writing staging", e))?;
+            off += n as u64;
+        }
+        s.set_size(rec.size)
+            .map_err(|e| io_err("sizing staging", e))?;
+        s.version += 2;
+        Ok(())
     }
 
     // ------------------------------------------------------------ settings
@@ -1554,6 +1587,11 @@ fn refer_at(rt: &ReadTransaction, sgen: u64) -> store::Result<Refer> {
 /// After its bytes were committed, an open file's overlay starts over on
 /// top of the new content.
 fn rebase_staged(s: &mut Staged, new: &NewContent) -> std::io::Result<()> {
+    if s.whole {
+        // The kernel writes its staging file directly: that file stays
+        // the truth, and the next ingest takes it whole.
+        return Ok(());
+    }
     match new {
         NewContent::Chunked(list) => {
             s.base = Arc::new(ChunkMap::new(list.clone()));

@@ -1,0 +1,249 @@
+//! Test 3's write path: files written whole go through kernel FUSE
+//! passthrough (the kernel writes the staging file; the daemon never sees
+//! the bytes), and the `nopassthrough` mount option falls back to writes
+//! through the daemon with the same results. The daemon logs how many
+//! handles used passthrough and how many write requests it served itself
+//! at unmount; that is what tells the two paths apart here.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use crate::harness::*;
+
+/// (passthrough opens, daemon write requests) from the last unmount's log
+/// line, or None when the kernel offered no passthrough.
+fn counters(t: &TestFs) -> (bool, u64, u64) {
+    let log = fs::read_to_string(t.store.join("dedupfs.log")).unwrap_or_default();
+    let offered = !log.contains("offers no passthrough");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("passthrough opens"))
+        .unwrap_or_else(|| panic!("no counters in the log\n{}", t.log()));
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "... passthrough opens N, write requests served by the daemon M (B bytes)"
+    let n = nums.len();
+    assert!(n >= 3, "unexpected counter line: {line}");
+    (offered, nums[n - 3], nums[n - 2])
+}
+
+/// Writes, appends, truncates, reads through a second handle and stats
+/// files while they are open; returns what each file must hold.
+fn workload(t: &TestFs, rng: &mut Rng) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+
+    // A big sequential file in 1 MiB writes, then fsync.
+    let big = rng.bytes(24 << 20);
+    {
+        let mut f = File::create(t.p("seq")).unwrap();
+        for c in big.chunks(1 << 20) {
+            f.write_all(c).unwrap();
+        }
+        f.sync_all().unwrap();
+        assert_eq!(f.metadata().unwrap().len(), big.len() as u64);
+    }
+    out.push(("seq".to_string(), big));
+
+    // Written while a reader and a second (read-write) handle are open:
+    // both see the bytes, stat sees the size, a truncate through setattr
+    // and an append land where they should.
+    let mut want = rng.bytes(300_000);
+    {
+        let mut w = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(t.p("open"))
+            .unwrap();
+        w.write_all(&want).unwrap();
+        let r = File::open(t.p("open")).unwrap();
+        let mut buf = vec![0u8; want.len()];
+        r.read_exact_at(&mut buf, 0).unwrap();
+        assert_bytes_eq(&buf, &want, "read through a second handle while written");
+        assert_eq!(fs::metadata(t.p("open")).unwrap().len(), want.len() as u64);
+
+        let rw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(t.p("open"))
+            .unwrap();
+        rw.write_all_at(b"through the read-write handle", 1000)
+            .unwrap();
+        want[1000..1029].copy_from_slice(b"through the read-write handle");
+        let mut got = vec![0u8; 29];
+        r.read_exact_at(&mut got, 1000).unwrap();
+        assert_eq!(&got, b"through the read-write handle");
+
+        w.set_len(200_000).unwrap();
+        want.truncate(200_000);
+        assert_eq!(fs::metadata(t.p("open")).unwrap().len(), 200_000);
+        let mut a = OpenOptions::new().append(true).open(t.p("open")).unwrap();
+        a.write_all(b"appended").unwrap();
+        want.extend_from_slice(b"appended");
+        assert_eq!(fs::metadata(t.p("open")).unwrap().len(), want.len() as u64);
+        // A write at the old position of `w` (past the truncation) leaves
+        // a hole that reads as zeros.
+        w.seek(SeekFrom::Start(250_000)).unwrap();
+        w.write_all(b"tail").unwrap();
+        want.resize(250_000, 0);
+        want.extend_from_slice(b"tail");
+        let mut all = Vec::new();
+        let mut r2 = File::open(t.p("open")).unwrap();
+        std::io::Read::read_to_end(&mut r2, &mut all).unwrap();
+        assert_bytes_eq(
+            &all,
+            &want,
+            "after truncate, append and a write past the end",
+        );
+    }
+    out.push(("open".to_string(), want));
+
+    // Small files (inline once committed), rewritten with O_TRUNC.
+    for i in 0..20 {
+        let name = format!("small{i}");
+        let first = rng.bytes(100 + i * 50);
+        write_file(&t.p(&name), &first);
+        let second = rng.bytes(3000 + i);
+        write_file(&t.p(&name), &second);
+        out.push((name, second));
+    }
+
+    // An mtime set while the file is open for writing sticks.
+    {
+        let f = File::create(t.p("timed")).unwrap();
+        f.write_all_at(b"some bytes", 0).unwrap();
+        sys::utimens(&t.p("timed"), (1_000_000, 0), (1_234_567_890, 5)).unwrap();
+        let m = fs::metadata(t.p("timed")).unwrap();
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1_234_567_890, 5));
+    }
+    let m = fs::metadata(t.p("timed")).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_234_567_890, 5));
+    out.push(("timed".to_string(), b"some bytes".to_vec()));
+    out
+}
+
+fn check(t: &TestFs, files: &[(String, Vec<u8>)], what: &str) {
+    for (name, want) in files {
+        assert_bytes_eq(&read_file(&t.p(name)), want, &format!("{name} {what}"));
+    }
+}
+
+fn run(options: &[&str]) -> (bool, u64, u64) {
+    let mut res = (false, 0, 0);
+    with_fs(|t| {
+        t.options = options.iter().map(|s| s.to_string()).collect();
+        let mut rng = Rng::new(seed(31));
+        t.mount();
+        let files = workload(t, &mut rng);
+        check(t, &files, "while staged");
+        t.umount();
+        res = counters(t);
+        if res.2 > 0 && options.is_empty() {
+            eprintln!("{}", t.log());
+        }
+        t.mount();
+        check(t, &files, "after remount (chunked)");
+        let m = fs::metadata(t.p("timed")).unwrap();
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1_234_567_890, 5));
+        t.umount();
+        t.assert_fsck_clean();
+    });
+    res
+}
+
+#[test]
+fn passthrough_writes_bypass_the_daemon() {
+    if !fuse_available() {
+        return;
+    }
+    let (offered, pt_opens, daemon_writes) = run(&[]);
+    if !offered {
+        eprintln!("the kernel offers no passthrough: only the fallback ran");
+        return;
+    }
+    assert!(pt_opens > 20, "only {pt_opens} passthrough opens");
+    // Only the write through the read-write handle reaches the daemon...
+    // which, with a passthrough writer open, must be passthrough too.
+    assert_eq!(
+        daemon_writes, 0,
+        "the daemon served {daemon_writes} write requests"
+    );
+}
+
+#[test]
+fn nopassthrough_option_writes_through_the_daemon() {
+    if !fuse_available() {
+        return;
+    }
+    let (_, pt_opens, daemon_writes) = run(&["nopassthrough"]);
+    assert_eq!(pt_opens, 0, "passthrough used although turned off");
+    assert!(daemon_writes > 24, "only {daemon_writes} daemon writes");
+}
+
+/// A passthrough reader keeps the staging file the kernel reads; the file
+/// is committed under it and then written again: the reader sees the new
+/// bytes, and everything survives a remount.
+#[test]
+fn reader_open_across_ingest_sees_a_new_writer() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(32));
+        let a = rng.bytes(100_000);
+        let w = File::create(t.p("f")).unwrap();
+        w.write_all_at(&a, 0).unwrap();
+        let r = File::open(t.p("f")).unwrap();
+        drop(w);
+        // Give ingest time to commit the file under the open reader.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let mut buf = vec![0u8; a.len()];
+        r.read_exact_at(&mut buf, 0).unwrap();
+        assert_bytes_eq(&buf, &a, "reader after ingest");
+        let b = rng.bytes(120_000);
+        {
+            let mut w = OpenOptions::new().write(true).open(t.p("f")).unwrap();
+            w.write_all(&b).unwrap();
+        }
+        let mut buf = vec![0u8; b.len()];
+        r.read_exact_at(&mut buf, 0).unwrap();
+        assert_bytes_eq(&buf, &b, "reader after the second writer");
+        drop(r);
+        assert_bytes_eq(&read_file(&t.p("f")), &b, "after close");
+        t.remount();
+        assert_bytes_eq(&read_file(&t.p("f")), &b, "after remount");
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}
+
+/// fsync of a passthrough-written file makes its bytes and layout
+/// durable: after kill -9 the remounted file holds what was fsynced.
+#[test]
+fn passthrough_fsync_survives_kill_9() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(33));
+        let a = rng.bytes(5 << 20);
+        let small = rng.bytes(2000);
+        {
+            let mut f = File::create(t.p("big")).unwrap();
+            f.write_all(&a).unwrap();
+            f.sync_all().unwrap();
+            let mut s = File::create(t.p("small")).unwrap();
+            s.write_all(&small).unwrap();
+            s.sync_all().unwrap();
+            sys::fsync_dir(&t.mnt).unwrap();
+            // Kill with the writers still open: nothing but fsync (no
+            // close, no ingest) made these durable.
+            t.crash();
+        }
+        t.mount();
+        assert_bytes_eq(&read_file(&t.p("big")), &a, "big after kill -9");
+        assert_bytes_eq(&read_file(&t.p("small")), &small, "small after kill -9");
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}
