@@ -683,7 +683,14 @@ impl Filesystem for DedupFs {
             .and_then(|a| {
                 // The new file is opened for writing whatever the access mode
                 // says about the caller: it may write to what it just made.
-                let o = self.vol.open_created(a.ino, &a, flags, true)?;
+                // O_EXCL creates (cp, tar) stay off passthrough: a
+                // copy_file_range into a passthrough file has to copy the
+                // bytes into its staging file, where through the daemon it
+                // shares the source's chunks (metadata only). Plain
+                // creates (O_TRUNC: dd, editors, compilers) get the
+                // kernel's write path.
+                let pt = flags & libc::O_EXCL == 0;
+                let o = self.vol.open_created(a.ino, &a, flags, pt)?;
                 Ok((a, o))
             });
         match r {
