@@ -1989,33 +1989,15 @@ impl Volume {
             .collect();
         let live = self.queue_content_refs(&mut batch, &kept)?;
         self.check_space(Space::Frees)?;
-        // The meta commit below is durable and covers the lazy commits
-        // counted before it begins.
-        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
-        let meta_db = self.repo.meta();
-        let built_ref = &built;
-        let live_ref = &live;
-        batch.commit(|ref_seq| {
-            let tx = meta_db.begin_write()?;
-            {
-                let mut st = tx.open_table(meta::STATE)?;
-                let g = Gens::load(&st)?;
-                let mut t = meta::Versioned::open(&tx, g)?;
-                for (i, (ino, _, view, new)) in built_ref.iter().enumerate() {
-                    if !live_ref[i] {
-                        continue;
-                    }
+        self.commit_with_meta(batch, |tx, g| {
+            let mut t = meta::Versioned::open(tx, g)?;
+            for (i, (ino, _, view, new)) in built.iter().enumerate() {
+                if live[i] {
                     commit_content(&mut t, *ino, view, new)?;
                 }
-                if let Some(r) = ref_seq {
-                    st.insert("ref_seq", r)?;
-                }
             }
-            tx.commit()?;
             Ok(())
         })?;
-        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
-        self.map_epoch.fetch_add(1, Ordering::SeqCst);
         let mut again = Vec::new();
         for (i, (ino, _, _, _)) in built.iter().enumerate() {
             let gd = &mut guards[i];
@@ -2033,6 +2015,32 @@ impl Volume {
             self.remove_staging(*ino, &gd.path);
         }
         Ok(again)
+    }
+
+    /// Commits `batch` (blobs, then the index), then in one durable meta
+    /// transaction what `f` writes plus the index's ref sequence (design
+    /// doc, "Two databases, one commit order"). That meta commit also makes
+    /// every lazy commit before it durable; cached chunk maps are dropped.
+    fn commit_with_meta(
+        &self,
+        batch: Batch<'_>,
+        f: impl FnOnce(&redb::WriteTransaction, Gens) -> store::Result<()>,
+    ) -> Result<()> {
+        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
+        let meta_db = self.repo.meta();
+        batch.commit(|ref_seq| {
+            let tx = meta_db.begin_write()?;
+            let g = Gens::load(&tx.open_table(meta::STATE)?)?;
+            f(&tx, g)?;
+            if let Some(r) = ref_seq {
+                tx.open_table(meta::STATE)?.insert("ref_seq", r)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
+        self.map_epoch.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Queues in `batch` the reference changes of giving each file its new
@@ -2142,26 +2150,35 @@ impl Volume {
         }
     }
 
+    /// Orphans no handle holds open.
+    fn reapable(&self) -> Result<Vec<u64>> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::ORPHANS).map_err(store::Error::from)?;
+        let open = self.open.lock().clone();
+        let mut v = Vec::new();
+        for row in t.iter().map_err(store::Error::from)? {
+            let ino = row.map_err(store::Error::from)?.0.value();
+            if !open.contains_key(&ino) {
+                v.push(ino);
+            }
+        }
+        Ok(v)
+    }
+
     fn try_reap(&self) -> Result<()> {
         self.check_space(Space::Frees)?;
-        let orphans: Vec<u64> = {
-            let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
-            let t = rt.open_table(meta::ORPHANS).map_err(store::Error::from)?;
-            let mut v = Vec::new();
-            for row in t.iter().map_err(store::Error::from)? {
-                v.push(row.map_err(store::Error::from)?.0.value());
-            }
-            v
-        };
-        let open = self.open.lock().clone();
-        let doomed: Vec<u64> = orphans
-            .into_iter()
-            .filter(|i| !open.contains_key(i))
-            .collect();
-        if doomed.is_empty() {
+        // A cheap look first (most calls find nothing), then again under
+        // content_lock: a rollback or restore between the two can give an
+        // orphan its links back, and reaping it then left a name pointing
+        // at a removed inode.
+        if self.reapable()?.is_empty() {
             return Ok(());
         }
         let _c = self.content_lock.lock();
+        let doomed = self.reapable()?;
+        if doomed.is_empty() {
+            return Ok(());
+        }
         let mut batch = self.repo.store().batch()?;
         {
             let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
@@ -2177,30 +2194,19 @@ impl Volume {
                 }
             }
         }
-        let meta_db = self.repo.meta();
-        batch.commit(|ref_seq| {
-            let tx = meta_db.begin_write()?;
-            {
-                let mut st = tx.open_table(meta::STATE)?;
-                let g = Gens::load(&st)?;
-                let mut t = meta::Versioned::open(&tx, g)?;
-                let mut orphans = tx.open_table(meta::ORPHANS)?;
-                for ino in &doomed {
-                    t.write_content(*ino, None)?;
-                    t.remove_inode(*ino)?;
-                    for name in meta::list_xattrs(&t.xattrs, *ino)? {
-                        t.remove_xattr(*ino, &name)?;
-                    }
-                    orphans.remove(*ino)?;
+        self.commit_with_meta(batch, |tx, g| {
+            let mut t = meta::Versioned::open(tx, g)?;
+            let mut orphans = tx.open_table(meta::ORPHANS)?;
+            for ino in &doomed {
+                t.write_content(*ino, None)?;
+                t.remove_inode(*ino)?;
+                for name in meta::list_xattrs(&t.xattrs, *ino)? {
+                    t.remove_xattr(*ino, &name)?;
                 }
-                if let Some(r) = ref_seq {
-                    st.insert("ref_seq", r)?;
-                }
+                orphans.remove(*ino)?;
             }
-            tx.commit()?;
             Ok(())
         })?;
-        self.map_epoch.fetch_add(1, Ordering::SeqCst);
         for ino in &doomed {
             let removed = self.staged.lock().remove(ino);
             if let Some(st) = removed {

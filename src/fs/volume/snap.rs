@@ -777,54 +777,43 @@ impl Volume {
         report.versions_freed = doomed.len() as u64;
         let oldest = i == 0;
         let newest = next.is_none();
-        let meta_db = self.repo.meta();
-        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
-        batch.commit(|ref_seq| {
-            let tx = meta_db.begin_write()?;
-            {
-                let mut inodes = tx.open_table(meta::INODES)?;
-                let mut dirents = tx.open_table(meta::DIRENTS)?;
-                let mut xattrs = tx.open_table(meta::XATTRS)?;
-                let mut contents = tx.open_table(meta::CONTENTS)?;
-                for d in &doomed {
-                    match d {
-                        Doomed::Inode(ino, born) => {
-                            inodes.remove((*ino, *born))?;
-                        }
-                        Doomed::Dirent(parent, name, born) => {
-                            dirents.remove((*parent, name.as_slice(), *born))?;
-                        }
-                        Doomed::Xattr(ino, name, born) => {
-                            xattrs.remove((*ino, name.as_slice(), *born))?;
-                        }
-                        Doomed::Content(ino, born) => {
-                            contents.remove((*ino, *born))?;
-                        }
+        self.commit_with_meta(batch, |tx, _| {
+            let mut inodes = tx.open_table(meta::INODES)?;
+            let mut dirents = tx.open_table(meta::DIRENTS)?;
+            let mut xattrs = tx.open_table(meta::XATTRS)?;
+            let mut contents = tx.open_table(meta::CONTENTS)?;
+            for d in &doomed {
+                match d {
+                    Doomed::Inode(ino, born) => {
+                        inodes.remove((*ino, *born))?;
+                    }
+                    Doomed::Dirent(parent, name, born) => {
+                        dirents.remove((*parent, name.as_slice(), *born))?;
+                    }
+                    Doomed::Xattr(ino, name, born) => {
+                        xattrs.remove((*ino, name.as_slice(), *born))?;
+                    }
+                    Doomed::Content(ino, born) => {
+                        contents.remove((*ino, *born))?;
                     }
                 }
-                tx.open_table(meta::SNAPS)?.remove(name)?;
-                let mut st = tx.open_table(meta::STATE)?;
-                if newest {
-                    st.insert("last_snap", p)?;
-                }
-                if oldest {
-                    // Nothing retained reaches back past the next snapshot
-                    // (or, with none left, anywhere): drop that log span.
-                    let mut log = tx.open_table(meta::CHANGES)?;
-                    let empty: &[u8] = &[];
-                    let end = next.map_or(u64::MAX, |n| n.saturating_add(1));
-                    log.retain_in((0u64, 0u8, 0u64, empty)..(end, 0u8, 0u64, empty), |_, _| {
-                        false
-                    })?;
-                }
-                if let Some(r) = ref_seq {
-                    st.insert("ref_seq", r)?;
-                }
             }
-            tx.commit()?;
+            tx.open_table(meta::SNAPS)?.remove(name)?;
+            if newest {
+                tx.open_table(meta::STATE)?.insert("last_snap", p)?;
+            }
+            if oldest {
+                // Nothing retained reaches back past the next snapshot
+                // (or, with none left, anywhere): drop that log span.
+                let mut log = tx.open_table(meta::CHANGES)?;
+                let empty: &[u8] = &[];
+                let end = next.map_or(u64::MAX, |n| n.saturating_add(1));
+                log.retain_in((0u64, 0u8, 0u64, empty)..(end, 0u8, 0u64, empty), |_, _| {
+                    false
+                })?;
+            }
             Ok(())
         })?;
-        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
         self.forget_snap_ids();
         log::info!(
             "snapshot {name} deleted: {} versions freed",
@@ -1023,37 +1012,21 @@ impl Volume {
             let content = self.build_content(&view, &mut batch)?;
             built.push((i, view, content));
         }
-        if built.is_empty() {
-            let tx = self.repo.meta().begin_write().map_err(store::Error::from)?;
-            then(&tx)?;
-            tx.commit().map_err(store::Error::from)?;
-            return Ok(());
-        }
         let items: Vec<(u64, &NewContent)> = built.iter().map(|b| (entries[b.0].0, &b.2)).collect();
         let live = self.queue_content_refs(&mut batch, &items)?;
-        let meta_db = self.repo.meta();
-        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
-        batch.commit(|ref_seq| {
-            let tx = meta_db.begin_write()?;
+        // With nothing staged the batch is empty and this is one durable
+        // meta commit.
+        self.commit_with_meta(batch, |tx, g| {
             {
-                let mut st = tx.open_table(meta::STATE)?;
-                let g = Gens::load(&st)?;
-                let mut t = Versioned::open(&tx, g)?;
+                let mut t = Versioned::open(tx, g)?;
                 for (k, (i, view, new)) in built.iter().enumerate() {
                     if live[k] {
                         commit_content(&mut t, entries[*i].0, view, new)?;
                     }
                 }
-                if let Some(r) = ref_seq {
-                    st.insert("ref_seq", r)?;
-                }
             }
-            then(&tx)?;
-            tx.commit()?;
-            Ok(())
+            then(tx)
         })?;
-        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
-        self.map_epoch.fetch_add(1, Ordering::SeqCst);
         for (i, _, new) in &built {
             let ino = entries[*i].0;
             let g = &mut guards[*i];
@@ -1162,17 +1135,13 @@ impl Volume {
                 batch.add_refs(OwnerId::LOCAL, distinct);
             }
         }
-        let meta_db = self.repo.meta();
-        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
         let mut replaced = false;
         let mut dest_dir: Option<u64> = None;
         let mut failure: Option<Error> = None;
-        let res = batch.commit(|ref_seq| {
-            let tx = meta_db.begin_write()?;
+        let res = self.commit_with_meta(batch, |tx, g| {
             let r = (|| -> Result<()> {
-                let g = Gens::load(&tx.open_table(meta::STATE).map_err(store::Error::from)?)?;
                 let mut m = MetaTx {
-                    t: Versioned::open(&tx, g)?,
+                    t: Versioned::open(tx, g)?,
                     orphans: tx.open_table(meta::ORPHANS).map_err(store::Error::from)?,
                     state: tx.open_table(meta::STATE).map_err(store::Error::from)?,
                 };
@@ -1252,16 +1221,10 @@ impl Volume {
                 parent_rec.mtime = now;
                 parent_rec.ctime = now;
                 m.t.write_inode(dir, &parent_rec)?;
-                if let Some(r) = ref_seq {
-                    m.state.insert("ref_seq", r).map_err(store::Error::from)?;
-                }
                 Ok(())
             })();
             match r {
-                Ok(()) => {
-                    tx.commit()?;
-                    Ok(())
-                }
+                Ok(()) => Ok(()),
                 Err(e) => {
                     let msg = e.to_string();
                     failure = Some(e);
@@ -1273,8 +1236,6 @@ impl Volume {
             return Err(e);
         }
         res?;
-        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
-        self.map_epoch.fetch_add(1, Ordering::SeqCst);
         report.replaced = replaced;
         drop(_c);
         self.send(Msg::Reap);
@@ -1353,20 +1314,15 @@ impl Volume {
             content_plan.push((*id, want.map(|x| x.1)));
         }
         drop((contents, rt));
-        let meta_db = self.repo.meta();
-        let lazy_seen = self.lazy_commits.load(Ordering::SeqCst);
         let mut report = RollbackReport {
             snapshot: snap.to_string(),
             ..Default::default()
         };
         let mut changed_inodes: BTreeSet<u64> = BTreeSet::new();
         let mut changed_names: Vec<(u64, Vec<u8>)> = Vec::new();
-        batch.commit(|ref_seq| {
-            let tx = meta_db.begin_write()?;
+        self.commit_with_meta(batch, |tx, g| {
             {
-                let mut st = tx.open_table(meta::STATE)?;
-                let g = Gens::load(&st)?;
-                let mut t = Versioned::open(&tx, g)?;
+                let mut t = Versioned::open(tx, g)?;
                 let mut orphans = tx.open_table(meta::ORPHANS)?;
                 for (ino, want) in &content_plan {
                     t.write_content(*ino, want.as_deref())?;
@@ -1430,15 +1386,9 @@ impl Volume {
                         }
                     }
                 }
-                if let Some(r) = ref_seq {
-                    st.insert("ref_seq", r)?;
-                }
             }
-            tx.commit()?;
             Ok(())
         })?;
-        self.durable_upto.fetch_max(lazy_seen, Ordering::SeqCst);
-        self.map_epoch.fetch_add(1, Ordering::SeqCst);
         // Open writers continue on the rolled-back content.
         for ino in &changed_inodes {
             self.maps.lock().pop(ino);
