@@ -194,6 +194,11 @@ pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcRe
     if let Some(w) = writer.as_mut() {
         w.sync()
             .map_err(|e| Error::io(format!("syncing {}", w.id), e))?;
+        // The pack gc copied into may be new: its directory entry must be
+        // durable before the index names it, as in a batch commit.
+        if w.is_new() {
+            super::sync_pack_dirs(&store.dir)?;
+        }
     }
     let _c = store.commit_lock.lock();
     let oldest = store.oldest_batch_seq();
