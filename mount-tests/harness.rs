@@ -195,6 +195,38 @@ impl TestFs {
             .arg(&self.mnt)
             .status();
         self.mounted = false;
+        self.wait_store_unlocked(Duration::from_secs(60));
+    }
+
+    /// Waits until nobody holds the store's lock. The leader of a killed
+    /// daemon reads as a zombie while its other threads are still
+    /// finishing a system call, and those keep the lock (and every other
+    /// open file) until they are gone; a remount in that window failed
+    /// with "store in use".
+    pub fn wait_store_unlocked(&self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let free = match fs::File::open(self.store.join("lock")) {
+                Ok(f) => match f.try_lock() {
+                    Ok(()) => {
+                        let _ = f.unlock();
+                        true
+                    }
+                    Err(_) => false,
+                },
+                Err(_) => true,
+            };
+            if free {
+                return;
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "the store stayed locked {limit:?} after the daemon was killed\n/proc/locks:\n{}",
+                    fs::read_to_string("/proc/locks").unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `dedupfs fsck --json` on the unmounted store: (clean, report).
