@@ -406,7 +406,7 @@ fn name_at(
 }
 
 /// Splits a path inside the tree into its names ("/a/b", "a/b/" -> a, b).
-fn components(path: &[u8]) -> Result<Vec<&[u8]>> {
+fn components(path: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     for c in path.split(|b| *b == b'/') {
         match c {
@@ -417,7 +417,7 @@ fn components(path: &[u8]) -> Result<Vec<&[u8]>> {
             c => out.push(c),
         }
     }
-    Ok(out)
+    out
 }
 
 /// What a restore copies: one snapshot record in walk order.
@@ -1056,8 +1056,8 @@ impl Volume {
     ) -> Result<RestoreReport> {
         self.check_writable()?;
         self.check_space(Space::Grows)?;
-        let src_parts = components(path)?;
-        let dst_parts = components(to.unwrap_or(path))?;
+        let src_parts = components(path);
+        let dst_parts = components(to.unwrap_or(path));
         let Some((dst_name, dst_dir)) = dst_parts.split_last() else {
             return Err(snap_err(format!(
                 "restore from {snap}: the destination cannot be the root; use `snapctl rollback {snap}` to restore the whole tree"
