@@ -35,6 +35,7 @@ fn kill_9_loses_nothing_fsynced() {
         let seed = seed(5);
         let mut rng = Rng::new(seed);
         let mut expect: Expect = BTreeMap::new();
+        let mut history: History = BTreeMap::new();
         t.mount();
         // The writer works in a directory that exists only inside the
         // mount: once the dead mount is detached, its paths fail instead
@@ -71,6 +72,7 @@ fn kill_9_loses_nothing_fsynced() {
                         expect.remove(&n);
                     }
                     Event::Synced(n, c) => {
+                        history.entry(n.clone()).or_default().push(c.clone());
                         expect.insert(n, Some(c));
                     }
                     Event::Gone(n) => {
@@ -83,7 +85,7 @@ fn kill_9_loses_nothing_fsynced() {
             eprintln!(
                 "round {round}: killed after {ms} ms, {ops} writer ops, {durable} durable files"
             );
-            verify(t, &expect, &format!("seed {seed} round {round}"));
+            verify(t, &expect, &history, &format!("seed {seed} round {round}"));
             if round % 5 == 4 {
                 t.umount();
                 t.assert_fsck_clean();
@@ -91,6 +93,7 @@ fn kill_9_loses_nothing_fsynced() {
                 verify(
                     t,
                     &expect,
+                    &history,
                     &format!("seed {seed} round {round}, clean remount"),
                 );
             }
@@ -100,7 +103,47 @@ fn kill_9_loses_nothing_fsynced() {
     });
 }
 
-fn verify(t: &TestFs, expect: &Expect, ctx: &str) {
+/// Every content a name was ever synced with, oldest first.
+type History = BTreeMap<String, Vec<Vec<u8>>>;
+
+/// What wrong bytes look like, to tell lost data (zeros, an older
+/// version) from crossed files (another name's content) in a CI log.
+fn explain_mismatch(
+    p: &Path,
+    got: &[u8],
+    want: &[u8],
+    name: &str,
+    expect: &Expect,
+    history: &History,
+) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let ino = fs::metadata(p).map(|m| m.ino()).unwrap_or(0);
+    let zeros = got.iter().filter(|b| **b == 0).count();
+    let older = history
+        .get(name)
+        .and_then(|v| v.iter().rposition(|c| c == got));
+    let other: Vec<&String> = expect
+        .iter()
+        .filter(|(n, c)| n.as_str() != name && c.as_deref() == Some(got))
+        .map(|(n, _)| n)
+        .collect();
+    let other_hist: Vec<&String> = history
+        .iter()
+        .filter(|(n, v)| n.as_str() != name && v.iter().any(|c| c == got))
+        .map(|(n, _)| n)
+        .collect();
+    format!(
+        "contents differ: got {} bytes, want {}, first difference at {:?}; inode {ino}; \
+         {zeros} zero bytes got; equals this name's synced version {older:?} of {}; \
+         equals the expected content of {other:?}; equals a past version of {other_hist:?}",
+        got.len(),
+        want.len(),
+        first_diff(got, want),
+        history.get(name).map_or(0, |v| v.len()),
+    )
+}
+
+fn verify(t: &TestFs, expect: &Expect, history: &History, ctx: &str) {
     let mnt = &t.p("w");
     let ctx = &format!("{ctx}\n{}", t.log());
     for (name, want) in expect {
@@ -113,7 +156,12 @@ fn verify(t: &TestFs, expect: &Expect, ctx: &str) {
                         .unwrap_or(false);
                     panic!("{ctx}\nfsynced file {name} cannot be read: {e} (listed in readdir: {listed})")
                 });
-                assert_bytes_eq(&got, c, &format!("{ctx}: fsynced file {name}"));
+                if &got != c {
+                    panic!(
+                        "{ctx}\nfsynced file {name}: {}",
+                        explain_mismatch(&p, &got, c, name, expect, history)
+                    );
+                }
             }
             None => assert!(
                 fs::symlink_metadata(&p).is_err(),
