@@ -180,6 +180,10 @@ fn diff_restore_rollback_delete() {
         let chunks = t.stat_u64("chunks");
         let unique = t.stat_u64("unique_bytes");
         t.mount();
+        // Misses the kernel may cache (negative entries): restore and
+        // rollback must invalidate them, or the names stay hidden.
+        assert!(fs::symlink_metadata(t.p("dir-back")).is_err());
+        assert!(fs::symlink_metadata(t.p("dir/mid")).is_err());
         ok(t, &["restore", "s1", "/dir", "--to", "/dir-back"]);
         // A relative path from inside the mount, to its old place.
         let out = Command::new(SNAPCTL)
@@ -218,7 +222,12 @@ fn diff_restore_rollback_delete() {
         );
         drop(held);
         std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(fs::symlink_metadata(t.p("dir/mid")).is_err());
         ok(t, &["rollback", "s1"]);
+        assert!(
+            fs::symlink_metadata(t.p("dir/mid")).is_ok(),
+            "a name rollback brought back is visible at once"
+        );
         assert_same_tree(&snapshot_tree(&t.mnt), &at_s1, "live tree after rollback");
         // Later snapshots survive a rollback.
         assert_same_tree(

@@ -24,7 +24,7 @@ use fuser::{
 use crate::format::{Kind, Timespec};
 use crate::store;
 use parking_lot::Mutex;
-use volume::{Attr, Caller, Opened, SetAttr, Volume};
+use volume::{Attr, Caller, Opened, SetAttr, Volume, is_snap_ino};
 
 /// Errors of the filesystem layer.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +126,27 @@ fn fattr(a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// The attributes of a negative entry: node id 0 says "no such name".
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
         blksize: 4096,
         flags: 0,
     }
@@ -277,7 +298,18 @@ impl Filesystem for DedupFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.vol.lookup(parent.0, name.as_bytes()));
+        match self.vol.lookup(parent.0, name.as_bytes()) {
+            // A miss the kernel may remember for TTL (node id 0): builds,
+            // shells and `git status` probe many names that do not exist,
+            // and each probe was a round trip. Every change that can add a
+            // name reaches the kernel through it (creates) or through an
+            // entry invalidation (restore, rollback). Not inside snapshots:
+            // `snapctl create` adds names there without either.
+            Err(e) if e.errno() == libc::ENOENT && !is_snap_ino(parent.0) => {
+                reply.entry(&TTL, &negative_attr(), Generation(0))
+            }
+            r => reply_entry(reply, r),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
