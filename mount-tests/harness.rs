@@ -198,6 +198,31 @@ impl TestFs {
         self.wait_store_unlocked(Duration::from_secs(60));
     }
 
+    /// Ends the FUSE connection from the kernel's side (the way an
+    /// unmount's DESTROY ends it, or `echo 1 > .../abort`), with whatever
+    /// handles are still open, then waits until the daemon has shut down
+    /// and released the store.
+    pub fn abort_connection(&mut self) {
+        let dev = fs::metadata(&self.mnt).expect("stat of the mount").dev();
+        let conn = libc::minor(dev);
+        let ctl = Path::new("/sys/fs/fuse/connections");
+        if !ctl.join(conn.to_string()).exists() {
+            // fusectl is not always mounted; it may already be (EBUSY).
+            let _ = Command::new("mount")
+                .args(["-t", "fusectl", "fusectl"])
+                .arg(ctl)
+                .status();
+        }
+        fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1")
+            .expect("aborting the FUSE connection");
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.mnt)
+            .status();
+        self.mounted = false;
+        self.wait_store_unlocked(Duration::from_secs(120));
+    }
+
     /// Waits until nobody holds the store's lock. The leader of a killed
     /// daemon reads as a zombie while its other threads are still
     /// finishing a system call, and those keep the lock (and every other

@@ -247,3 +247,35 @@ fn passthrough_fsync_survives_kill_9() {
         t.assert_fsck_clean();
     });
 }
+
+/// The session can end with files still open for writing (a RELEASE the
+/// kernel drops with the connection, or an aborted connection): shutdown
+/// closes them, so their data is ingested before the daemon exits instead
+/// of waiting in staging for the next mount.
+#[test]
+fn handles_open_when_the_session_ends_are_ingested() {
+    with_fs(|t| {
+        t.mount();
+        let data = Rng::new(seed(21)).bytes(3 << 20);
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(t.p("held"))
+            .unwrap();
+        f.write_all_at(&data, 0).unwrap();
+        f.sync_all().unwrap();
+        t.abort_connection();
+        drop(f);
+        let packed = t.stat_u64("pack_bytes");
+        assert!(
+            packed >= data.len() as u64,
+            "the held file was not ingested at shutdown: {packed} pack bytes\n{}",
+            t.log()
+        );
+        t.mount();
+        assert_bytes_eq(&read_file(&t.p("held")), &data, "held file after remount");
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}

@@ -302,7 +302,23 @@ impl Volume {
     }
 
     /// Finishes pending ingest, stops the workers, makes metadata durable.
+    /// Call it once the kernel can send no more requests (the session has
+    /// ended): handles still open then are closed here.
     pub fn shutdown(&self) {
+        // A RELEASE the kernel had queued when the unmount's DESTROY
+        // overtook it is dropped with the connection: the file it closed
+        // kept a writer and stayed staged, so a clean unmount left it for
+        // the next mount to replay (and `stats` after the unmount did not
+        // count it). The kernel is gone; close what it never closed.
+        let open: Vec<u64> = self.handles.lock().keys().copied().collect();
+        if !open.is_empty() {
+            log::info!("closing {} handles the kernel never released", open.len());
+        }
+        for fh in open {
+            if let Err(e) = self.release(fh) {
+                log::warn!("closing handle {fh} at shutdown: {e}");
+            }
+        }
         self.wait_ingest_idle();
         // Files whose ingest failed (a full disk) are still only staged:
         // one more try, and whatever is left gets a synced sidecar so the
