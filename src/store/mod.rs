@@ -1006,6 +1006,18 @@ impl<'s> Batch<'s> {
         Ok(info)
     }
 
+    /// Commits what the batch holds so far, as `commit` does, and keeps it
+    /// open for more: a long ingest commits in parts, so that what it holds
+    /// (chunk places and reference deltas here, the chunk list above us)
+    /// stays bounded however long the stream. The batch keeps its start
+    /// sequence, so gc stays as careful as for one long batch.
+    pub fn commit_part(
+        &mut self,
+        then: impl FnOnce(Option<u64>) -> Result<()>,
+    ) -> Result<CommitInfo> {
+        self.commit_inner(true, then)
+    }
+
     fn commit_inner(
         &mut self,
         final_commit: bool,
