@@ -37,10 +37,13 @@ pub const PENDING_OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("p
 /// of any size holds one segment at a time, and no redb page grows with it.
 pub const SEGMENT_CHUNKS: usize = 4096;
 
-/// redb's page cache for meta.redb: bounded, so memory does not grow with
-/// the store.
-pub const CACHE_BYTES: usize = 16 << 20;
-/// For the filesystem daemon.
+/// redb's page cache for meta.redb when nothing asks for more: short-lived
+/// commands (object put and get, fsck) stream chunk lists through it once,
+/// so a bigger cache only grows with the store (16 MiB cost 4 x 1 GiB files
+/// 1.45x the peak memory of one).
+pub const CACHE_BYTES: usize = 4 << 20;
+/// For the filesystem daemon, which reads the same inodes and directory
+/// entries over and over.
 pub const DAEMON_CACHE_BYTES: usize = 16 << 20;
 
 /// Objects whose chunks a migration transaction converts before it commits.
