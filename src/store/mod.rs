@@ -1122,8 +1122,9 @@ impl<'s> Batch<'s> {
         let t_tx = t0.elapsed();
         tx.commit()?;
         let n_deltas = deltas.len();
-        // The meta commit below holds the object's chunk list twice over;
-        // the deltas need not be held with it (the undo record has them).
+        // The meta commit below holds the chunk lists it writes and their
+        // encoding; the deltas need not be held with them (the undo record
+        // has them).
         drop(deltas);
         log::debug!(
             "commit: {} new chunks, {} ref deltas: sync {t_sync:?}, index writes {:?}, index commit {:?}",
