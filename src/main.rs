@@ -581,7 +581,7 @@ fn mount(
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
-    let repo = Repo::open_or_init(store)?;
+    let repo = Repo::open_or_init(store, dedupfs::meta::DAEMON_CACHE_BYTES)?;
     let daemon = std::env::var_os("DEDUPFS_DAEMON").is_some();
     let log_file = std::fs::OpenOptions::new()
         .create(true)

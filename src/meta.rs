@@ -1,30 +1,53 @@
-//! `meta.redb`: the records that hold references to chunks. In this version
-//! that is named objects (an owner's named chunk lists); the filesystem's
-//! inodes and chunk maps join it in the next format version.
+//! `meta.redb`: the records that hold references to chunks: named objects
+//! (an owner's named chunk lists, kept in bounded segments) and the
+//! filesystem's inodes, directory entries and file contents.
 //!
-//! Invariant: `state.ref_seq` is the index's `ref_seq` of the last index
-//! commit whose reference changes this database holds. The repo compares the
-//! two at open to undo an index commit whose meta commit never landed.
+//! Invariants:
+//! - `state.ref_seq` is the index's `ref_seq` of the last index commit whose
+//!   reference changes this database holds. The repo compares the two at
+//!   open to undo an index commit whose meta commit never landed.
+//! - Every row of `object_segments` belongs to exactly one object id, which
+//!   is either named (a row of `objects`) or pending (a row of
+//!   `pending_objects`); the references a segment holds are counted for
+//!   that one object, whichever table names it.
 //!
 //! Calls `format` only.
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::format::{self, ChunkRef, OwnerId};
+use crate::format::{self, ChunkId, ChunkRef, ObjectId, ObjectRec, OwnerId, PendingRec};
 use crate::store::{Error, Result};
 
 pub const META_FILE: &str = "meta.redb";
-pub const META_FORMAT_VERSION: u64 = 1;
+pub const META_FORMAT_VERSION: u64 = 2;
 
 pub const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
-/// (owner, name) -> chunk list.
+/// (owner, name) -> object record.
 pub const OBJECTS: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("objects");
+/// (object id, segment number) -> chunk list of at most `SEGMENT_CHUNKS`.
+pub const OBJECT_SEGMENTS: TableDefinition<(u64, u32), &[u8]> =
+    TableDefinition::new("object_segments");
+/// Object id -> pending record: objects that hold references but no name
+/// (written in parts and not finished, or removed and not yet released).
+pub const PENDING_OBJECTS: TableDefinition<u64, &[u8]> = TableDefinition::new("pending_objects");
 
-/// redb's page cache for meta.redb: bounded, so memory does not grow with
-/// the store.
-const CACHE_BYTES: usize = 16 << 20;
+/// Chunks per object segment (a 96 KiB value): writing or reading an object
+/// of any size holds one segment at a time, and no redb page grows with it.
+pub const SEGMENT_CHUNKS: usize = 4096;
+
+/// redb's page cache for meta.redb when nothing asks for more: short-lived
+/// commands (object put and get, fsck) stream chunk lists through it once,
+/// so a bigger cache only grows with the store (16 MiB cost 4 x 1 GiB files
+/// 1.45x the peak memory of one).
+pub const CACHE_BYTES: usize = 4 << 20;
+/// For the filesystem daemon, which reads the same inodes and directory
+/// entries over and over.
+pub const DAEMON_CACHE_BYTES: usize = 16 << 20;
+
+/// Objects whose chunks a migration transaction converts before it commits.
+const MIGRATE_CHUNKS_PER_TX: usize = 1 << 18;
 
 pub fn create(dir: &Path) -> Result<Database> {
     let db = Database::builder()
@@ -35,26 +58,35 @@ pub fn create(dir: &Path) -> Result<Database> {
         let mut st = tx.open_table(STATE)?;
         st.insert("meta_format", META_FORMAT_VERSION)?;
         st.insert("ref_seq", 0)?;
+        st.insert("next_object", 1)?;
         tx.open_table(OBJECTS)?;
+        tx.open_table(OBJECT_SEGMENTS)?;
+        tx.open_table(PENDING_OBJECTS)?;
     }
     tx.commit()?;
     Ok(db)
 }
 
-pub fn open(dir: &Path) -> Result<Database> {
+/// Opens meta.redb with a page cache of `cache_bytes`, migrating a format 1
+/// database to format 2 on the way.
+pub fn open(dir: &Path, cache_bytes: usize) -> Result<Database> {
     let path = dir.join(META_FILE);
     let damaged = |why: String| Error::Db(format!("{} is unusable: {why}", path.display()));
     if !path.is_file() {
         return Err(damaged("the file is missing".into()));
     }
     let db = Database::builder()
-        .set_cache_size(CACHE_BYTES)
+        .set_cache_size(cache_bytes)
         .open(&path)
         .map_err(|e| damaged(e.to_string()))?;
     let rt = db.begin_read()?;
     let st = rt.open_table(STATE).map_err(|e| damaged(e.to_string()))?;
-    match st.get("meta_format")?.map(|v| v.value()) {
+    let version = st.get("meta_format")?.map(|v| v.value());
+    drop(st);
+    drop(rt);
+    match version {
         Some(META_FORMAT_VERSION) => {}
+        Some(1) => migrate_v1(&db, MIGRATE_CHUNKS_PER_TX)?,
         Some(v) => {
             return Err(Error::Format {
                 path,
@@ -67,9 +99,76 @@ pub fn open(dir: &Path) -> Result<Database> {
         }
         None => return Err(damaged("no format version recorded".into())),
     }
-    drop(st);
-    drop(rt);
     Ok(db)
+}
+
+/// Format 1 kept each object's whole chunk list as its `objects` value.
+/// Rewrites each one as segments plus an object record, a bounded number of
+/// chunks per transaction. A value whose first byte is 1 (a chunk list) is
+/// still to do, so an interrupted migration resumes where it stopped;
+/// `meta_format` becomes 2 in the last transaction. No reference changes.
+fn migrate_v1(db: &Database, chunks_per_tx: usize) -> Result<()> {
+    log::info!("meta.redb: migrating objects to meta format 2 (chunk lists in segments)");
+    let mut resume: Option<(u32, String)> = None;
+    loop {
+        let tx = db.begin_write()?;
+        let finished;
+        {
+            let mut st = tx.open_table(STATE)?;
+            let mut next = st.get("next_object")?.map(|v| v.value()).unwrap_or(1);
+            let mut objects = tx.open_table(OBJECTS)?;
+            let mut segments = tx.open_table(OBJECT_SEGMENTS)?;
+            tx.open_table(PENDING_OBJECTS)?;
+            let mut todo: Vec<(u32, String, Vec<ChunkRef>)> = Vec::new();
+            let mut chunks = 0usize;
+            let mut more = false;
+            {
+                let rows = match &resume {
+                    Some((o, n)) => objects.range((*o, n.as_str())..)?,
+                    None => objects.range::<(u32, &str)>(..)?,
+                };
+                for row in rows {
+                    let (k, v) = row?;
+                    let (owner, name) = k.value();
+                    if v.value().first() != Some(&format::CHUNK_LIST_VERSION) {
+                        continue;
+                    }
+                    if chunks >= chunks_per_tx && !todo.is_empty() {
+                        more = true;
+                        break;
+                    }
+                    let list = format::decode_chunk_list(v.value())
+                        .map_err(|e| Error::Db(format!("object {name}: {e}")))?;
+                    chunks += list.len();
+                    todo.push((owner, name.to_string(), list));
+                }
+            }
+            for (owner, name, list) in &todo {
+                let id = ObjectId(next);
+                next += 1;
+                let n = write_segments(&mut segments, id, 0, list)?;
+                let rec = ObjectRec {
+                    id,
+                    size: list.iter().map(|c| c.len as u64).sum(),
+                    chunks: list.len() as u64,
+                    segments: n,
+                };
+                objects.insert((*owner, name.as_str()), rec.encode().as_slice())?;
+            }
+            st.insert("next_object", next)?;
+            finished = !more;
+            if finished {
+                st.insert("meta_format", META_FORMAT_VERSION)?;
+            }
+            if let Some((o, n, _)) = todo.pop() {
+                resume = Some((o, n));
+            }
+        }
+        tx.commit()?;
+        if finished {
+            return Ok(());
+        }
+    }
 }
 
 pub fn ref_seq(db: &Database) -> Result<u64> {
@@ -78,57 +177,337 @@ pub fn ref_seq(db: &Database) -> Result<u64> {
     Ok(st.get("ref_seq")?.map(|v| v.value()).unwrap_or(0))
 }
 
-pub fn get_object(db: &Database, owner: OwnerId, name: &str) -> Result<Option<Vec<ChunkRef>>> {
+/// The first object id no committed record uses.
+pub fn next_object_id(db: &Database) -> Result<u64> {
+    let rt = db.begin_read()?;
+    let st = rt.open_table(STATE)?;
+    Ok(st.get("next_object")?.map(|v| v.value()).unwrap_or(1))
+}
+
+fn decode_object(name: &str, v: &[u8]) -> Result<ObjectRec> {
+    ObjectRec::decode(v).map_err(|e| Error::Db(format!("object {name}: {e}")))
+}
+
+fn decode_segment(id: ObjectId, seg: u32, v: &[u8]) -> Result<Vec<ChunkRef>> {
+    format::decode_chunk_list(v).map_err(|e| Error::Db(format!("{id} segment {seg}: {e}")))
+}
+
+pub fn get_object(db: &Database, owner: OwnerId, name: &str) -> Result<Option<ObjectRec>> {
     let rt = db.begin_read()?;
     let t = rt.open_table(OBJECTS)?;
     match t.get((owner.0, name))? {
         None => Ok(None),
-        Some(v) => format::decode_chunk_list(v.value())
-            .map(Some)
-            .map_err(|e| Error::Db(format!("object {name}: {e}"))),
+        Some(v) => Ok(Some(decode_object(name, v.value())?)),
     }
 }
 
-/// Every object of every owner, in key order.
+/// Calls `f` with each segment of `rec`'s chunk list in order, and checks
+/// that they add up to the record.
+fn visit_segments(
+    rt: &ReadTransaction,
+    name: &str,
+    rec: &ObjectRec,
+    mut f: impl FnMut(&[ChunkRef]) -> Result<()>,
+) -> Result<()> {
+    let t = rt.open_table(OBJECT_SEGMENTS)?;
+    let (mut segments, mut chunks, mut size) = (0u32, 0u64, 0u64);
+    for row in t.range((rec.id.0, 0)..=(rec.id.0, u32::MAX))? {
+        let (k, v) = row?;
+        let seg = k.value().1;
+        if seg != segments {
+            return Err(Error::Db(format!(
+                "object {name}: segment {segments} of {} is missing",
+                rec.id
+            )));
+        }
+        let list = decode_segment(rec.id, seg, v.value())?;
+        segments += 1;
+        chunks += list.len() as u64;
+        size += list.iter().map(|c| c.len as u64).sum::<u64>();
+        f(&list)?;
+    }
+    if (segments, chunks, size) != (rec.segments, rec.chunks, rec.size) {
+        return Err(Error::Db(format!(
+            "object {name}: its segments hold {chunks} chunks ({size} bytes) in {segments} \
+             segments, its record says {} ({} bytes) in {}",
+            rec.chunks, rec.size, rec.segments
+        )));
+    }
+    Ok(())
+}
+
+/// Reads object `name` a segment at a time, in one read transaction (so a
+/// concurrent replacement is not seen half way). `None` if there is none.
+pub fn read_object(
+    db: &Database,
+    owner: OwnerId,
+    name: &str,
+    f: impl FnMut(&[ChunkRef]) -> Result<()>,
+) -> Result<Option<ObjectRec>> {
+    let rt = db.begin_read()?;
+    let rec = {
+        let t = rt.open_table(OBJECTS)?;
+        match t.get((owner.0, name))? {
+            None => return Ok(None),
+            Some(v) => decode_object(name, v.value())?,
+        }
+    };
+    visit_segments(&rt, name, &rec, f)?;
+    Ok(Some(rec))
+}
+
+/// Every named object of every owner, in key order (records only).
 pub fn for_each_object(
     db: &Database,
-    mut f: impl FnMut(OwnerId, &str, Vec<ChunkRef>) -> Result<()>,
+    mut f: impl FnMut(OwnerId, &str, &ObjectRec) -> Result<()>,
 ) -> Result<()> {
     let rt = db.begin_read()?;
     let t = rt.open_table(OBJECTS)?;
     for row in t.iter()? {
         let (k, v) = row?;
         let (owner, name) = k.value();
-        let list = format::decode_chunk_list(v.value())
-            .map_err(|e| Error::Db(format!("object {name}: {e}")))?;
-        f(OwnerId(owner), name, list)?;
+        f(OwnerId(owner), name, &decode_object(name, v.value())?)?;
     }
     Ok(())
 }
 
-/// Writes object changes and the ref sequence they match, in one commit.
-/// `None` removes the object.
-pub fn commit_objects(
+pub fn object_count(db: &Database) -> Result<u64> {
+    use redb::ReadableTableMetadata;
+    let rt = db.begin_read()?;
+    Ok(rt.open_table(OBJECTS)?.len()?)
+}
+
+/// Every chunk reference objects hold, a segment at a time: named objects
+/// (`named` true) and then pending ones.
+pub fn for_each_object_segment(
+    db: &Database,
+    mut f: impl FnMut(OwnerId, &str, bool, &[ChunkRef]) -> Result<()>,
+) -> Result<()> {
+    let rt = db.begin_read()?;
+    {
+        let t = rt.open_table(OBJECTS)?;
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (owner, name) = k.value();
+            let rec = decode_object(name, v.value())?;
+            visit_segments(&rt, name, &rec, |list| f(OwnerId(owner), name, true, list))?;
+        }
+    }
+    let pending = rt.open_table(PENDING_OBJECTS)?;
+    let segments = rt.open_table(OBJECT_SEGMENTS)?;
+    for row in pending.iter()? {
+        let (k, v) = row?;
+        let id = ObjectId(k.value());
+        let p = decode_pending(id, v.value())?;
+        for row in segments.range((id.0, 0)..=(id.0, u32::MAX))? {
+            let (k, v) = row?;
+            f(
+                p.owner,
+                &p.name,
+                false,
+                &decode_segment(id, k.value().1, v.value())?,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn decode_pending(id: ObjectId, v: &[u8]) -> Result<PendingRec> {
+    PendingRec::decode(v).map_err(|e| Error::Db(format!("pending {id}: {e}")))
+}
+
+/// The pending objects (after a crash: those to release).
+pub fn pending_objects(db: &Database) -> Result<Vec<(ObjectId, PendingRec)>> {
+    let rt = db.begin_read()?;
+    let t = rt.open_table(PENDING_OBJECTS)?;
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        let id = ObjectId(k.value());
+        out.push((id, decode_pending(id, v.value())?));
+    }
+    Ok(out)
+}
+
+/// Writes `chunks` as segments `first..` of object `id`; returns how many.
+fn write_segments(
+    t: &mut redb::Table<(u64, u32), &'static [u8]>,
+    id: ObjectId,
+    first: u32,
+    chunks: &[ChunkRef],
+) -> Result<u32> {
+    let mut n = 0u32;
+    for seg in chunks.chunks(SEGMENT_CHUNKS) {
+        t.insert((id.0, first + n), format::encode_chunk_list(seg).as_slice())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// How many segments `chunks` chunks take.
+pub fn segments_for(chunks: usize) -> u32 {
+    chunks.div_ceil(SEGMENT_CHUNKS) as u32
+}
+
+/// Part of an object's chunk list, committed with the references it holds.
+pub struct ObjectPart<'a> {
+    pub id: ObjectId,
+    pub name: &'a str,
+    /// Segments of this object committed before this part.
+    pub first_segment: u32,
+    pub chunks: &'a [ChunkRef],
+    /// On the object's last part: its totals. Committing it names the
+    /// object; until then a pending record holds what its parts hold.
+    pub finished: Option<(u64, u64)>,
+}
+
+/// Writes object parts and the ref sequence they match, in one commit. A
+/// finished object takes its name; the object that had the name (if any)
+/// becomes pending, and its id is returned for the caller to release.
+pub fn commit_object_parts(
     db: &Database,
     owner: OwnerId,
-    changes: &[(String, Option<Vec<ChunkRef>>)],
+    parts: &[ObjectPart<'_>],
+    ref_seq: Option<u64>,
+) -> Result<Vec<ObjectId>> {
+    let mut displaced = Vec::new();
+    let tx = db.begin_write()?;
+    {
+        let mut objects = tx.open_table(OBJECTS)?;
+        let mut segments = tx.open_table(OBJECT_SEGMENTS)?;
+        let mut pending = tx.open_table(PENDING_OBJECTS)?;
+        let mut st = tx.open_table(STATE)?;
+        let mut next = st.get("next_object")?.map(|v| v.value()).unwrap_or(1);
+        for p in parts {
+            next = next.max(p.id.0 + 1);
+            let n = write_segments(&mut segments, p.id, p.first_segment, p.chunks)?;
+            let Some((size, chunks)) = p.finished else {
+                let rec = PendingRec {
+                    owner,
+                    name: p.name.to_string(),
+                };
+                pending.insert(p.id.0, rec.encode().as_slice())?;
+                continue;
+            };
+            pending.remove(p.id.0)?;
+            let rec = ObjectRec {
+                id: p.id,
+                size,
+                chunks,
+                segments: p.first_segment + n,
+            };
+            let old = objects.insert((owner.0, p.name), rec.encode().as_slice())?;
+            if let Some(old) = old {
+                let old = decode_object(p.name, old.value())?;
+                let rec = PendingRec {
+                    owner,
+                    name: p.name.to_string(),
+                };
+                pending.insert(old.id.0, rec.encode().as_slice())?;
+                displaced.push(old.id);
+            }
+        }
+        st.insert("next_object", next)?;
+        if let Some(s) = ref_seq {
+            st.insert("ref_seq", s)?;
+        }
+    }
+    tx.commit()?;
+    Ok(displaced)
+}
+
+/// Takes names away from objects: each becomes pending, still holding its
+/// references, and its id is returned for the caller to release. Fails,
+/// changing nothing, if any name is missing.
+pub fn unname_objects(db: &Database, owner: OwnerId, names: &[String]) -> Result<Vec<ObjectId>> {
+    let tx = db.begin_write()?;
+    let mut ids = Vec::new();
+    let mut missing = Vec::new();
+    {
+        let mut objects = tx.open_table(OBJECTS)?;
+        let mut pending = tx.open_table(PENDING_OBJECTS)?;
+        for name in names {
+            let Some(old) = objects.remove((owner.0, name.as_str()))? else {
+                missing.push(name.as_str());
+                continue;
+            };
+            let old = decode_object(name, old.value())?;
+            let rec = PendingRec {
+                owner,
+                name: name.clone(),
+            };
+            pending.insert(old.id.0, rec.encode().as_slice())?;
+            ids.push(old.id);
+        }
+    }
+    if !missing.is_empty() {
+        tx.abort()?;
+        return Err(Error::Invalid(format!(
+            "no object named {}",
+            missing.join(", ")
+        )));
+    }
+    tx.commit()?;
+    Ok(ids)
+}
+
+/// What one commit releases of a pending object: see `next_release`.
+pub struct Release {
+    pub owner: OwnerId,
+    pub chunks: Vec<ChunkId>,
+    pub last_segment: Option<u32>,
+    pub more: bool,
+}
+
+/// The next references to release of pending object `id`: its owner, the
+/// chunks of its first segments (at least one segment, then up to
+/// `max_chunks`), the last of those segments, and whether more remain.
+/// `None` if `id` is not pending.
+pub fn next_release(db: &Database, id: ObjectId, max_chunks: usize) -> Result<Option<Release>> {
+    let rt = db.begin_read()?;
+    let pending = rt.open_table(PENDING_OBJECTS)?;
+    let Some(v) = pending.get(id.0)? else {
+        return Ok(None);
+    };
+    let mut r = Release {
+        owner: decode_pending(id, v.value())?.owner,
+        chunks: Vec::new(),
+        last_segment: None,
+        more: false,
+    };
+    let segments = rt.open_table(OBJECT_SEGMENTS)?;
+    for row in segments.range((id.0, 0)..=(id.0, u32::MAX))? {
+        let (k, v) = row?;
+        if r.last_segment.is_some() && r.chunks.len() >= max_chunks {
+            r.more = true;
+            break;
+        }
+        let seg = k.value().1;
+        r.chunks
+            .extend(decode_segment(id, seg, v.value())?.iter().map(|c| c.id));
+        r.last_segment = Some(seg);
+    }
+    Ok(Some(r))
+}
+
+/// Deletes the segments of pending object `id` up to `last_segment`, with
+/// the ref sequence of the index commit that dropped their references; with
+/// `done`, the pending record too.
+pub fn release_segments(
+    db: &Database,
+    id: ObjectId,
+    last_segment: Option<u32>,
+    done: bool,
     ref_seq: Option<u64>,
 ) -> Result<()> {
     let tx = db.begin_write()?;
     {
-        let mut t = tx.open_table(OBJECTS)?;
-        for (name, list) in changes {
-            match list {
-                Some(l) => {
-                    t.insert(
-                        (owner.0, name.as_str()),
-                        format::encode_chunk_list(l).as_slice(),
-                    )?;
-                }
-                None => {
-                    t.remove((owner.0, name.as_str()))?;
-                }
-            }
+        let mut segments = tx.open_table(OBJECT_SEGMENTS)?;
+        if let Some(last) = last_segment {
+            segments.retain_in((id.0, 0)..=(id.0, last), |_, _| false)?;
+        }
+        if done {
+            tx.open_table(PENDING_OBJECTS)?.remove(id.0)?;
         }
         if let Some(s) = ref_seq {
             tx.open_table(STATE)?.insert("ref_seq", s)?;
@@ -678,4 +1057,112 @@ pub fn alloc_ino(st: &mut redb::Table<&'static str, u64>) -> Result<u64> {
         .unwrap_or(ROOT_INO + 1);
     st.insert("next_ino", n + 1)?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(seed: u8, n: usize) -> Vec<ChunkRef> {
+        (0..n)
+            .map(|i| ChunkRef {
+                id: ChunkId::of(&[seed, i as u8, (i >> 8) as u8]),
+                len: 100 + i as u32,
+            })
+            .collect()
+    }
+
+    fn read_all(db: &Database, name: &str) -> (ObjectRec, Vec<ChunkRef>) {
+        let mut out = Vec::new();
+        let rec = read_object(db, OwnerId::LOCAL, name, |l| {
+            out.extend_from_slice(l);
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        (rec, out)
+    }
+
+    /// A format 1 database: whole chunk lists as `objects` values, one of
+    /// them ("b") already migrated, as an interrupted migration leaves it.
+    #[test]
+    fn format_1_objects_migrate_in_several_transactions_and_resume() {
+        let t = tempfile::tempdir().unwrap();
+        let lists = [
+            ("a", chunks(1, 3)),
+            ("b", chunks(2, 2)),
+            ("c", Vec::new()),
+            ("d", chunks(4, SEGMENT_CHUNKS + 5)),
+            ("e", chunks(5, 1)),
+        ];
+        let db = Database::create(t.path().join(META_FILE)).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut st = tx.open_table(STATE).unwrap();
+            st.insert("meta_format", 1).unwrap();
+            st.insert("ref_seq", 7).unwrap();
+            let mut objects = tx.open_table(OBJECTS).unwrap();
+            let mut segments = tx.open_table(OBJECT_SEGMENTS).unwrap();
+            for (name, list) in &lists {
+                if *name == "b" {
+                    let id = ObjectId(1);
+                    write_segments(&mut segments, id, 0, list).unwrap();
+                    let rec = ObjectRec {
+                        id,
+                        size: list.iter().map(|c| c.len as u64).sum(),
+                        chunks: list.len() as u64,
+                        segments: 1,
+                    };
+                    objects.insert((1, *name), rec.encode().as_slice()).unwrap();
+                    st.insert("next_object", 2).unwrap();
+                } else {
+                    let v = format::encode_chunk_list(list);
+                    objects.insert((1, *name), v.as_slice()).unwrap();
+                }
+            }
+        }
+        tx.commit().unwrap();
+        drop(db);
+
+        let db = Database::create(t.path().join(META_FILE)).unwrap();
+        migrate_v1(&db, 2).unwrap();
+        let mut ids = Vec::new();
+        for (name, list) in &lists {
+            let (rec, got) = read_all(&db, name);
+            assert_eq!(&got, list, "{name}");
+            assert_eq!(rec.segments, segments_for(list.len()), "{name}");
+            ids.push(rec.id);
+        }
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), lists.len(), "ids are distinct");
+        assert!(next_object_id(&db).unwrap() > ids.iter().map(|i| i.0).max().unwrap());
+        assert_eq!(ref_seq(&db).unwrap(), 7);
+        drop(db);
+        // Now it opens as format 2 without migrating again.
+        let db = open(t.path(), CACHE_BYTES).unwrap();
+        let rt = db.begin_read().unwrap();
+        let st = rt.open_table(STATE).unwrap();
+        assert_eq!(st.get("meta_format").unwrap().unwrap().value(), 2);
+        assert_eq!(read_all(&db, "d").1, lists[3].1);
+    }
+
+    #[test]
+    fn an_unknown_meta_format_is_a_typed_error() {
+        let t = tempfile::tempdir().unwrap();
+        let db = create(t.path()).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(STATE)
+            .unwrap()
+            .insert("meta_format", 99)
+            .unwrap();
+        tx.commit().unwrap();
+        drop(db);
+        let err = open(t.path(), CACHE_BYTES).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("metadata has format version 99; this build understands 2"),
+            "{err}"
+        );
+    }
 }

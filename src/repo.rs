@@ -5,31 +5,40 @@
 //!
 //! Calls `store`, `meta`, `chunker`, `format`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use redb::Database;
 
 use crate::Progress;
-use crate::format::{ChunkId, ChunkRef, OwnerId};
+use crate::chunker;
+use crate::format::{ChunkId, ChunkRef, ObjectId, OwnerId};
 use crate::meta;
 use crate::store::maint::{self, GcReport, RebuildReport, RefMap, VerifyReport};
-use crate::store::{Error, InitOptions, Result, Store, StoreStats};
+use crate::store::{Batch, Error, InitOptions, Result, Store, StoreStats};
 
 pub struct Repo {
     store: Store,
     meta: Database,
-    /// Held from reading an object's old chunk list until its replacement
-    /// commits, so two writers of one name cannot both drop the old refs.
-    names: Mutex<()>,
+    /// The next object id to hand out. Each meta commit records its
+    /// high-water mark, so ids stay unique across opens.
+    next_object: AtomicU64,
 }
 
 /// Group-commit limits for many small objects: whichever comes first.
 const GROUP_COMMIT_BYTES: u64 = 64 << 20;
 const GROUP_COMMIT_OBJECTS: usize = 4096;
+/// An ingest commits once it holds this many chunk references, in the middle
+/// of an object if need be, and a release drops about this many per commit.
+/// Each costs about 56 bytes until its commit (24 in the chunk list, 32 in
+/// the reference deltas), so this bounds what an ingest holds at about 1 MB
+/// whatever the object's size (256 MiB of input at the default average chunk
+/// size); committing that often costs nothing measurable.
+const COMMIT_EVERY_CHUNKS: usize = 16384;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ObjectInfo {
@@ -71,21 +80,31 @@ impl Repo {
         Ok(())
     }
 
+    /// Opens the store for a command: meta.redb gets the small page cache.
     pub fn open(dir: &Path) -> Result<Repo> {
+        Self::open_with_meta_cache(dir, meta::CACHE_BYTES)
+    }
+
+    /// Opens the store with `meta_cache_bytes` of page cache for meta.redb
+    /// (the filesystem daemon wants more than a one-shot command), recovers
+    /// from a crash, and releases the objects it left pending.
+    pub fn open_with_meta_cache(dir: &Path, meta_cache_bytes: usize) -> Result<Repo> {
         let store = Store::open(dir)?;
-        let meta = meta::open(dir)?;
+        let meta = meta::open(dir, meta_cache_bytes)?;
+        let next_object = AtomicU64::new(meta::next_object_id(&meta)?);
         let repo = Repo {
             store,
             meta,
-            names: Mutex::new(()),
+            next_object,
         };
         repo.reconcile()?;
+        repo.release_pending()?;
         Ok(repo)
     }
 
     /// Opens the store, creating it with default settings if `dir` is
     /// missing or empty.
-    pub fn open_or_init(dir: &Path) -> Result<Repo> {
+    pub fn open_or_init(dir: &Path, meta_cache_bytes: usize) -> Result<Repo> {
         let empty = !dir.exists()
             || std::fs::read_dir(dir)
                 .map(|mut d| d.next().is_none())
@@ -93,7 +112,7 @@ impl Repo {
         if empty {
             Self::init(dir, &InitOptions::default())?;
         }
-        Self::open(dir)
+        Self::open_with_meta_cache(dir, meta_cache_bytes)
     }
 
     /// Index and meta must agree on the last reference-carrying commit; an
@@ -119,6 +138,39 @@ impl Repo {
         })
     }
 
+    /// Releases what a crash left pending: the committed parts of objects
+    /// whose ingest never finished, and removed or replaced objects whose
+    /// references were not all dropped yet. Nobody else can be using them:
+    /// the store is locked to this process and it has only just opened.
+    fn release_pending(&self) -> Result<()> {
+        for (id, p) in meta::pending_objects(&self.meta)? {
+            log::warn!(
+                "releasing {id} ('{}', {}): an unfinished write or removal",
+                p.name,
+                p.owner
+            );
+            self.release_object(id)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the references of pending object `id` and deletes its segments,
+    /// a bounded number per commit, then its pending record.
+    fn release_object(&self, id: ObjectId) -> Result<()> {
+        while let Some(r) = meta::next_release(&self.meta, id, COMMIT_EVERY_CHUNKS)? {
+            let mut batch = self.store.batch()?;
+            batch.drop_refs(r.owner, r.chunks);
+            let done = !r.more;
+            batch.commit(|ref_seq| {
+                meta::release_segments(&self.meta, id, r.last_segment, done, ref_seq)
+            })?;
+            if done {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -133,30 +185,15 @@ impl Repo {
 
     /// Ingests one stream as object `name` and commits it.
     pub fn put_object(&self, owner: OwnerId, name: &str, reader: impl Read) -> Result<ObjectInfo> {
-        let mut batch = self.store.batch()?;
-        let chunks = batch.ingest(reader)?;
-        let info = object_info(name, &chunks);
-        self.commit_objects(batch, owner, vec![(name.to_string(), Some(chunks))])?;
-        Ok(info)
-    }
-
-    fn commit_objects(
-        &self,
-        mut batch: crate::store::Batch<'_>,
-        owner: OwnerId,
-        changes: Vec<(String, Option<Vec<ChunkRef>>)>,
-    ) -> Result<()> {
-        let _names = self.names.lock();
-        for (name, new) in &changes {
-            if let Some(old) = meta::get_object(&self.meta, owner, name)? {
-                batch.drop_refs(owner, old.iter().map(|c| c.id));
-            }
-            if let Some(new) = new {
-                batch.add_refs(owner, new.iter().map(|c| c.id));
-            }
+        let mut ingest = Ingest::new(self, owner)?;
+        let res = ingest.put(name.to_string(), reader).and_then(|info| {
+            ingest.commit()?;
+            Ok(info)
+        });
+        if res.is_err() {
+            ingest.abort();
         }
-        batch.commit(|ref_seq| meta::commit_objects(&self.meta, owner, &changes, ref_seq))?;
-        Ok(())
+        res
     }
 
     /// Ingests many files as objects (named by `name_of`), `threads` at a
@@ -200,68 +237,73 @@ impl Repo {
         results: &Mutex<Vec<ObjectInfo>>,
         progress: &dyn Progress,
     ) -> Result<()> {
-        loop {
-            let mut batch = self.store.batch()?;
-            let mut changes = Vec::new();
-            let mut bytes = 0u64;
-            while bytes < GROUP_COMMIT_BYTES && changes.len() < GROUP_COMMIT_OBJECTS {
+        let mut ingest = Ingest::new(self, owner)?;
+        let res = (|| {
+            loop {
                 let Some((name, path)) = queue.lock().next() else {
                     break;
                 };
                 let f = File::open(&path)
                     .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-                let chunks = batch.ingest(f)?;
-                let info = object_info(&name, &chunks);
-                bytes += info.size;
+                let info = ingest.put(name, f)?;
                 progress.inc(info.size);
                 results.lock().push(info);
-                changes.push((name, Some(chunks)));
+                if ingest.group_due() {
+                    ingest.commit()?;
+                }
             }
-            if changes.is_empty() {
-                return Ok(());
-            }
-            self.commit_objects(batch, owner, changes)?;
+            ingest.commit()
+        })();
+        if res.is_err() {
+            ingest.abort();
         }
+        res
     }
 
     /// Writes object `name` to `out`, verifying every chunk.
     pub fn get_object(&self, owner: OwnerId, name: &str, out: &mut dyn Write) -> Result<u64> {
-        let list = meta::get_object(&self.meta, owner, name)?
-            .ok_or_else(|| Error::Invalid(format!("no object named '{name}'")))?;
         let mut n = 0u64;
-        for c in list {
-            let data = self.store.read_chunk(&c.id)?;
-            out.write_all(&data)
-                .map_err(|e| Error::io("writing output", e))?;
-            n += data.len() as u64;
+        let found = meta::read_object(&self.meta, owner, name, |list| {
+            for c in list {
+                let data = self.store.read_chunk(&c.id)?;
+                out.write_all(&data)
+                    .map_err(|e| Error::io("writing output", e))?;
+                n += data.len() as u64;
+            }
+            Ok(())
+        })?;
+        if found.is_none() {
+            return Err(Error::Invalid(format!("no object named '{name}'")));
         }
         Ok(n)
     }
 
-    /// Removes objects; their chunks lose these references.
+    /// Removes objects; their chunks lose these references. Removes none if
+    /// any name is missing.
     pub fn remove_objects(&self, owner: OwnerId, names: &[String]) -> Result<usize> {
-        let mut missing = Vec::new();
-        for n in names {
-            if meta::get_object(&self.meta, owner, n)?.is_none() {
-                missing.push(n.clone());
-            }
+        let mut seen = HashSet::new();
+        let distinct: Vec<String> = names
+            .iter()
+            .filter(|n| seen.insert(n.as_str()))
+            .cloned()
+            .collect();
+        // The names go first, in one commit; then each object's references
+        // are released in bounded commits under its pending record.
+        let ids = meta::unname_objects(&self.meta, owner, &distinct)?;
+        for id in &ids {
+            self.release_object(*id)?;
         }
-        if !missing.is_empty() {
-            return Err(Error::Invalid(format!(
-                "no object named {}",
-                missing.join(", ")
-            )));
-        }
-        let batch = self.store.batch()?;
-        let changes: Vec<_> = names.iter().map(|n| (n.clone(), None)).collect();
-        self.commit_objects(batch, owner, changes)?;
-        Ok(names.len())
+        Ok(ids.len())
     }
 
     pub fn list_objects(&self) -> Result<Vec<ObjectInfo>> {
         let mut out = Vec::new();
-        meta::for_each_object(&self.meta, |_, name, list| {
-            out.push(object_info(name, &list));
+        meta::for_each_object(&self.meta, |_, name, rec| {
+            out.push(ObjectInfo {
+                name: name.to_string(),
+                size: rec.size,
+                chunks: rec.chunks as usize,
+            });
             Ok(())
         })?;
         Ok(out)
@@ -278,11 +320,7 @@ impl Repo {
             pack_bytes,
             dead_bytes,
         } = self.store.stats()?;
-        let mut objects = 0u64;
-        meta::for_each_object(&self.meta, |_, _, _| {
-            objects += 1;
-            Ok(())
-        })?;
+        let objects = meta::object_count(&self.meta)?;
         let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
         Ok(Stats {
             logical_bytes: c.logical_bytes,
@@ -307,9 +345,10 @@ impl Repo {
     /// The references the metadata holds, per chunk and owner.
     fn expected_refs(meta_db: &Database) -> Result<(RefMap, u64)> {
         let mut counts: HashMap<(ChunkId, OwnerId), u64> = HashMap::new();
-        let mut objects = 0u64;
-        meta::for_each_object(meta_db, |owner, _, list| {
-            objects += 1;
+        let objects = meta::object_count(meta_db)?;
+        // An object, named or pending, holds one reference per chunk of its
+        // list (a chunk listed twice is held twice).
+        meta::for_each_object_segment(meta_db, |owner, _, _, list| {
             for c in list {
                 *counts.entry((c.id, owner)).or_default() += 1;
             }
@@ -318,7 +357,7 @@ impl Repo {
         // The filesystem holds one reference per chunk per inode that any of
         // the inode's content versions contains (rows come in ino order).
         let mut cur: Option<u64> = None;
-        let mut seen: std::collections::HashSet<ChunkId> = std::collections::HashSet::new();
+        let mut seen: HashSet<ChunkId> = HashSet::new();
         meta::for_each_content(meta_db, |ino, list| {
             if cur != Some(ino) {
                 cur = Some(ino);
@@ -345,7 +384,7 @@ impl Repo {
     pub fn fsck(&self, progress: &dyn Progress) -> Result<FsckReport> {
         let (refs, objects) = Self::expected_refs(&self.meta)?;
         let report = maint::verify(&self.store, &refs, progress)?;
-        let bad: std::collections::HashSet<String> = report
+        let bad: HashSet<String> = report
             .corrupt
             .iter()
             .map(|b| b.chunk.clone())
@@ -353,8 +392,12 @@ impl Repo {
             .collect();
         let mut damaged_objects = Vec::new();
         if !bad.is_empty() {
-            meta::for_each_object(&self.meta, |_, name, list| {
-                if list.iter().any(|c| bad.contains(&c.id.to_hex())) {
+            meta::for_each_object_segment(&self.meta, |_, name, named, list| {
+                // An object's segments come one after another.
+                if named
+                    && damaged_objects.last().is_none_or(|n: &String| n != name)
+                    && list.iter().any(|c| bad.contains(&c.id.to_hex()))
+                {
                     damaged_objects.push(name.to_string());
                 }
                 Ok(())
@@ -374,7 +417,7 @@ impl Repo {
     pub fn repair(dir: &Path, progress: &dyn Progress) -> Result<RebuildReport> {
         Store::read_config(dir)?;
         let _lock = Store::lock(dir)?;
-        let meta_db = meta::open(dir)?;
+        let meta_db = meta::open(dir, meta::CACHE_BYTES)?;
         let (refs, _) = Self::expected_refs(&meta_db)?;
         let seq = meta::ref_seq(&meta_db)?;
         drop(meta_db);
@@ -382,11 +425,164 @@ impl Repo {
     }
 }
 
-fn object_info(name: &str, chunks: &[ChunkRef]) -> ObjectInfo {
-    ObjectInfo {
-        name: name.to_string(),
-        size: chunks.iter().map(|c| c.len as u64).sum(),
-        chunks: chunks.len(),
+/// An object being ingested, and what of it is not yet committed.
+struct ObjectWrite {
+    id: ObjectId,
+    name: String,
+    /// Segments committed by earlier parts.
+    segments: u32,
+    /// Whether a pending record holds those parts (none is needed for an
+    /// object that commits in one part).
+    pending: bool,
+    /// Chunks since the last commit.
+    tail: Vec<ChunkRef>,
+    size: u64,
+    chunks: u64,
+    finished: bool,
+}
+
+/// One thread's ingest: a batch, and the objects whose chunks it holds
+/// uncommitted. It commits when a group of small objects is due, and in
+/// the middle of an object once it holds `COMMIT_EVERY_CHUNKS` references:
+/// the parts of an unfinished object commit under a pending record, which
+/// the object's last part replaces with its name.
+struct Ingest<'r> {
+    repo: &'r Repo,
+    owner: OwnerId,
+    batch: Batch<'r>,
+    /// Finished objects not yet committed, then the one being read.
+    objects: Vec<ObjectWrite>,
+    /// Chunk references taken since the last commit.
+    refs: usize,
+    /// Bytes of the objects finished since the last commit.
+    bytes: u64,
+}
+
+impl<'r> Ingest<'r> {
+    fn new(repo: &'r Repo, owner: OwnerId) -> Result<Ingest<'r>> {
+        Ok(Ingest {
+            repo,
+            owner,
+            batch: repo.store.batch()?,
+            objects: Vec::new(),
+            refs: 0,
+            bytes: 0,
+        })
+    }
+
+    /// Reads `reader` to its end as object `name`; the object commits with
+    /// the next `commit`.
+    fn put(&mut self, name: String, reader: impl Read) -> Result<ObjectInfo> {
+        let id = ObjectId(self.repo.next_object.fetch_add(1, Ordering::Relaxed));
+        self.objects.push(ObjectWrite {
+            id,
+            name,
+            segments: 0,
+            pending: false,
+            tail: Vec::new(),
+            size: 0,
+            chunks: 0,
+            finished: false,
+        });
+        let params = self.repo.store.config().chunker;
+        chunker::chunk_stream(params, reader, |data| -> Result<()> {
+            let r = self.batch.put_chunk(data)?;
+            self.batch.add_refs(self.owner, [r.id]);
+            if let Some(o) = self.objects.last_mut() {
+                o.tail.push(r);
+                o.size += r.len as u64;
+                o.chunks += 1;
+            }
+            self.refs += 1;
+            if self.refs >= COMMIT_EVERY_CHUNKS {
+                self.commit()?;
+            }
+            Ok(())
+        })?;
+        let Some(o) = self.objects.last_mut() else {
+            return Err(Error::Invalid("ingest lost its object".into()));
+        };
+        o.finished = true;
+        self.bytes += o.size;
+        Ok(ObjectInfo {
+            name: o.name.clone(),
+            size: o.size,
+            chunks: o.chunks as usize,
+        })
+    }
+
+    /// Whether the finished objects make a group worth committing.
+    fn group_due(&self) -> bool {
+        self.bytes >= GROUP_COMMIT_BYTES || self.objects.len() >= GROUP_COMMIT_OBJECTS
+    }
+
+    /// Commits every chunk and reference taken so far with the parts of the
+    /// chunk lists that hold them, then releases the objects that finished
+    /// objects replaced.
+    fn commit(&mut self) -> Result<()> {
+        if self.objects.is_empty() && self.batch.is_empty() {
+            return Ok(());
+        }
+        let owner = self.owner;
+        let meta_db = &self.repo.meta;
+        let parts: Vec<meta::ObjectPart<'_>> = self
+            .objects
+            .iter()
+            .map(|o| meta::ObjectPart {
+                id: o.id,
+                name: &o.name,
+                first_segment: o.segments,
+                chunks: &o.tail,
+                finished: o.finished.then_some((o.size, o.chunks)),
+            })
+            .collect();
+        let mut displaced = Vec::new();
+        self.batch.commit_part(|ref_seq| {
+            displaced = meta::commit_object_parts(meta_db, owner, &parts, ref_seq)?;
+            Ok(())
+        })?;
+        drop(parts);
+        self.objects.retain(|o| !o.finished);
+        for o in &mut self.objects {
+            o.segments += meta::segments_for(o.tail.len());
+            o.pending = true;
+            o.tail.clear();
+            log::debug!(
+                "'{}' ({}): {} chunks in {} segments committed, pending",
+                o.name,
+                o.id,
+                o.chunks,
+                o.segments
+            );
+        }
+        self.refs = 0;
+        self.bytes = 0;
+        for id in displaced {
+            self.repo.release_object(id)?;
+        }
+        Ok(())
+    }
+
+    /// After a failure: drops what is uncommitted and releases the parts
+    /// of unfinished objects that did commit. What cannot be released now
+    /// stays pending and is released at the next open.
+    fn abort(self) {
+        let Ingest {
+            repo,
+            batch,
+            objects,
+            ..
+        } = self;
+        drop(batch);
+        for o in objects.iter().filter(|o| o.pending) {
+            if let Err(e) = repo.release_object(o.id) {
+                log::error!(
+                    "cannot release the committed part of '{}' ({}): {e}; the next open will",
+                    o.name,
+                    o.id
+                );
+            }
+        }
     }
 }
 

@@ -633,3 +633,277 @@ proptest! {
         }
     }
 }
+
+/// Rows of a meta.redb table.
+fn rows<K: redb::Key + 'static, V: redb::Value + 'static>(
+    db: &redb::Database,
+    t: redb::TableDefinition<K, V>,
+) -> u64 {
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+    db.begin_read()
+        .unwrap()
+        .open_table(t)
+        .unwrap()
+        .len()
+        .unwrap()
+}
+
+/// Small chunks make a few MB hold tens of thousands: several segments
+/// (4096 chunks each) and several mid-object commits (every 16384).
+#[test]
+fn a_multi_segment_object_reads_back_is_replaced_and_removal_frees_everything() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = small_chunk_repo(&dir);
+    // The second half repeats the first: chunks found in parts already
+    // committed, and chunks listed twice (two references each).
+    let mut data = random_bytes(6 << 20, 21);
+    data.extend_from_within(..(6 << 20));
+    let commits = repo.stats().unwrap().commits;
+    let info = repo.put_object(OwnerId::LOCAL, "big", &data[..]).unwrap();
+    assert!(info.chunks > 2 * 16384, "{} chunks", info.chunks);
+    assert!(
+        repo.stats().unwrap().commits - commits >= 3,
+        "committed in parts"
+    );
+    assert_eq!(get(&repo, "big").unwrap(), data);
+    let segs = rows(repo.meta(), dedupfs::meta::OBJECT_SEGMENTS);
+    // Parts of 16384 chunks (four whole segments each), then the rest.
+    let want = (info.chunks / 16384) * 4 + (info.chunks % 16384).div_ceil(4096);
+    assert_eq!(segs, want as u64);
+    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    let s = repo.stats().unwrap();
+    assert_eq!(s.logical_bytes, data.len() as u64);
+    // Only the chunks around the seam are new in the second half.
+    assert!(s.unique_bytes < (6 << 20) + 4096, "{}", s.unique_bytes);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+
+    // Replacing it releases the old segments and references.
+    let other = random_bytes(6 << 20, 22);
+    repo.put_object(OwnerId::LOCAL, "big", &other[..]).unwrap();
+    assert_eq!(get(&repo, "big").unwrap(), other);
+    assert_eq!(repo.stats().unwrap().logical_bytes, other.len() as u64);
+    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+    repo.put_object(OwnerId::LOCAL, "small", &b"kept"[..])
+        .unwrap();
+
+    repo.remove_objects(OwnerId::LOCAL, &["big".into(), "big".into()])
+        .unwrap();
+    assert!(get(&repo, "big").is_err());
+    let s = repo.stats().unwrap();
+    assert_eq!(s.logical_bytes, 4);
+    assert_eq!(s.live_chunks, 1);
+    assert_eq!(s.objects, 1);
+    assert_eq!(rows(repo.meta(), dedupfs::meta::OBJECT_SEGMENTS), 1);
+    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    repo.gc(0.0, &NoProgress).unwrap();
+    let packs: u64 = packs_of(&dir)
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        packs < 4096,
+        "{packs} pack bytes left for one 4-byte object"
+    );
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+    drop(repo);
+    let repo = Repo::open(&dir).unwrap();
+    assert_eq!(get(&repo, "small").unwrap(), b"kept");
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+/// A reader that fails after `left` bytes.
+struct FailAfter<'a> {
+    data: &'a [u8],
+    left: usize,
+}
+
+impl std::io::Read for FailAfter<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other("the source went away"));
+        }
+        let n = buf.len().min(self.left).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        self.left -= n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_failed_put_releases_the_parts_it_committed() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = small_chunk_repo(&dir);
+    let old = random_bytes(100 << 10, 23);
+    repo.put_object(OwnerId::LOCAL, "x", &old[..]).unwrap();
+    let before = repo.stats().unwrap();
+    let data = random_bytes(12 << 20, 24);
+    let err = repo
+        .put_object(
+            OwnerId::LOCAL,
+            "x",
+            FailAfter {
+                data: &data,
+                left: 10 << 20,
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("went away"), "{err}");
+    assert!(
+        repo.stats().unwrap().commits > before.commits,
+        "parts committed"
+    );
+    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    assert_eq!(get(&repo, "x").unwrap(), old);
+    let after = repo.stats().unwrap();
+    assert_eq!(after.logical_bytes, before.logical_bytes);
+    assert_eq!(after.live_chunks, before.live_chunks);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+#[test]
+fn kill_9_between_part_commits_leaves_a_pending_object_that_open_releases() {
+    use std::io::BufRead;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = small_chunk_repo(&dir);
+    let old = random_bytes(200 << 10, 25);
+    repo.put_object(OwnerId::LOCAL, "big", &old[..]).unwrap();
+    let before = repo.stats().unwrap();
+    drop(repo);
+
+    // Replace "big" from a pipe that delivers 12 MiB and then stalls, so
+    // the process sits between two part commits when it is killed.
+    let mut child = bin()
+        .args(["object", "put"])
+        .arg(&dir)
+        .args(["-", "--name", "big"])
+        .env("RUST_LOG", "dedupfs=debug")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&random_bytes(12 << 20, 26)).unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut parts = 0;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if line.contains("segments committed, pending") {
+            parts += 1;
+            if parts == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(parts, 2, "the put committed two parts before stalling");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+
+    // What the crash left: a pending object holding segments.
+    let db = redb::Database::open(dir.join(dedupfs::meta::META_FILE)).unwrap();
+    assert_eq!(rows(&db, dedupfs::meta::PENDING_OBJECTS), 1);
+    assert!(rows(&db, dedupfs::meta::OBJECT_SEGMENTS) > 8);
+    drop(db);
+
+    let repo = Repo::open(&dir).unwrap();
+    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    let segs = rows(repo.meta(), dedupfs::meta::OBJECT_SEGMENTS);
+    assert_eq!(segs, 1, "only the old object's segment is left");
+    assert_eq!(get(&repo, "big").unwrap(), old);
+    let after = repo.stats().unwrap();
+    assert_eq!(after.logical_bytes, before.logical_bytes);
+    assert_eq!(after.live_chunks, before.live_chunks);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+/// `tests/fixtures/meta-v1-store.tar.gz` was written by the build before
+/// meta format 2 (61e5011):
+/// `dedupfs init fx --chunk-min 64 --chunk-avg 256 --chunk-max 1024`, then
+/// `dedupfs object put fx fxin` with `fxin/lines` and `fxin/lines-again`
+/// (`seq 1 20000`), `fxin/hello` ("hello\n") and an empty `fxin/empty`, then
+/// an object put and removed (dead chunks).
+#[test]
+fn a_meta_format_1_store_is_migrated_at_open() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    fs::create_dir(&dir).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/meta-v1-store.tar.gz");
+    let ok = Command::new("tar")
+        .arg("-xzf")
+        .arg(&fixture)
+        .arg("-C")
+        .arg(&dir)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "unpacking {}", fixture.display());
+    let lines: Vec<u8> = (1..=20000)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+
+    let repo = Repo::open(&dir).unwrap();
+    let mut names: Vec<(String, u64)> = repo
+        .list_objects()
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.name, o.size))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            ("fxin/empty".to_string(), 0),
+            ("fxin/hello".to_string(), 6),
+            ("fxin/lines".to_string(), lines.len() as u64),
+            ("fxin/lines-again".to_string(), lines.len() as u64),
+        ]
+    );
+    assert_eq!(get(&repo, "fxin/lines").unwrap(), lines);
+    assert_eq!(get(&repo, "fxin/lines-again").unwrap(), lines);
+    assert_eq!(get(&repo, "fxin/hello").unwrap(), b"hello\n");
+    assert_eq!(get(&repo, "fxin/empty").unwrap(), b"");
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+    assert_eq!(
+        repo.stats().unwrap().logical_bytes,
+        2 * lines.len() as u64 + 6
+    );
+    // It is a format 2 store now: writes and removals keep it clean.
+    repo.put_object(OwnerId::LOCAL, "new", &random_bytes(2 << 20, 27)[..])
+        .unwrap();
+    repo.remove_objects(OwnerId::LOCAL, &["fxin/lines".into()])
+        .unwrap();
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+    drop(repo);
+    let repo = Repo::open(&dir).unwrap();
+    assert_eq!(get(&repo, "fxin/lines-again").unwrap(), lines);
+    assert!(repo.fsck(&NoProgress).unwrap().clean);
+}
+
+#[test]
+fn an_unknown_meta_format_is_a_one_line_error() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    drop(new_repo(&dir));
+    let db = redb::Database::open(dir.join(dedupfs::meta::META_FILE)).unwrap();
+    let tx = db.begin_write().unwrap();
+    tx.open_table(dedupfs::meta::STATE)
+        .unwrap()
+        .insert("meta_format", 3)
+        .unwrap();
+    tx.commit().unwrap();
+    drop(db);
+    let out = bin().args(["object", "ls"]).arg(&dir).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("metadata has format version 3; this build understands 2"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}

@@ -1006,6 +1006,18 @@ impl<'s> Batch<'s> {
         Ok(info)
     }
 
+    /// Commits what the batch holds so far, as `commit` does, and keeps it
+    /// open for more: a long ingest commits in parts, so that what it holds
+    /// (chunk places and reference deltas here, the chunk list above us)
+    /// stays bounded however long the stream. The batch keeps its start
+    /// sequence, so gc stays as careful as for one long batch.
+    pub fn commit_part(
+        &mut self,
+        then: impl FnOnce(Option<u64>) -> Result<()>,
+    ) -> Result<CommitInfo> {
+        self.commit_inner(true, then)
+    }
+
     fn commit_inner(
         &mut self,
         final_commit: bool,
@@ -1110,8 +1122,9 @@ impl<'s> Batch<'s> {
         let t_tx = t0.elapsed();
         tx.commit()?;
         let n_deltas = deltas.len();
-        // The meta commit below holds the object's chunk list twice over;
-        // the deltas need not be held with it (the undo record has them).
+        // The meta commit below holds the chunk lists it writes and their
+        // encoding; the deltas need not be held with them (the undo record
+        // has them).
         drop(deltas);
         log::debug!(
             "commit: {} new chunks, {} ref deltas: sync {t_sync:?}, index writes {:?}, index commit {:?}",
