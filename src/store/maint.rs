@@ -253,6 +253,18 @@ pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcRe
                 report.chunks_moved += 1;
             }
             for id in dropped {
+                // A batch may have stored the chunk again since it died
+                // (a new copy in another pack, now live): only the entry
+                // that still names this pack's copy goes. Removing it
+                // unconditionally lost live chunks (NotFound on a later
+                // drop, seen in `concurrent_writers_and_gc_keep_counts_exact`).
+                let here = match chunks.get(&id.0)? {
+                    Some(v) => decode_entry(v.value())?.pack == *pid,
+                    None => false,
+                };
+                if !here {
+                    continue;
+                }
                 chunks.remove(&id.0)?;
                 counters.total_chunks -= 1;
                 report.chunks_dropped += 1;
