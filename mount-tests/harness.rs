@@ -190,11 +190,7 @@ impl TestFs {
         // SAFETY: plain kill(2) on a pid we just found.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         wait_gone(pid, Duration::from_secs(30));
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&self.mnt)
-            .status();
-        self.mounted = false;
+        self.detach();
         self.wait_store_unlocked(Duration::from_secs(60));
     }
 
@@ -215,12 +211,17 @@ impl TestFs {
         }
         fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1")
             .expect("aborting the FUSE connection");
+        self.detach();
+        self.wait_store_unlocked(Duration::from_secs(120));
+    }
+
+    /// Detaches a mount whose daemon is gone.
+    fn detach(&mut self) {
         let _ = Command::new("fusermount3")
             .arg("-uz")
             .arg(&self.mnt)
             .status();
         self.mounted = false;
-        self.wait_store_unlocked(Duration::from_secs(120));
     }
 
     /// Waits until nobody holds the store's lock. The leader of a killed

@@ -213,10 +213,18 @@ pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcRe
         'packs: for (pid, moved, dropped) in &plans {
             // Re-check drops under the commit lock: a chunk revived since the
             // scan keeps the whole pack for another round.
+            // Only entries that still name this pack's copy go: a batch may
+            // have stored the chunk again elsewhere since it died (removing
+            // that live copy lost chunks: NotFound on a later drop).
+            let mut gone = Vec::with_capacity(dropped.len());
             for id in dropped {
                 if let Some(v) = chunks.get(&id.0)? {
                     let e = decode_entry(v.value())?;
-                    if e.pack == *pid && (e.is_live() || e.dead_since >= oldest) {
+                    if e.pack != *pid {
+                        continue;
+                    }
+                    gone.push(*id);
+                    if e.is_live() || e.dead_since >= oldest {
                         log::info!("gc: {pid} kept, chunk {id} was claimed meanwhile");
                         // The copies become dead weight in the new pack.
                         new_dead += moved
@@ -252,19 +260,7 @@ pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcRe
                 chunks.insert(&id.0, e.encode().as_slice())?;
                 report.chunks_moved += 1;
             }
-            for id in dropped {
-                // A batch may have stored the chunk again since it died
-                // (a new copy in another pack, now live): only the entry
-                // that still names this pack's copy goes. Removing it
-                // unconditionally lost live chunks (NotFound on a later
-                // drop, seen in `concurrent_writers_and_gc_keep_counts_exact`).
-                let here = match chunks.get(&id.0)? {
-                    Some(v) => decode_entry(v.value())?.pack == *pid,
-                    None => false,
-                };
-                if !here {
-                    continue;
-                }
+            for id in gone {
                 chunks.remove(&id.0)?;
                 counters.total_chunks -= 1;
                 report.chunks_dropped += 1;
