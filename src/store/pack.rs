@@ -6,7 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -32,6 +32,8 @@ pub fn pack_path(dir: &Path, id: PackId) -> PathBuf {
 pub struct PackWriter {
     pub id: PackId,
     file: Arc<File>,
+    /// The same pack opened with O_DIRECT, if the filesystem allows it.
+    direct: Option<Arc<File>>,
     buf: Vec<u8>,
     /// File length including buffered bytes.
     pub len: u64,
@@ -60,9 +62,14 @@ const QUEUE_DEPTH: usize = 4;
 /// left to wait for.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
+/// Alignment of O_DIRECT offsets, lengths and memory: the page size, which
+/// covers the logical block size of every disk in use.
+const DIRECT_ALIGN: u64 = 4096;
+
 enum IoMsg {
     Write {
         file: Arc<File>,
+        direct: Option<Arc<File>>,
         at: u64,
         buf: Vec<u8>,
     },
@@ -123,11 +130,17 @@ impl Drop for IoLane {
 fn io_loop(rx: &Receiver<IoMsg>, spare: &SyncSender<Vec<u8>>) {
     let mut err: Option<io::Error> = None;
     let mut unsynced = 0u64;
+    let mut out = DirectOut::new();
     for msg in rx {
         match msg {
-            IoMsg::Write { file, at, mut buf } => {
+            IoMsg::Write {
+                file,
+                direct,
+                at,
+                mut buf,
+            } => {
                 if err.is_none() {
-                    match file.write_all_at(&buf, at) {
+                    match out.write(&file, direct.as_deref(), at, &buf) {
                         Ok(()) => unsynced += buf.len() as u64,
                         Err(e) => err = Some(e),
                     }
@@ -143,6 +156,11 @@ fn io_loop(rx: &Receiver<IoMsg>, spare: &SyncSender<Vec<u8>>) {
             }
             IoMsg::Barrier { sync, reply } => {
                 if err.is_none()
+                    && let Err(e) = out.flush_tail()
+                {
+                    err = Some(e);
+                }
+                if err.is_none()
                     && let Some(f) = sync
                 {
                     unsynced = 0;
@@ -157,6 +175,125 @@ fn io_loop(rx: &Receiver<IoMsg>, spare: &SyncSender<Vec<u8>>) {
             }
         }
     }
+    if err.is_none()
+        && let Err(e) = out.flush_tail()
+    {
+        log::warn!("pack writer: last partial block not written: {e}");
+    }
+}
+
+/// Writes packs with O_DIRECT where it can. Pack bytes are written once and
+/// rarely read soon after, and copying them into the page cache cost the
+/// writer thread more CPU than the disk time it hid (on this project's VMs,
+/// 0.7 to 7 s of system time per GiB against 0.25 s direct), CPU the ingest
+/// threads need. Direct writes must be block aligned, so the bytes after the
+/// last whole block are held back (`tail`) and put in front of the next
+/// write, or written through the page cache at the next barrier.
+struct DirectOut {
+    /// Cleared when the filesystem refuses an aligned direct write.
+    enabled: bool,
+    mem: Vec<u8>,
+    tail: Option<Tail>,
+}
+
+/// Bytes from an aligned offset of `file` that are not written yet.
+struct Tail {
+    file: Arc<File>,
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl DirectOut {
+    fn new() -> DirectOut {
+        DirectOut {
+            enabled: true,
+            mem: Vec::new(),
+            tail: None,
+        }
+    }
+
+    /// Writes the held-back bytes through the page cache.
+    fn flush_tail(&mut self) -> io::Result<()> {
+        match self.tail.take() {
+            Some(t) => t.file.write_all_at(&t.bytes, t.start),
+            None => Ok(()),
+        }
+    }
+
+    fn write(
+        &mut self,
+        file: &Arc<File>,
+        direct: Option<&File>,
+        at: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let Some(direct) = direct.filter(|_| self.enabled) else {
+            self.flush_tail()?;
+            return file.write_all_at(data, at);
+        };
+        let start = at - at % DIRECT_ALIGN;
+        let head = (at - start) as usize;
+        let continues = matches!(&self.tail, Some(t)
+            if Arc::ptr_eq(&t.file, file) && t.start == start && t.bytes.len() == head);
+        let tail = if continues { self.tail.take() } else { None };
+        self.flush_tail()?;
+        let total = head + data.len();
+        let whole = total - total % DIRECT_ALIGN as usize;
+        let buf = aligned(&mut self.mem, total);
+        if let Some(t) = &tail {
+            buf[..head].copy_from_slice(&t.bytes);
+        } else if head > 0 {
+            file.read_exact_at(&mut buf[..head], start)?;
+        }
+        buf[head..].copy_from_slice(data);
+        let mut done = 0;
+        let mut refused = false;
+        while done < whole {
+            match direct.write_at(&buf[done..whole], start + done as u64) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    log::warn!(
+                        "pack writer: direct write refused ({e}); writing through the page cache"
+                    );
+                    refused = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            if done % DIRECT_ALIGN as usize != 0 {
+                break; // a short write off the block grid: finish buffered
+            }
+        }
+        if done < whole {
+            file.write_all_at(&buf[done..whole], start + done as u64)?;
+        }
+        if whole < total {
+            self.tail = Some(Tail {
+                file: file.clone(),
+                start: start + whole as u64,
+                bytes: buf[whole..].to_vec(),
+            });
+        }
+        if refused {
+            self.enabled = false;
+        }
+        Ok(())
+    }
+}
+
+/// An aligned `n`-byte window of `mem`, grown as needed.
+fn aligned(mem: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    let a = DIRECT_ALIGN as usize;
+    if mem.len() < n + a {
+        *mem = vec![0; n.next_multiple_of(a) + a];
+    }
+    let off = mem.as_ptr().align_offset(a);
+    &mut mem[off..off + n]
 }
 
 /// io::Error is not Clone; keep the OS error (ENOSPC must stay ENOSPC).
@@ -183,6 +320,17 @@ impl PackWriter {
             .create_new(true)
             .open(&path)?;
         file.write_all(&format::encode_pack_header(id))?;
+        let direct = match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+        {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                log::debug!("{id}: no O_DIRECT ({e}); writing through the page cache");
+                None
+            }
+        };
         // No sync here: the first commit that names this pack syncs its data
         // and the packs directory (`sync`, `is_new`).
         let lane = match lane {
@@ -192,6 +340,7 @@ impl PackWriter {
         Ok(PackWriter {
             id,
             file: Arc::new(file),
+            direct,
             buf: Vec::new(),
             len: PACK_HEADER_LEN as u64,
             committed_len: 0,
@@ -260,6 +409,7 @@ impl PackWriter {
         let n = buf.len() as u64;
         let msg = IoMsg::Write {
             file: self.file.clone(),
+            direct: self.direct.clone(),
             at: self.handed_len,
             buf,
         };
@@ -578,4 +728,80 @@ pub fn list_pack_files(dir: &Path) -> io::Result<Vec<(PackId, PathBuf)>> {
     }
     out.sort_by_key(|(id, _)| *id);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(usize),
+        Sync,
+        Rollback,
+        NextPack,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (1usize..3 * WRITE_BUF).prop_map(Op::Append),
+            3 => (1usize..9000).prop_map(Op::Append),
+            2 => Just(Op::Sync),
+            1 => Just(Op::Rollback),
+            1 => Just(Op::NextPack),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Whatever the mix of record sizes, syncs, rollbacks and packs
+        /// sharing one lane, each pack file ends up holding exactly its
+        /// header and the records appended since its last commit point,
+        /// whether the lane wrote them direct or through the page cache.
+        #[test]
+        fn pack_files_hold_exactly_what_was_appended(ops in prop::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let io = |e: io::Error| TestCaseError::fail(e.to_string());
+            let mut id = 1u64;
+            let mut w = PackWriter::create(dir.path(), PackId(id), None).map_err(io)?;
+            let mut want = format::encode_pack_header(PackId(id)).to_vec();
+            let mut done = Vec::new();
+            let mut byte = 0u8;
+            for op in ops {
+                match op {
+                    Op::Append(n) => {
+                        let rec: Vec<u8> = (0..n).map(|i| byte.wrapping_add(i as u8)).collect();
+                        byte = byte.wrapping_add(7);
+                        let at = w.append_raw(&rec).map_err(io)?;
+                        prop_assert_eq!(at, want.len() as u64);
+                        want.extend_from_slice(&rec);
+                    }
+                    Op::Sync => {
+                        w.sync().map_err(io)?;
+                        w.committed_len = w.len;
+                    }
+                    Op::Rollback => {
+                        w.rollback().map_err(io)?;
+                        want.truncate(w.len as usize);
+                    }
+                    Op::NextPack => {
+                        w.sync().map_err(io)?;
+                        id += 1;
+                        let next = PackWriter::create(dir.path(), PackId(id), Some(w.lane())).map_err(io)?;
+                        done.push((std::mem::replace(&mut w, next), std::mem::take(&mut want)));
+                        want = format::encode_pack_header(PackId(id)).to_vec();
+                    }
+                }
+            }
+            w.sync().map_err(io)?;
+            done.push((w, want));
+            for (w, want) in done {
+                let got = fs::read(pack_path(dir.path(), w.id)).map_err(io)?;
+                prop_assert_eq!(got.len(), want.len(), "{} length", w.id);
+                prop_assert!(got == want, "{} content differs", w.id);
+            }
+        }
+    }
 }
