@@ -213,6 +213,11 @@ fn diff_restore_rollback_delete() {
         t.assert_fsck_clean();
         t.mount();
 
+        // Fill the kernel's caches: directory listings (FOPEN_CACHE_DIR)
+        // and file pages (a second open of an unchanged file keeps them).
+        // Rollback must drop what it changes, or the tree below is stale.
+        let _ = snapshot_tree(&t.mnt);
+        let _ = snapshot_tree(&t.mnt);
         // Rollback refuses while a file is open for writing.
         let held = fs::OpenOptions::new().write(true).open(t.p("new")).unwrap();
         let err = fails(t, &["rollback", "s1"]);

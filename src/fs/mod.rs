@@ -69,7 +69,19 @@ from_db!(
     redb::CommitError
 );
 
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust an entry, attributes or a miss. Only
+/// this daemon changes the tree, and every change either passes through the
+/// kernel (which updates or drops what it cached) or comes from snapshot
+/// restore and rollback, which invalidate what they touch. At 1 s a warm
+/// `du` or `git status` over a large tree asked again for every name.
+const TTL: Duration = Duration::from_secs(60);
+/// Snapshot nodes: `snapctl delete` removes them without telling the
+/// kernel, so it must ask again soon.
+const SNAP_TTL: Duration = Duration::from_secs(1);
+
+fn ttl(ino: u64) -> &'static Duration {
+    if is_snap_ino(ino) { &SNAP_TTL } else { &TTL }
+}
 
 fn time(t: Timespec) -> SystemTime {
     if t.secs >= 0 {
@@ -253,7 +265,7 @@ impl DedupFs {
 
 fn reply_entry(reply: ReplyEntry, r: Result<Attr, Error>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &fattr(&a), Generation(0)),
+        Ok(a) => reply.entry(ttl(a.ino), &fattr(&a), Generation(0)),
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -314,7 +326,7 @@ impl Filesystem for DedupFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.vol.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &fattr(&a)),
+            Ok(a) => reply.attr(ttl(a.ino), &fattr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -353,7 +365,7 @@ impl Filesystem for DedupFs {
             ctime: ctime.map(timespec),
         };
         match self.vol.setattr(caller(req), ino.0, &s) {
-            Ok(a) => reply.attr(&TTL, &fattr(&a)),
+            Ok(a) => reply.attr(ttl(a.ino), &fattr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -479,6 +491,9 @@ impl Filesystem for DedupFs {
         match self.vol.open_file(ino.0, flags.0, true) {
             Ok(o) => match self.backing_for(ino.0, &o, |f| reply.open_backing(f)) {
                 Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id),
+                None if o.keep_cache => {
+                    reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_KEEP_CACHE)
+                }
                 None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
             },
             Err(e) => reply.error(errno(&e)),
@@ -558,8 +573,17 @@ impl Filesystem for DedupFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // The kernel may cache a listing (it drops it when the directory
+        // changes through it, or its mtime moves, or restore and rollback
+        // invalidate it); not the root, whose `.snapshots` comes and goes
+        // with a setting, nor snapshot directories.
+        let cache = if ino.0 == crate::meta::ROOT_INO || is_snap_ino(ino.0) {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        };
         match self.vol.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), cache),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -609,7 +633,7 @@ impl Filesystem for DedupFs {
                 INodeNo(e.ino),
                 i as u64 + 1,
                 OsStr::from_bytes(&e.name),
-                &TTL,
+                ttl(a.ino),
                 &fattr(&a),
                 Generation(0),
             ) {

@@ -252,6 +252,28 @@ impl Staged {
         Ok(())
     }
 
+    /// Leaves whole mode for an empty file no kernel passthrough holds, so
+    /// a copy_file_range can give it the source's chunks as its base.
+    pub fn unmake_whole(&mut self) -> io::Result<()> {
+        if !self.whole {
+            return Ok(());
+        }
+        if self.size != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if self.marked {
+            match rustix::fs::fremovexattr(&*self.file, WHOLE_XATTR) {
+                Ok(()) => {}
+                Err(e) if e == rustix::io::Errno::NODATA => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.whole = false;
+        self.marked = false;
+        self.dirty = RangeSet::default();
+        Ok(())
+    }
+
     /// Tags the staging file with [`WHOLE_XATTR`]. Why: a sidecar is a new
     /// file (temp + rename) on every close, and on the untar benchmark the
     /// store's disk spent most of the daemon's time finding free inodes

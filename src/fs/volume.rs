@@ -125,6 +125,21 @@ struct PtFile {
 pub struct Opened {
     pub fh: u64,
     pub backing: Option<Arc<File>>,
+    /// The kernel may keep the file's cached pages: nothing changed it
+    /// since the last open that read it through the daemon.
+    pub keep_cache: bool,
+}
+
+/// What a file looked like when an open last let the kernel cache it:
+/// (mtime, ctime, size). Every change of content moves ctime.
+type CacheStamp = (Timespec, Timespec, u64);
+
+/// An open directory: listed at its first readdir, not at opendir, because
+/// with a cached listing (FOPEN_CACHE_DIR) the kernel opens a directory
+/// and reads nothing from us.
+enum DirHandle {
+    Unlisted(u64),
+    Listed(Arc<Vec<DirEntry>>),
 }
 
 pub struct DirEntry {
@@ -163,9 +178,11 @@ pub struct Volume {
     pt_opens: AtomicU64,
     daemon_writes: AtomicU64,
     daemon_write_bytes: AtomicU64,
-    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: AtomicU64,
     maps: Mutex<LruCache<u64, Arc<ChunkMap>>>,
+    /// Per inode, the stamp of the last read-only open through the daemon.
+    cached: Mutex<LruCache<u64, CacheStamp>>,
     /// Bumped after every commit that changes chunk lists, before the
     /// changed maps are popped from `maps`.
     map_epoch: AtomicU64,
@@ -232,6 +249,7 @@ impl Volume {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             maps: Mutex::new(LruCache::new(cap(1024))),
+            cached: Mutex::new(LruCache::new(cap(16384))),
             map_epoch: AtomicU64::new(0),
             chunks: Mutex::new(LruCache::new(cap(512))),
             content_lock: Mutex::new(()),
@@ -988,7 +1006,9 @@ impl Volume {
         if is_snap_ino(ino) {
             let entries = self.snap_entries(ino)?;
             let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-            self.dirs.lock().insert(fh, Arc::new(entries));
+            self.dirs
+                .lock()
+                .insert(fh, DirHandle::Listed(Arc::new(entries)));
             return Ok(fh);
         }
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
@@ -997,6 +1017,19 @@ impl Volume {
         if rec.kind != Kind::Dir {
             return Err(Error::Errno(libc::ENOTDIR));
         }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, DirHandle::Unlisted(ino));
+        Ok(fh)
+    }
+
+    /// A live directory's entries, "." and ".." first; none once it has
+    /// been removed (as on ext4: an open, removed directory lists empty).
+    fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
+        let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+        let Some((_, rec)) = meta::live_inode(&t, ino)? else {
+            return Ok(Vec::new());
+        };
         let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
         let up = if rec.parent == 0 {
             meta::ROOT_INO
@@ -1018,17 +1051,28 @@ impl Volume {
                 kind: v.kind,
             });
         }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().insert(fh, Arc::new(entries));
-        Ok(fh)
+        Ok(entries)
     }
 
+    /// The handle's listing, taken at its first readdir and kept for the
+    /// handle's life so offsets stay stable.
     pub fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
-        self.dirs
-            .lock()
-            .get(&fh)
-            .cloned()
-            .ok_or(Error::Errno(libc::EBADF))
+        let ino = match self.dirs.lock().get(&fh) {
+            Some(DirHandle::Listed(e)) => return Ok(e.clone()),
+            Some(DirHandle::Unlisted(ino)) => *ino,
+            None => return Err(Error::Errno(libc::EBADF)),
+        };
+        let listed = Arc::new(self.list_dir(ino)?);
+        let mut dirs = self.dirs.lock();
+        match dirs.get_mut(&fh) {
+            // Two first readdirs at once: keep the one stored first.
+            Some(DirHandle::Listed(e)) => Ok(e.clone()),
+            Some(h) => {
+                *h = DirHandle::Listed(listed.clone());
+                Ok(listed)
+            }
+            None => Err(Error::Errno(libc::EBADF)),
+        }
     }
 
     pub fn releasedir(&self, fh: u64) {
@@ -1095,7 +1139,11 @@ impl Volume {
                     pt: false,
                 },
             );
-            return Ok(Opened { fh, backing: None });
+            return Ok(Opened {
+                fh,
+                backing: None,
+                keep_cache: false,
+            });
         }
         let rec = match new_file {
             Some(a) => InodeRec {
@@ -1203,6 +1251,21 @@ impl Volume {
         if backing.is_some() {
             self.pt_opens.fetch_add(1, Ordering::Relaxed);
         }
+        // Without FOPEN_KEEP_CACHE the kernel drops the file's pages at
+        // every open, so a build or an editor re-read every file through
+        // the daemon. Keep them when the file is committed, opened to
+        // read through the daemon, and unchanged since the last such open;
+        // any other open forgets the stamp, so the next one starts afresh.
+        let keep_cache = {
+            let mut cached = self.cached.lock();
+            if !write && backing.is_none() && staged.is_none() && rec.kind == Kind::File {
+                let stamp = (rec.mtime, rec.ctime, rec.size);
+                cached.put(ino, stamp) == Some(stamp)
+            } else {
+                cached.pop(&ino);
+                false
+            }
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(
             fh,
@@ -1213,7 +1276,11 @@ impl Volume {
                 pt: backing.is_some(),
             },
         );
-        Ok(Opened { fh, backing })
+        Ok(Opened {
+            fh,
+            backing,
+            keep_cache,
+        })
     }
 
     /// The kernel would not take the backing file of a passthrough handle:
@@ -1349,6 +1416,13 @@ impl Volume {
             whole: false,
             marked: false,
         }));
+        // Whole from the start: the staging file holds every byte, so a
+        // tag on it replaces the sidecar each close would write (a file
+        // made and later deleted: on an ext4 without a journal, finding a
+        // free inode among many recently deleted ones is a scan).
+        if let Err(e) = st.lock().make_whole() {
+            log::debug!("inode {ino}: new file not staged whole ({e})");
+        }
         {
             let mut map = self.staged.lock();
             if map.contains_key(&ino) {
@@ -1788,7 +1862,16 @@ impl Volume {
         {
             let mut st = st.lock();
             // A whole staged file is read and written by the kernel in
-            // its staging file, which must hold the bytes: copy them.
+            // its staging file, which must hold the bytes: copy them. An
+            // empty one no passthrough handle holds (a new file made
+            // through the daemon, as `cp` makes its copy) can drop the mode.
+            if st.size == 0
+                && st.whole
+                && !self.pt.lock().contains_key(&ino_out)
+                && let Err(e) = st.unmake_whole()
+            {
+                log::debug!("inode {ino_out}: stays whole ({e}); copying bytes");
+            }
             if st.size == 0 && !st.whole {
                 st.base = if is_snap_ino(ino_in) {
                     self.snap_chunk_map(ino_in)?

@@ -1240,8 +1240,10 @@ impl Volume {
         drop(_c);
         self.send(Msg::Reap);
         if let Some(dir) = dest_dir {
-            // Outside content_lock (see `snap_rollback`).
+            // Outside content_lock (see `snap_rollback`). The directory
+            // too: the kernel may hold its listing (FOPEN_CACHE_DIR).
             self.invalidate_entry(dir, dst_name);
+            self.invalidate_inode(dir);
         }
         Ok(report)
     }
