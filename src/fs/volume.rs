@@ -134,6 +134,21 @@ pub struct Opened {
 /// (mtime, ctime, size). Every change of content moves ctime.
 type CacheStamp = (Timespec, Timespec, u64);
 
+/// A staging file whose file is committed, renamed `spare.N` and waiting
+/// to stage a new file (`retire_staging`, `take_spare`).
+struct Spare {
+    file: Arc<File>,
+    /// The state that staged it: the bytes may change only once that is
+    /// gone and no view of the file is left.
+    owner: std::sync::Weak<Mutex<Staged>>,
+    path: PathBuf,
+}
+
+/// Spares kept at most, and the largest file kept (their bytes stay on
+/// disk until reuse: at most 64 MiB).
+const SPARES_MAX: usize = 256;
+const SPARE_MAX_BYTES: u64 = 256 << 10;
+
 /// An open directory: listed at its first readdir, not at opendir, because
 /// with a cached listing (FOPEN_CACHE_DIR) the kernel opens a directory
 /// and reads nothing from us.
@@ -180,6 +195,9 @@ pub struct Volume {
     daemon_write_bytes: AtomicU64,
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: AtomicU64,
+    /// Staging files of committed files, kept to be reused (`take_spare`).
+    spares: Mutex<Vec<Spare>>,
+    next_spare: AtomicU64,
     maps: Mutex<LruCache<u64, Arc<ChunkMap>>>,
     /// Per inode, the stamp of the last read-only open through the daemon.
     cached: Mutex<LruCache<u64, CacheStamp>>,
@@ -248,6 +266,8 @@ impl Volume {
             daemon_write_bytes: AtomicU64::new(0),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            spares: Mutex::new(Vec::new()),
+            next_spare: AtomicU64::new(0),
             maps: Mutex::new(LruCache::new(cap(1024))),
             cached: Mutex::new(LruCache::new(cap(16384))),
             map_epoch: AtomicU64::new(0),
@@ -369,6 +389,9 @@ impl Volume {
         }
         if let Err(e) = self.sync_meta() {
             log::error!("final metadata sync failed: {e}");
+        }
+        for sp in self.spares.lock().drain(..) {
+            let _ = fs::remove_file(&sp.path);
         }
         log::info!(
             "passthrough opens {}, write requests served by the daemon {} ({} bytes)",
@@ -1343,6 +1366,70 @@ impl Volume {
         let _ = fs::remove_file(sidecar_path(path));
     }
 
+    /// `remove_staging` for the staging file of `st` (locked by the caller
+    /// as `s`, already out of `staged`), keeping a small one as a spare.
+    ///
+    /// Why: the untar benchmark made a staging file per file and deleted
+    /// it after ingest. On an ext4 without a journal (this project's
+    /// disks) every inode allocation scans past the inodes deleted in the
+    /// last minute, so creates slowed as deletes piled up (half the
+    /// daemon's time in `recently_deleted`). A spare is only renamed here;
+    /// its bytes stay as they are until `take_spare` finds nobody can
+    /// read them any more.
+    fn retire_staging(&self, ino: u64, st: &Arc<Mutex<Staged>>, s: &Staged) {
+        if self.pt.lock().contains_key(&ino) || s.size > SPARE_MAX_BYTES {
+            return self.remove_staging(ino, &s.path);
+        }
+        let _ = fs::remove_file(sidecar_path(&s.path));
+        let mut spares = self.spares.lock();
+        if spares.len() < SPARES_MAX {
+            let n = self.next_spare.fetch_add(1, Ordering::Relaxed);
+            let path = self.staging_dir.join(format!("spare.{n}"));
+            if fs::rename(&s.path, &path).is_ok() {
+                spares.push(Spare {
+                    file: s.file.clone(),
+                    owner: Arc::downgrade(st),
+                    path,
+                });
+                return;
+            }
+        }
+        drop(spares);
+        let _ = fs::remove_file(&s.path);
+    }
+
+    /// A spare made empty and renamed to `path`, if one is free: its
+    /// staging state is gone and nothing else holds the file, so no read
+    /// can see it change. Recovery deletes `spare.N` files.
+    fn take_spare(&self, path: &std::path::Path) -> Option<Arc<File>> {
+        let sp = {
+            let mut spares = self.spares.lock();
+            let i = spares
+                .iter()
+                .position(|sp| sp.owner.strong_count() == 0 && Arc::strong_count(&sp.file) == 1)?;
+            spares.swap_remove(i)
+        };
+        let made = sp.file.set_len(0).is_ok()
+            && match rustix::fs::fremovexattr(&*sp.file, staging::WHOLE_XATTR) {
+                Ok(()) => true,
+                Err(e) => e == rustix::io::Errno::NODATA,
+            }
+            && rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &sp.path,
+                rustix::fs::CWD,
+                path,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .is_ok();
+        if made {
+            Some(sp.file)
+        } else {
+            let _ = fs::remove_file(&sp.path);
+            None
+        }
+    }
+
     /// Registers a writer on a file's staging state, creating that state
     /// from the committed content if the file has none. The entry returned
     /// is the one in `staged` and stays there until the writer is dropped.
@@ -1390,19 +1477,24 @@ impl Volume {
         if self.staged.lock().contains_key(&ino) || self.pt.lock().contains_key(&ino) {
             return self.stage_writer(ino);
         }
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return self.stage_writer(ino),
-            Err(e) => return Err(io_err("creating a staging file", e)),
+        let file = match self.take_spare(&path) {
+            Some(f) => f,
+            None => match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(f) => Arc::new(f),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return self.stage_writer(ino);
+                }
+                Err(e) => return Err(io_err("creating a staging file", e)),
+            },
         };
         let st = Arc::new(Mutex::new(Staged {
             ino,
-            file: Arc::new(file),
+            file,
             path,
             base: Arc::new(ChunkMap::default()),
             base_limit: 0,
@@ -1464,7 +1556,7 @@ impl Volume {
                 // many empty files cost a commit with fsync each.
                 // Unlink before leaving the map: once the entry is gone a
                 // new writer may create a staging file at the same path.
-                self.remove_staging(ino, &s.path);
+                self.retire_staging(ino, st, &s);
                 self.staged.lock().remove(&ino);
                 return;
             }
@@ -2111,7 +2203,7 @@ impl Volume {
             }
             self.maps.lock().pop(ino);
             self.staged.lock().remove(ino);
-            self.remove_staging(*ino, &gd.path);
+            self.retire_staging(*ino, &built[i].1, gd);
         }
         Ok(again)
     }
