@@ -279,3 +279,89 @@ fn handles_open_when_the_session_ends_are_ingested() {
         t.assert_fsck_clean();
     });
 }
+
+/// A read-only shared mapping of a file, unmapped on drop.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(f: &File, len: usize) -> Mapping {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh read-only mapping of an open file; nothing else
+        // aliases it, and Drop unmaps it once.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Mapping { ptr, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until Drop.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// A process may keep a mapping of a passthrough file after closing it;
+/// the mapping is of the staging file itself. Once the file is committed,
+/// that staging file must not be emptied and reused for a new file (spare
+/// staging files): rust-lld read zeros from objects mapped that way.
+#[test]
+fn mapped_passthrough_file_keeps_its_bytes_after_ingest() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(33));
+        let a = rng.bytes(50_000);
+        let mut w = File::create(t.p("mapped")).unwrap();
+        w.write_all(&a).unwrap();
+        // Opened while the writer's passthrough handle is open, the
+        // reader gets passthrough too.
+        let r = File::open(t.p("mapped")).unwrap();
+        let map = Mapping::new(&r, a.len());
+        drop(r);
+        drop(w);
+        // Ingest commits the file; then new files made through the daemon
+        // (O_EXCL, as tar makes them) would take a spare.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        for i in 0..20 {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(t.p(format!("new{i}")))
+                .unwrap();
+            f.write_all(&vec![0x5a; a.len()]).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert_bytes_eq(map.bytes(), &a, "mapping after ingest and new files");
+        drop(map);
+        assert_bytes_eq(&read_file(&t.p("mapped")), &a, "file after ingest");
+        t.umount();
+        let (offered, pt_opens, _) = counters(t);
+        assert!(
+            !offered || pt_opens >= 2,
+            "the reader did not use passthrough: {pt_opens} opens"
+        );
+        t.assert_fsck_clean();
+    });
+}

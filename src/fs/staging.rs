@@ -176,6 +176,11 @@ pub struct Staged {
     /// A whole staged file whose staging file carries [`WHOLE_XATTR`]: it
     /// describes itself, so it needs no sidecar (see `mark_whole`).
     pub marked: bool,
+    /// The kernel may hold the staging file itself: it was a passthrough
+    /// backing (a process can keep a mapping of it past every close), or
+    /// it comes from before this session. Such a file is never reused as
+    /// a spare, only unlinked.
+    pub exposed: bool,
 }
 
 /// Marks a staging file that holds its whole file: after a crash it is

@@ -1251,6 +1251,7 @@ impl Volume {
             {
                 match g.make_whole() {
                     Ok(()) => {
+                        g.exposed = true;
                         pt.insert(
                             ino,
                             PtFile {
@@ -1377,7 +1378,7 @@ impl Volume {
     /// its bytes stay as they are until `take_spare` finds nobody can
     /// read them any more.
     fn retire_staging(&self, ino: u64, st: &Arc<Mutex<Staged>>, s: &Staged) {
-        if self.pt.lock().contains_key(&ino) || s.size > SPARE_MAX_BYTES {
+        if s.exposed || self.pt.lock().contains_key(&ino) || s.size > SPARE_MAX_BYTES {
             return self.remove_staging(ino, &s.path);
         }
         let _ = fs::remove_file(sidecar_path(&s.path));
@@ -1507,6 +1508,7 @@ impl Volume {
             queued: false,
             whole: false,
             marked: false,
+            exposed: false,
         }));
         // Whole from the start: the staging file holds every byte, so a
         // tag on it replaces the sidecar each close would write (a file
@@ -1605,6 +1607,7 @@ impl Volume {
                 queued: false,
                 whole: true,
                 marked,
+                exposed: true,
             });
         }
         let file = OpenOptions::new()
@@ -1642,6 +1645,7 @@ impl Volume {
             queued: false,
             whole: false,
             marked: false,
+            exposed: false,
         })
     }
 
@@ -2092,6 +2096,7 @@ impl Volume {
                 queued: false,
                 whole: false,
                 marked: false,
+                exposed: true,
             }));
             self.staged.lock().insert(ino, st.clone());
             self.queue_ingest(ino, &st);
