@@ -634,7 +634,11 @@ fn mount(
     let vol = dedupfs::fs::volume::Volume::start(repo, read_only, 2)?;
     vol.show_snapdir(show_snapdir);
     let fs = dedupfs::fs::DedupFs::new(vol.clone()).with_passthrough(passthrough);
+    // Before the mount: resolving the path afterwards would ask the
+    // daemon, which is not serving yet.
+    let canonical = std::fs::canonicalize(mountpoint)?;
     let mut session = fuser::Session::new(fs, mountpoint, &config)?;
+    dedupfs::fs::raise_readahead(&canonical, dedupfs::fs::READAHEAD_KIB);
     let notifier = session.notifier();
     vol.set_invalidator(Box::new(move |what| {
         use dedupfs::fs::volume::Invalidate;
