@@ -132,10 +132,44 @@ fn explain_mismatch(
         .filter(|(n, v)| n.as_str() != name && v.iter().any(|c| c == got))
         .map(|(n, _)| n)
         .collect();
+    // Where the zeros are (runs of 16 or more), and how each synced
+    // version compares, to tell a lost write from a hole from a crossed
+    // staging file next time.
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < got.len() {
+        if got[i] == 0 {
+            let start = i;
+            while i < got.len() && got[i] == 0 {
+                i += 1;
+            }
+            if i - start >= 16 {
+                runs.push((start, i));
+            }
+        } else {
+            i += 1;
+        }
+    }
+    let versions: Vec<String> = history
+        .get(name)
+        .map(|v| {
+            v.iter()
+                .map(|c| {
+                    format!(
+                        "{} bytes, {} zeros, first diff {:?}",
+                        c.len(),
+                        c.iter().filter(|b| **b == 0).count(),
+                        first_diff(got, c)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     format!(
         "contents differ: got {} bytes, want {}, first difference at {:?}; inode {ino}; \
-         {zeros} zero bytes got; equals this name's synced version {older:?} of {}; \
-         equals the expected content of {other:?}; equals a past version of {other_hist:?}",
+         {zeros} zero bytes got (runs {runs:?}); equals this name's synced version {older:?} of {}; \
+         equals the expected content of {other:?}; equals a past version of {other_hist:?}; \
+         synced versions against got: {versions:?}",
         got.len(),
         want.len(),
         first_diff(got, want),
