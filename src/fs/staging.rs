@@ -193,9 +193,15 @@ pub fn is_marked_whole(f: &File) -> bool {
     rustix::fs::fgetxattr(f, WHOLE_XATTR, &mut buf).is_ok()
 }
 
-/// Removes [`WHOLE_XATTR`] from a staging file reused for partial staging.
-pub fn unmark_whole(f: &File) {
-    let _ = rustix::fs::fremovexattr(f, WHOLE_XATTR);
+/// Removes [`WHOLE_XATTR`] from a staging file reused for partial staging
+/// (or emptied for another file). A tag left behind would make recovery
+/// replay the file as whole, so failing to remove it is an error.
+pub fn unmark_whole(f: &File) -> io::Result<()> {
+    match rustix::fs::fremovexattr(f, WHOLE_XATTR) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 impl Staged {
@@ -267,11 +273,7 @@ impl Staged {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         if self.marked {
-            match rustix::fs::fremovexattr(&*self.file, WHOLE_XATTR) {
-                Ok(()) => {}
-                Err(e) if e == rustix::io::Errno::NODATA => {}
-                Err(e) => return Err(e.into()),
-            }
+            unmark_whole(&self.file)?;
         }
         self.whole = false;
         self.marked = false;

@@ -1368,7 +1368,7 @@ impl Volume {
     }
 
     /// `remove_staging` for the staging file of `st` (locked by the caller
-    /// as `s`, already out of `staged`), keeping a small one as a spare.
+    /// as `s`, and leaving `staged`), keeping a small one as a spare.
     ///
     /// Why: the untar benchmark made a staging file per file and deleted
     /// it after ingest. On an ext4 without a journal (this project's
@@ -1411,10 +1411,7 @@ impl Volume {
             spares.swap_remove(i)
         };
         let made = sp.file.set_len(0).is_ok()
-            && match rustix::fs::fremovexattr(&*sp.file, staging::WHOLE_XATTR) {
-                Ok(()) => true,
-                Err(e) => e == rustix::io::Errno::NODATA,
-            }
+            && staging::unmark_whole(&sp.file).is_ok()
             && rustix::fs::renameat_with(
                 rustix::fs::CWD,
                 &sp.path,
@@ -1618,7 +1615,7 @@ impl Volume {
             .open(&path)
             .map_err(|e| io_err("creating a staging file", e))?;
         // A staging file left behind (see `drop_pt`) may carry the tag.
-        staging::unmark_whole(&file);
+        staging::unmark_whole(&file).map_err(|e| io_err("untagging a staging file", e))?;
         let mut dirty = RangeSet::default();
         let base = match &rec.content {
             Content::Chunked => self.chunk_map(ino)?,
