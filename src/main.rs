@@ -638,7 +638,7 @@ fn mount(
     // daemon, which is not serving yet.
     let canonical = std::fs::canonicalize(mountpoint)?;
     let mut session = fuser::Session::new(fs, mountpoint, &config)?;
-    dedupfs::fs::raise_readahead(&canonical, dedupfs::fs::READAHEAD_KIB);
+    dedupfs::fs::readahead::raise_readahead(&canonical, dedupfs::fs::readahead::READAHEAD_KIB);
     let notifier = session.notifier();
     vol.set_invalidator(Box::new(move |what| {
         use dedupfs::fs::volume::Invalidate;

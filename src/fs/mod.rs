@@ -4,6 +4,7 @@
 //!
 //! Calls `fs::volume` (and through it the layers below). Never `mirror`.
 
+pub mod readahead;
 pub mod staging;
 pub mod volume;
 
@@ -76,61 +77,6 @@ from_db!(
 /// `du` or `git status` over a large tree asked again for every name.
 const TTL: Duration = Duration::from_secs(60);
 
-/// Readahead for the mount, in KiB (`raise_readahead`).
-pub const READAHEAD_KIB: u32 = 4096;
-
-/// Sets the mount's readahead through sysfs. Why: the kernel starts a FUSE
-/// mount at 128 KiB and refuses a larger `max_readahead` in INIT (fuser's
-/// `set_max_readahead` failed silently), so a cold sequential read had at
-/// most one 128 KiB request in flight. At 4 MiB, a fresh daemon read a
-/// cold 1 GiB file at 680 and 754 MB/s against 529 and 388 at 128 KiB
-/// (same sitting, alternating). Needs root; otherwise logged and left.
-pub fn raise_readahead(mountpoint: &std::path::Path, kib: u32) {
-    let dev = std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|info| mount_device(&info, mountpoint));
-    let Some(dev) = dev else {
-        log::debug!("readahead: {} not in mountinfo", mountpoint.display());
-        return;
-    };
-    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
-    match std::fs::write(&knob, kib.to_string()) {
-        Ok(()) => log::info!("readahead {kib} KiB ({knob})"),
-        Err(e) => log::info!("readahead stays at the kernel's default: {knob}: {e}"),
-    }
-}
-
-/// The `major:minor` of the last mount at `mountpoint` in a mountinfo
-/// text (mount points there escape space, tab, newline and backslash).
-fn mount_device(info: &str, mountpoint: &std::path::Path) -> Option<String> {
-    let want = mountpoint.as_os_str().as_bytes();
-    info.lines().rev().find_map(|l| {
-        let mut f = l.split(' ');
-        let dev = f.nth(2)?;
-        let point = unescape_mountinfo(f.nth(1)?);
-        (point == want).then(|| dev.to_string())
-    })
-}
-
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
-}
 /// Snapshot nodes: `snapctl delete` removes them without telling the
 /// kernel, so it must ask again soon.
 const SNAP_TTL: Duration = Duration::from_secs(1);
@@ -345,7 +291,7 @@ fn reply_xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, Error>) {
 impl Filesystem for DedupFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
-        // Refused above the kernel's 128 KiB; `raise_readahead` sets it.
+        // Refused above the kernel's 128 KiB; `readahead::raise_readahead` sets it.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_time_granularity(Duration::from_nanos(1));
         if !self.want_passthrough {
@@ -927,26 +873,5 @@ mod tests {
         ] {
             assert_eq!(timespec(time(t)), t);
         }
-    }
-}
-
-#[cfg(test)]
-mod mountinfo_tests {
-    use super::*;
-
-    #[test]
-    fn mount_device_finds_the_last_mount_at_an_escaped_path() {
-        let info = "22 1 254:0 / / rw - ext4 /dev/vda rw\n\
-                    40 22 0:39 / /home/a\\040b rw - fuse.dedupfs s rw\n\
-                    41 40 0:40 / /home/a\\040b rw - fuse.dedupfs s rw\n\
-                    42 22 0:41 / /home/ab rw - fuse.dedupfs s rw\n";
-        let p = std::path::Path::new("/home/a b");
-        assert_eq!(mount_device(info, p).as_deref(), Some("0:40"));
-        assert_eq!(
-            mount_device(info, std::path::Path::new("/home/ab")).as_deref(),
-            Some("0:41")
-        );
-        assert_eq!(mount_device(info, std::path::Path::new("/nope")), None);
-        assert_eq!(unescape_mountinfo("a\\134b\\011"), b"a\\b\t");
     }
 }
