@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::format::{Kind, Timespec};
@@ -294,6 +294,9 @@ impl Filesystem for DedupFs {
         // Refused above the kernel's 128 KiB; `readahead::raise_readahead` sets it.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_time_granularity(Duration::from_nanos(1));
+        // A symlink's target never changes in place (rollback and restore
+        // invalidate what they replace), so the kernel may keep it.
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
         if !self.want_passthrough {
             log::info!("passthrough off (mount option); writes go through the daemon");
         } else if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
@@ -538,6 +541,9 @@ impl Filesystem for DedupFs {
         }
     }
 
+    /// Nothing is held back for close to report (writes reach the staging
+    /// file before they return, and locks are the kernel's), so ENOSYS:
+    /// the kernel then stops sending FLUSH, a round trip on every close.
     fn flush(
         &self,
         _req: &Request,
@@ -546,7 +552,7 @@ impl Filesystem for DedupFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -575,89 +581,49 @@ impl Filesystem for DedupFs {
         reply_empty(reply, self.vol.fsync(ino.0));
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // The kernel may cache a listing (it drops it when the directory
-        // changes through it, or its mtime moves, or restore and rollback
-        // invalidate it); not the root, whose `.snapshots` comes and goes
-        // with a setting, nor snapshot directories.
-        let cache = if ino.0 == crate::meta::ROOT_INO || is_snap_ino(ino.0) {
-            FopenFlags::empty()
-        } else {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        };
-        match self.vol.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), cache),
-            Err(e) => reply.error(errno(&e)),
-        }
+    /// Directories are not opened. ENOSYS here tells the kernel so, once
+    /// (FUSE_NO_OPENDIR_SUPPORT): from then on it sends neither OPENDIR nor
+    /// RELEASEDIR, two round trips per directory that a walk (find, du, git
+    /// status) used to pay, and caches every listing it reads
+    /// (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE). It drops a cached listing when
+    /// the directory changes through it or its mtime moves; changes it does
+    /// not see (`.snapshots`, restore, rollback) invalidate the inode.
+    /// Permissions and the directory check stay with the kernel
+    /// (default_permissions); a readdir names its listing by offset, see
+    /// `volume::Listing`.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.vol.dir_entries(fh.0) {
-            Ok(e) => e,
+        let l = match self.vol.listing(ino.0, offset) {
+            Ok(l) => l,
             Err(e) => return reply.error(errno(&e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, e) in l.entries.iter().enumerate().skip(l.start) {
             if reply.add(
                 INodeNo(e.ino),
-                i as u64 + 1,
+                l.offset_after(i),
                 file_type(e.kind),
                 OsStr::from_bytes(&e.name),
             ) {
                 break;
             }
         }
-        reply.ok();
-    }
-
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let entries = match self.vol.dir_entries(fh.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let Ok(a) = self.vol.getattr(e.ino) else {
-                continue;
-            };
-            if reply.add(
-                INodeNo(e.ino),
-                i as u64 + 1,
-                OsStr::from_bytes(&e.name),
-                ttl(a.ino),
-                &fattr(&a),
-                Generation(0),
-            ) {
-                break;
-            }
+        // The kernel reads until a reply comes back empty; only then is
+        // the listing no longer needed.
+        if l.start >= l.entries.len() {
+            self.vol.listing_done(l.id);
         }
         reply.ok();
     }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.vol.releasedir(fh.0);
-        reply.ok();
-    }
-
     fn fsyncdir(
         &self,
         _req: &Request,

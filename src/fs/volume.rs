@@ -149,12 +149,27 @@ struct Spare {
 const SPARES_MAX: usize = 256;
 const SPARE_MAX_BYTES: u64 = 256 << 10;
 
-/// An open directory: listed at its first readdir, not at opendir, because
-/// with a cached listing (FOPEN_CACHE_DIR) the kernel opens a directory
-/// and reads nothing from us.
-enum DirHandle {
-    Unlisted(u64),
-    Listed(Arc<Vec<DirEntry>>),
+/// Listings being read, at most this many at once (a listing is dropped
+/// when its end has been read; abandoned ones age out).
+const LISTINGS_MAX: usize = 64;
+
+/// A directory listing handed out in pieces. Directories are not opened
+/// (the kernel sends no OPENDIR or RELEASEDIR, see `fs::DedupFs::opendir`),
+/// so a readdir offset names its listing: the high 32 bits are the
+/// listing's id, the low 32 the position after the entry. Entries added or
+/// removed while a listing is read neither shift nor repeat the others.
+pub struct Listing {
+    pub id: u32,
+    pub entries: Arc<Vec<DirEntry>>,
+    /// Index of the first entry to return.
+    pub start: usize,
+}
+
+impl Listing {
+    /// The readdir offset that resumes after entry `i`.
+    pub fn offset_after(&self, i: usize) -> u64 {
+        (u64::from(self.id) << 32) | (i as u64 + 1)
+    }
 }
 
 pub struct DirEntry {
@@ -193,7 +208,8 @@ pub struct Volume {
     pt_opens: AtomicU64,
     daemon_writes: AtomicU64,
     daemon_write_bytes: AtomicU64,
-    dirs: Mutex<HashMap<u64, DirHandle>>,
+    listings: Mutex<LruCache<u32, Arc<Vec<DirEntry>>>>,
+    next_listing: std::sync::atomic::AtomicU32,
     next_fh: AtomicU64,
     /// Staging files of committed files, kept to be reused (`take_spare`).
     spares: Mutex<Vec<Spare>>,
@@ -264,7 +280,10 @@ impl Volume {
             pt_opens: AtomicU64::new(0),
             daemon_writes: AtomicU64::new(0),
             daemon_write_bytes: AtomicU64::new(0),
-            dirs: Mutex::new(HashMap::new()),
+            listings: Mutex::new(LruCache::new(
+                NonZeroUsize::new(LISTINGS_MAX).unwrap_or(NonZeroUsize::MIN),
+            )),
+            next_listing: std::sync::atomic::AtomicU32::new(1),
             next_fh: AtomicU64::new(1),
             spares: Mutex::new(Vec::new()),
             next_spare: AtomicU64::new(0),
@@ -1025,26 +1044,6 @@ impl Volume {
 
     // ------------------------------------------------------------ dirs
 
-    pub fn opendir(&self, ino: u64) -> Result<u64> {
-        if is_snap_ino(ino) {
-            let entries = self.snap_entries(ino)?;
-            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-            self.dirs
-                .lock()
-                .insert(fh, DirHandle::Listed(Arc::new(entries)));
-            return Ok(fh);
-        }
-        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
-        let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
-        let (_, rec) = meta::live_inode(&t, ino)?.ok_or(Error::Errno(libc::ENOENT))?;
-        if rec.kind != Kind::Dir {
-            return Err(Error::Errno(libc::ENOTDIR));
-        }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().insert(fh, DirHandle::Unlisted(ino));
-        Ok(fh)
-    }
-
     /// A live directory's entries, "." and ".." first; none once it has
     /// been removed (as on ext4: an open, removed directory lists empty).
     fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
@@ -1077,29 +1076,40 @@ impl Volume {
         Ok(entries)
     }
 
-    /// The handle's listing, taken at its first readdir and kept for the
-    /// handle's life so offsets stay stable.
-    pub fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
-        let ino = match self.dirs.lock().get(&fh) {
-            Some(DirHandle::Listed(e)) => return Ok(e.clone()),
-            Some(DirHandle::Unlisted(ino)) => *ino,
-            None => return Err(Error::Errno(libc::EBADF)),
-        };
-        let listed = Arc::new(self.list_dir(ino)?);
-        let mut dirs = self.dirs.lock();
-        match dirs.get_mut(&fh) {
-            // Two first readdirs at once: keep the one stored first.
-            Some(DirHandle::Listed(e)) => Ok(e.clone()),
-            Some(h) => {
-                *h = DirHandle::Listed(listed.clone());
-                Ok(listed)
-            }
-            None => Err(Error::Errno(libc::EBADF)),
+    /// The listing a readdir at `offset` of directory `ino` reads from:
+    /// a fresh one at offset 0, else the one the offset names. If that one
+    /// has aged out, a fresh listing is read from the same position.
+    pub fn listing(&self, ino: u64, offset: u64) -> Result<Listing> {
+        let id = (offset >> 32) as u32;
+        let start = (offset & 0xffff_ffff) as usize;
+        if offset != 0
+            && let Some(entries) = self.listings.lock().get(&id)
+        {
+            return Ok(Listing {
+                id,
+                entries: entries.clone(),
+                start,
+            });
         }
+        let entries = Arc::new(if is_snap_ino(ino) {
+            self.snap_entries(ino)?
+        } else {
+            self.list_dir(ino)?
+        });
+        // Ids stay below 2^31 so offsets stay positive as the kernel's
+        // signed loff_t, and skip 0 so no offset but the first is 0.
+        let id = self
+            .next_listing
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_rem(1 << 31)
+            .max(1);
+        self.listings.lock().put(id, entries.clone());
+        Ok(Listing { id, entries, start })
     }
 
-    pub fn releasedir(&self, fh: u64) {
-        self.dirs.lock().remove(&fh);
+    /// The listing has been read to its end.
+    pub fn listing_done(&self, id: u32) {
+        self.listings.lock().pop(&id);
     }
 
     // ------------------------------------------------------------ files

@@ -448,8 +448,12 @@ impl Volume {
             .ok_or(Error::Errno(libc::ENOENT))
     }
 
+    /// The set of snapshots changed: drop the id map, and the kernel's
+    /// cached listing of `.snapshots` (it caches every listing, and this
+    /// change does not pass through it).
     fn forget_snap_ids(&self) {
         *self.snaps.ids.lock() = None;
+        self.invalidate_inode(SNAPDIR_INO);
     }
 
     pub(super) fn snapdir_attr(&self) -> Result<Attr> {
@@ -643,6 +647,8 @@ impl Volume {
             made = Some(rec);
             Ok(())
         })?;
+        // Kernel notifications go out with no lock of ours held.
+        drop(_c);
         self.forget_snap_ids();
         let rec = made.ok_or_else(|| snap_err(format!("snapshot {name}: commit did not run")))?;
         log::info!("snapshot {name} taken at generation {}", rec.generation);
@@ -814,7 +820,10 @@ impl Volume {
             }
             Ok(())
         })?;
+        drop(_c);
         self.forget_snap_ids();
+        // The kernel may hold `.snapshots/NAME` for SNAP_TTL; it is gone now.
+        self.invalidate_entry(SNAPDIR_INO, name.as_bytes());
         log::info!(
             "snapshot {name} deleted: {} versions freed",
             report.versions_freed
