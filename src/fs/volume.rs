@@ -1720,9 +1720,14 @@ impl Volume {
             Content::Inline(b) => Ok(b[off as usize..(end as usize).min(b.len())].to_vec()),
             Content::Empty => Ok(vec![0u8; (end - off) as usize]),
             Content::Chunked => {
+                // Built by appending: zeroing the reply first cost a pass
+                // over every byte of a cold read.
                 let map = map()?;
-                let mut out = vec![0u8; (end - off) as usize];
-                self.read_map(&map, off, &mut out)?;
+                let mut out = Vec::with_capacity((end - off) as usize);
+                self.map_pieces(&map, off, end, |p, n| match p {
+                    Some(b) => out.extend_from_slice(b),
+                    None => out.resize(out.len() + n, 0),
+                })?;
                 Ok(out)
             }
         }
@@ -1732,30 +1737,50 @@ impl Volume {
         if let Some(c) = self.chunks.lock().get(id) {
             return Ok(c.clone());
         }
-        let data = Arc::new(self.repo.store().read_chunk(id)?);
+        let data = Arc::new(
+            self.repo
+                .store()
+                .read_chunk_checked(id, store::Check::Crc)?,
+        );
         self.chunks.lock().put(*id, data.clone());
         Ok(data)
     }
 
-    /// Fills `out` from a chunk map starting at `off`; past the map's end
-    /// reads as zeros.
-    fn read_map(&self, map: &ChunkMap, off: u64, out: &mut [u8]) -> Result<()> {
+    /// Hands `f` the bytes of [off, end) of a chunk map in order, a
+    /// chunk's slice at a time; past the map's end, `None` and a length
+    /// that reads as zeros.
+    fn map_pieces(
+        &self,
+        map: &ChunkMap,
+        off: u64,
+        end: u64,
+        mut f: impl FnMut(Option<&[u8]>, usize),
+    ) -> Result<()> {
         let mut pos = off;
-        let end = off + out.len() as u64;
         while pos < end {
             let Some(i) = map.find(pos) else {
-                out[(pos - off) as usize..].fill(0);
+                f(None, (end - pos) as usize);
                 break;
             };
             let data = self.chunk(&map.chunks[i].id)?;
-            let cs = map.starts[i];
-            let from = (pos - cs) as usize;
+            let from = (pos - map.starts[i]) as usize;
             let n = (data.len() - from).min((end - pos) as usize);
-            out[(pos - off) as usize..(pos - off) as usize + n]
-                .copy_from_slice(&data[from..from + n]);
+            f(Some(&data[from..from + n]), n);
             pos += n as u64;
         }
         Ok(())
+    }
+
+    /// Fills `out` from a chunk map starting at `off`.
+    fn read_map(&self, map: &ChunkMap, off: u64, out: &mut [u8]) -> Result<()> {
+        let mut at = 0usize;
+        self.map_pieces(map, off, off + out.len() as u64, |p, n| {
+            match p {
+                Some(b) => out[at..at + n].copy_from_slice(b),
+                None => out[at..at + n].fill(0),
+            }
+            at += n;
+        })
     }
 
     fn read_staged(&self, v: &StagedView, off: u64, out: &mut [u8]) -> Result<()> {

@@ -577,6 +577,12 @@ impl BlobEncoder {
 
 /// Why a blob did not decode to the chunk it should hold.
 pub fn decode_blob(blob: &[u8], expect: &ChunkId) -> Result<Vec<u8>, String> {
+    decode_blob_as(blob, expect, true)
+}
+
+/// `decode_blob`, checking the plaintext's SHA-1 against `expect` only if
+/// `check_name` (a caller that checked the record's CRC may skip it).
+pub fn decode_blob_as(blob: &[u8], expect: &ChunkId, check_name: bool) -> Result<Vec<u8>, String> {
     let h = BlobHeader::decode(blob).map_err(|e| e.to_string())?;
     if h.sealing != Sealing::None {
         return Err("sealed blob in a local pack".into());
@@ -598,7 +604,7 @@ pub fn decode_blob(blob: &[u8], expect: &ChunkId) -> Result<Vec<u8>, String> {
             data.len()
         ));
     }
-    if ChunkId::of(&data) != *expect {
+    if check_name && ChunkId::of(&data) != *expect {
         return Err("content does not match its SHA-1 name".into());
     }
     Ok(data)
@@ -620,6 +626,11 @@ pub fn read_record(file: &File, offset: u64, record_len: u32) -> Result<Vec<u8>,
 /// Checks a record's frame against the chunk the index expects there and
 /// returns the blob slice.
 pub fn check_record<'a>(rec: &'a [u8], expect: &ChunkId) -> Result<&'a [u8], String> {
+    check_record_as(rec, expect, false)
+}
+
+/// `check_record`, also checking the record's CRC if `crc`.
+pub fn check_record_as<'a>(rec: &'a [u8], expect: &ChunkId, crc: bool) -> Result<&'a [u8], String> {
     let rh = RecordHeader::decode(rec).map_err(|e| e.to_string())?;
     if rh.id != *expect {
         return Err(format!("record names chunk {}", rh.id));
@@ -631,7 +642,11 @@ pub fn check_record<'a>(rec: &'a [u8], expect: &ChunkId) -> Result<&'a [u8], Str
             rec.len()
         ));
     }
-    Ok(&rec[RECORD_HEADER_LEN..])
+    let blob = &rec[RECORD_HEADER_LEN..];
+    if crc && !rh.crc_matches(blob) {
+        return Err("record CRC does not match".into());
+    }
+    Ok(blob)
 }
 
 /// One record found by scanning a pack without the index.
