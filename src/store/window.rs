@@ -31,11 +31,12 @@ const SEQ_WINDOW: u64 = 1 << 20;
 /// A miss this close to where the pack's last window ended counts as
 /// sequential (records of other files may sit in between).
 const SEQ_SLACK: u64 = 256 << 10;
-/// Window bytes kept; the oldest window goes first.
-const CACHE_BYTES: u64 = 64 << 20;
+/// Window bytes kept; the oldest window goes first. A sequential read
+/// needs a few (one per request in flight); the rest serve re-reads.
+const CACHE_BYTES: u64 = 32 << 20;
 /// Full-size buffers kept for reuse: memory the process already touched
 /// costs nothing to fill again, fresh memory does (see above).
-const POOL_MAX: usize = 96;
+const POOL_MAX: usize = 16;
 
 type Pool = Mutex<Vec<Vec<u8>>>;
 
