@@ -141,8 +141,18 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
-        /// An insertion disturbs only the chunks around it: the cut points
-        /// after it line up again with the original ones.
+        /// An insertion disturbs only the chunks around it: once a cut
+        /// point after it lines up with an original one, every later cut
+        /// is the original's (chunking from a cut depends only on the
+        /// bytes that follow), and that happens within a few chunks.
+        ///
+        /// "A few": each chunk after the edit may end where the original
+        /// did or not, depending on where its examination started (the
+        /// minimum size skips bytes), so now and then two or three are
+        /// lost before one lines up. This test once asserted "at most two"
+        /// and failed on a clean checkout with three (the saved case in
+        /// proptest-regressions/chunker.txt); eight leaves room for that
+        /// without letting a chunker that never resynchronises pass.
         #[test]
         fn boundaries_resynchronise_after_insertion(
             seed in any::<u64>(),
@@ -160,16 +170,22 @@ mod tests {
                 let mut acc = 0usize;
                 lens.into_iter().map(|l| { acc += l; acc }).collect::<Vec<_>>()
             };
-            let orig = cuts(chunk_lengths(p, &data));
-            let new: std::collections::HashSet<usize> = cuts(chunk_lengths(p, &edited))
+            let orig_after: Vec<usize> = cuts(chunk_lengths(p, &data))
+                .into_iter()
+                .filter(|c| *c > at)
+                .collect();
+            let new_after: Vec<usize> = cuts(chunk_lengths(p, &edited))
                 .into_iter()
                 .filter(|c| *c > at + insert.len())
                 .map(|c| c - insert.len())
                 .collect();
-            let orig_after: Vec<usize> = orig.iter().copied().filter(|c| *c > at).collect();
-            // All but the first few original cut points after the edit must reappear.
-            let missing = orig_after.iter().filter(|c| !new.contains(c)).count();
-            prop_assert!(missing <= 2, "{} of {} cut points lost", missing, orig_after.len());
+            // The end of the data is a cut on both sides, so one lines up.
+            let Some(f) = new_after.iter().position(|c| orig_after.contains(c)) else {
+                return Err(TestCaseError::fail("no cut point lines up, not even the end"));
+            };
+            let o = orig_after.iter().position(|c| *c == new_after[f]).unwrap_or(0);
+            prop_assert_eq!(&new_after[f..], &orig_after[o..]);
+            prop_assert!(o <= 8, "{} of {} cut points lost before one lined up", o, orig_after.len());
         }
     }
 }
