@@ -194,8 +194,13 @@ impl Windows {
     fn slot_for(&self, pack: PackId, off: u64, len: u64) -> Arc<Slot> {
         let end = off + len;
         let mut st = self.state.lock();
+        // A window planned over the range but already read short (its pack
+        // has grown since) does not hold it: plan a new one. Waiting on it
+        // again is how two short windows used up both attempts and a whole
+        // record read as "past the end of the pack".
         if let Some((_, s)) = st.map.range((pack, 0)..=(pack, off)).next_back()
             && s.start + s.len >= end
+            && !matches!(s.data.get(), Some(Ok(b)) if s.start + (b.len as u64) < end)
         {
             return s.clone();
         }
