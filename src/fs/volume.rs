@@ -14,7 +14,7 @@ use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -209,7 +209,7 @@ pub struct Volume {
     daemon_writes: AtomicU64,
     daemon_write_bytes: AtomicU64,
     listings: Mutex<LruCache<u32, Arc<Vec<DirEntry>>>>,
-    next_listing: std::sync::atomic::AtomicU32,
+    next_listing: AtomicU32,
     next_fh: AtomicU64,
     /// Staging files of committed files, kept to be reused (`take_spare`).
     spares: Mutex<Vec<Spare>>,
@@ -283,7 +283,7 @@ impl Volume {
             listings: Mutex::new(LruCache::new(
                 NonZeroUsize::new(LISTINGS_MAX).unwrap_or(NonZeroUsize::MIN),
             )),
-            next_listing: std::sync::atomic::AtomicU32::new(1),
+            next_listing: AtomicU32::new(1),
             next_fh: AtomicU64::new(1),
             spares: Mutex::new(Vec::new()),
             next_spare: AtomicU64::new(0),

@@ -550,25 +550,30 @@ impl Store {
     }
 
     fn pack_file(&self, id: PackId) -> io::Result<Arc<File>> {
-        if let Some(f) = self.files.lock().get(&id) {
-            return Ok(f.clone());
-        }
-        let f = Arc::new(File::open(pack::pack_path(&self.dir, id))?);
-        self.files.lock().put(id, f.clone());
-        Ok(f)
+        self.open_pack(&self.files, id, 0)
     }
 
     fn pack_file_direct(&self, id: PackId) -> io::Result<Arc<File>> {
-        if let Some(f) = self.direct_files.lock().get(&id) {
+        self.open_pack(&self.direct_files, id, libc::O_DIRECT)
+    }
+
+    /// Pack `id` opened to read with `flags`, kept in `cache`.
+    fn open_pack(
+        &self,
+        cache: &Mutex<LruCache<PackId, Arc<File>>>,
+        id: PackId,
+        flags: i32,
+    ) -> io::Result<Arc<File>> {
+        if let Some(f) = cache.lock().get(&id) {
             return Ok(f.clone());
         }
         let f = Arc::new(
             OpenOptions::new()
                 .read(true)
-                .custom_flags(libc::O_DIRECT)
+                .custom_flags(flags)
                 .open(pack::pack_path(&self.dir, id))?,
         );
-        self.direct_files.lock().put(id, f.clone());
+        cache.lock().put(id, f.clone());
         Ok(f)
     }
 
