@@ -658,6 +658,13 @@ pub mod sys {
         check(unsafe { libc::mknod(c.as_ptr(), mode, dev) })
     }
 
+    /// truncate(2) by path: a SETATTR with no open handle.
+    pub fn truncate(p: &Path, len: i64) -> R<()> {
+        let c = cpath(p);
+        // SAFETY: valid C string.
+        check(unsafe { libc::truncate(c.as_ptr(), len) })
+    }
+
     pub fn mkfifo(p: &Path, mode: u32) -> R<()> {
         let c = cpath(p);
         // SAFETY: valid C string.

@@ -390,7 +390,7 @@ impl Staged {
     }
 }
 
-fn system_time(t: Timespec) -> SystemTime {
+pub fn system_time(t: Timespec) -> SystemTime {
     if t.secs >= 0 {
         UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
     } else {

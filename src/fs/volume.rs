@@ -2096,15 +2096,40 @@ impl Volume {
                 let _ = fs::remove_file(&data_path);
                 continue;
             };
-            let base = if rec.content == Content::Chunked {
-                self.chunk_map(ino)?
-            } else {
-                Arc::new(ChunkMap::default())
-            };
             let mut dirty = RangeSet::default();
             for (a, b) in side.dirty {
                 dirty.insert(a, b);
             }
+            let mut base_limit = side.base_limit;
+            let base = match &rec.content {
+                Content::Chunked => self.chunk_map(ino)?,
+                Content::Inline(bytes) => {
+                    // The layout's clean ranges read from the committed
+                    // bytes, and inline bytes have no chunk map: put them
+                    // in the staging file. Why: a kill between an ingest
+                    // commit and the unlink of its staging file leaves a
+                    // layout made against the chunks the file had before
+                    // (a truncate to a few KiB: size set, nothing dirty)
+                    // while the record now holds those bytes inline; read
+                    // against no base at all, the file came back as zeros.
+                    let clean_end = base_limit.min(bytes.len() as u64).min(side.size);
+                    let mut pos = 0;
+                    let mut gaps = Vec::new();
+                    for (a, b) in dirty.overlapping(0, clean_end) {
+                        gaps.push((pos, a));
+                        pos = b;
+                    }
+                    gaps.push((pos, clean_end));
+                    for (a, b) in gaps.into_iter().filter(|(a, b)| a < b) {
+                        file.write_all_at(&bytes[a as usize..b as usize], a)
+                            .map_err(|e| io_err("replaying staging", e))?;
+                        dirty.insert(a, b);
+                    }
+                    base_limit = 0;
+                    Arc::new(ChunkMap::default())
+                }
+                Content::Empty => Arc::new(ChunkMap::default()),
+            };
             log::info!(
                 "replaying staged writes of inode {ino} ({} bytes)",
                 side.size
@@ -2113,7 +2138,7 @@ impl Volume {
                 ino,
                 file: Arc::new(file),
                 path: data_path,
-                base_limit: side.base_limit.min(base.len()),
+                base_limit: base_limit.min(base.len()),
                 base,
                 size: side.size,
                 dirty,

@@ -1043,8 +1043,9 @@ impl Volume {
             self.maps.lock().pop(&ino);
             if g.writers == 0 {
                 self.staged.lock().remove(&ino);
-                let _ = fs::remove_file(&g.path);
-                let _ = fs::remove_file(sidecar_path(&g.path));
+                // Not unlinked under a passthrough reader: a writer that
+                // comes next stages into that file again (`new_staged`).
+                self.remove_staging(ino, &g.path);
             } else if let Err(e) = rebase_staged(g, new) {
                 log::warn!("inode {ino}: keeping staged overlay: {e}");
             }
@@ -1403,40 +1404,8 @@ impl Volume {
         // Open writers continue on the rolled-back content.
         for ino in &changed_inodes {
             self.maps.lock().pop(ino);
-            let Some(st) = self.staged_of(*ino) else {
-                continue;
-            };
-            let mut s = st.lock();
-            let rec = self.read_inode(*ino).ok();
-            match rec {
-                Some(rec) if rec.kind == Kind::File && s.writers > 0 && s.whole => {
-                    // The kernel writes this staging file directly: put
-                    // the rolled-back bytes in it.
-                    match self.fill_whole(&mut s, *ino, &rec) {
-                        Ok(()) => report.open_writers_reset += 1,
-                        Err(e) => log::error!("inode {ino}: resetting staging after rollback: {e}"),
-                    }
-                }
-                Some(rec) if rec.kind == Kind::File && s.writers > 0 => {
-                    match self.new_staged(*ino, &rec) {
-                        Ok(mut fresh) => {
-                            fresh.writers = s.writers;
-                            fresh.queued = s.queued;
-                            fresh.version = s.version + 2;
-                            *s = fresh;
-                            report.open_writers_reset += 1;
-                        }
-                        Err(e) => log::error!("inode {ino}: resetting staging after rollback: {e}"),
-                    }
-                }
-                _ if s.writers == 0 => {
-                    s.version += 1;
-                    self.staged.lock().remove(ino);
-                    let _ = fs::remove_file(&s.path);
-                    let _ = fs::remove_file(sidecar_path(&s.path));
-                }
-                _ => {}
-            }
+            self.reset_staged_after_rollback(*ino, &mut report);
+            self.refill_passthrough(*ino);
         }
         // Not under content_lock: the kernel takes a directory's lock to
         // drop an entry, and a create in that directory may be waiting
@@ -1456,25 +1425,98 @@ impl Volume {
         Ok(report)
     }
 
+    /// After a rollback changed `ino` (with `content_lock` held): open
+    /// writers continue on the rolled-back content, and closed files leave
+    /// staging.
+    fn reset_staged_after_rollback(&self, ino: u64, report: &mut RollbackReport) {
+        let Some(st) = self.staged_of(ino) else {
+            return;
+        };
+        let mut s = st.lock();
+        let rec = self.read_inode(ino).ok();
+        match rec {
+            Some(rec) if rec.kind == Kind::File && s.writers > 0 && s.whole => {
+                // The kernel writes this staging file directly: put
+                // the rolled-back bytes in it.
+                match self.fill_whole(&mut s, ino, &rec) {
+                    Ok(()) => report.open_writers_reset += 1,
+                    Err(e) => log::error!("inode {ino}: resetting staging after rollback: {e}"),
+                }
+            }
+            Some(rec) if rec.kind == Kind::File && s.writers > 0 => {
+                match self.new_staged(ino, &rec) {
+                    Ok(mut fresh) => {
+                        fresh.writers = s.writers;
+                        fresh.queued = s.queued;
+                        fresh.version = s.version + 2;
+                        *s = fresh;
+                        report.open_writers_reset += 1;
+                    }
+                    Err(e) => log::error!("inode {ino}: resetting staging after rollback: {e}"),
+                }
+            }
+            _ if s.writers == 0 => {
+                s.version += 1;
+                self.staged.lock().remove(&ino);
+                self.remove_staging(ino, &s.path);
+            }
+            _ => {}
+        }
+    }
+
+    /// After a rollback changed `ino` (with `content_lock` held, so no
+    /// writer can stage it meanwhile): a staging file that passthrough
+    /// readers still hold, and no staging state owns, gets the rolled-back
+    /// bytes. Why: every open of the file reads that file while any such
+    /// reader lives, and a writer would stage into it again (`new_staged`);
+    /// left alone, both saw the bytes from before the rollback.
+    fn refill_passthrough(&self, ino: u64) {
+        if self.staged.lock().contains_key(&ino) {
+            return;
+        }
+        let Some(file) = self.pt.lock().get(&ino).map(|p| p.file.clone()) else {
+            return;
+        };
+        let rec = match self.read_inode(ino) {
+            Ok(rec) if rec.kind == Kind::File => rec,
+            // Gone with the rollback: its readers keep what they opened,
+            // as with any unlinked file.
+            _ => return,
+        };
+        let filled = self.fill_file(&file, ino, &rec).and_then(|()| {
+            file.set_times(std::fs::FileTimes::new().set_modified(staging::system_time(rec.mtime)))
+                .map_err(|e| io_err("setting staging mtime", e))
+        });
+        if let Err(e) = filled {
+            log::error!("inode {ino}: refilling a passthrough file after rollback: {e}");
+        }
+    }
+
     /// Rewrites a whole staged file's staging file with a committed record's
     /// bytes.
     fn fill_whole(&self, s: &mut Staged, ino: u64, rec: &InodeRec) -> Result<()> {
+        self.fill_file(&s.file, ino, rec)?;
+        s.set_size(rec.size)
+            .map_err(|e| io_err("sizing staging", e))?;
+        s.version += 2;
+        Ok(())
+    }
+
+    /// Makes `file` hold exactly the bytes of `ino`'s committed record.
+    fn fill_file(&self, file: &File, ino: u64, rec: &InodeRec) -> Result<()> {
         const STEP: u64 = 16 << 20;
-        s.file
-            .set_len(0)
+        file.set_len(0)
             .map_err(|e| io_err("truncating staging", e))?;
         let mut off = 0;
         while off < rec.size {
             let n = (rec.size - off).min(STEP) as u32;
             let data = self.read_record(rec, off, n, || self.chunk_map(ino))?;
-            s.file
-                .write_all_at(&data, off)
+            file.write_all_at(&data, off)
                 .map_err(|e| io_err("writing staging", e))?;
             off += n as u64;
         }
-        s.set_size(rec.size)
+        file.set_len(rec.size)
             .map_err(|e| io_err("sizing staging", e))?;
-        s.version += 2;
         Ok(())
     }
 
