@@ -15,3 +15,4 @@ mod posix;
 mod snap;
 mod snapfault;
 mod snapmodel;
+mod workloads;
