@@ -414,3 +414,102 @@ fn rollback_under_a_passthrough_reader() {
         t.assert_fsck_clean();
     });
 }
+
+/// open(O_TRUNC) of an existing file empties it in the open itself
+/// (FUSE_ATOMIC_O_TRUNC), so the writes that follow take passthrough.
+/// What the truncate used to bring stays: the times move (also for a file
+/// empty already), O_RDONLY|O_TRUNC truncates too, and a caller without
+/// privilege loses set-user-id and set-group-id.
+#[test]
+fn open_with_o_trunc_truncates_in_the_open() {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    use std::time::Duration;
+    with_fs(|t| {
+        // The unprivileged caller below must reach the mount.
+        t.options.push("allow_other".into());
+        let top = t.mnt.parent().unwrap().to_path_buf();
+        fs::set_permissions(&top, fs::Permissions::from_mode(0o755)).unwrap();
+        t.mount();
+        fs::set_permissions(&t.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut rng = Rng::new(seed(35));
+        let a = rng.bytes(300_000);
+        let b = rng.bytes(50_000);
+        for n in ["f", "g", "e", "s", "r"] {
+            fs::write(t.p(n), if n == "e" { &[][..] } else { &a[..] }).unwrap();
+        }
+        for n in ["s", "r"] {
+            fs::set_permissions(t.p(n), fs::Permissions::from_mode(0o6777)).unwrap();
+        }
+        // Committed and chunked: only a truncate makes them empty.
+        t.remount();
+        let mnt = t.mnt.clone();
+        let mtime = |n: &str| fs::metadata(mnt.join(n)).unwrap().modified().unwrap();
+        let before: Vec<_> = ["f", "g", "e"].iter().map(|n| mtime(n)).collect();
+        std::thread::sleep(Duration::from_millis(20));
+        {
+            let mut w = OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(t.p("f"))
+                .unwrap();
+            assert_eq!(w.metadata().unwrap().len(), 0, "f right after open");
+            w.write_all(&b).unwrap();
+        }
+        assert_bytes_eq(&read_file(&t.p("f")), &b, "f rewritten");
+        let r = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_TRUNC)
+            .open(t.p("g"))
+            .unwrap();
+        assert_eq!(r.metadata().unwrap().len(), 0, "O_RDONLY|O_TRUNC");
+        drop(r);
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(t.p("e"))
+            .unwrap();
+        for (n, was) in ["f", "g", "e"].iter().zip(&before) {
+            assert!(mtime(n) > *was, "{n}: mtime did not move");
+        }
+        // Without privilege (as nobody; mode 6777 lets it write).
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(": > \"$0\"")
+            .arg(t.p("s"))
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap();
+        assert!(st.success(), "sh as nobody: {st}");
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(t.p("r"))
+            .unwrap();
+        let mode = |n: &str| fs::metadata(mnt.join(n)).unwrap().mode() & 0o7777;
+        assert_eq!(
+            mode("s"),
+            0o777,
+            "set-id bits after an unprivileged O_TRUNC"
+        );
+        assert_eq!(mode("r"), 0o6777, "root keeps the set-id bits");
+        t.remount();
+        let (offered, _, daemon_writes) = counters(t);
+        assert!(
+            !offered || daemon_writes == 0,
+            "{daemon_writes} writes went through the daemon, not passthrough"
+        );
+        assert_bytes_eq(&read_file(&t.p("f")), &b, "f after remount");
+        for n in ["g", "e", "s", "r"] {
+            assert_eq!(fs::metadata(t.p(n)).unwrap().len(), 0, "{n} after remount");
+        }
+        assert_eq!(
+            (mode("s"), mode("r")),
+            (0o777, 0o6777),
+            "modes after remount"
+        );
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}

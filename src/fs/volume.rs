@@ -1135,6 +1135,62 @@ impl Volume {
         self.open_inner(ino, flags, passthrough, None)
     }
 
+    /// `open_file` for the kernel, which leaves the truncate of
+    /// `open(O_TRUNC)` to the open itself (FUSE_ATOMIC_O_TRUNC, asked for
+    /// at init so such a file is empty, and so eligible for passthrough,
+    /// when opened; before, the kernel opened it whole and truncated with
+    /// a SETATTR after). What that SETATTR carried is done here too: a
+    /// caller without privilege loses set-user-id, and set-group-id on a
+    /// group-executable file. Root stands in for CAP_FSETID, as in
+    /// `setattr`.
+    pub fn open_file_by(
+        &self,
+        who: Caller,
+        ino: u64,
+        flags: i32,
+        passthrough: bool,
+    ) -> Result<Opened> {
+        if flags & libc::O_TRUNC == 0 || is_snap_ino(ino) {
+            return self.open_file(ino, flags, passthrough);
+        }
+        let acc = flags & libc::O_ACCMODE;
+        let opened = if acc == libc::O_RDONLY {
+            // Linux truncates on O_RDONLY|O_TRUNC too (the kernel checked
+            // write permission); with no writer to hold, truncate by path.
+            if self.read_inode(ino)?.kind == Kind::File {
+                self.setattr(
+                    who,
+                    ino,
+                    &SetAttr {
+                        size: Some(0),
+                        ..SetAttr::default()
+                    },
+                )?;
+            }
+            self.open_file(ino, flags & !libc::O_TRUNC, passthrough)?
+        } else {
+            self.open_file(ino, flags, passthrough)?
+        };
+        if who.uid != 0 {
+            let rec = self.read_inode(ino)?;
+            let mut perm = rec.perm & !0o4000;
+            if perm & 0o010 != 0 {
+                perm &= !0o2000;
+            }
+            if rec.kind == Kind::File && perm != rec.perm {
+                let kill = SetAttr {
+                    mode: Some(perm),
+                    ..SetAttr::default()
+                };
+                if let Err(e) = self.setattr(who, ino, &kill) {
+                    let _ = self.release(opened.fh);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(opened)
+    }
+
     /// `open_file` of a file `make_node` has just created with `rec`.
     pub fn open_created(
         &self,
@@ -1213,7 +1269,9 @@ impl Volume {
             if flags & libc::O_TRUNC != 0 {
                 let mut s = st.lock();
                 refresh(&mut s);
-                if s.size != 0
+                // An existing file's times move even when it was empty
+                // already, as a truncate by path moves them.
+                if (s.size != 0 || new_file.is_none())
                     && let Err(e) = s.set_size(0)
                 {
                     drop(s);
