@@ -435,7 +435,7 @@ fn open_with_o_trunc_truncates_in_the_open() {
         let mut rng = Rng::new(seed(35));
         let a = rng.bytes(300_000);
         let b = rng.bytes(50_000);
-        for n in ["f", "g", "e", "s", "r"] {
+        for n in ["f", "g", "e", "s", "r", "m"] {
             fs::write(t.p(n), if n == "e" { &[][..] } else { &a[..] }).unwrap();
         }
         for n in ["s", "r"] {
@@ -464,6 +464,21 @@ fn open_with_o_trunc_truncates_in_the_open() {
             .unwrap();
         assert_eq!(r.metadata().unwrap().len(), 0, "O_RDONLY|O_TRUNC");
         drop(r);
+        // Access mode 3 (read and write checked, neither allowed) too.
+        {
+            use std::os::unix::ffi::OsStrExt;
+            let c = std::ffi::CString::new(t.p("m").as_os_str().as_bytes()).unwrap();
+            // SAFETY: a valid C string; the descriptor is closed at once.
+            let fd = unsafe { libc::open(c.as_ptr(), 3 | libc::O_TRUNC) };
+            assert!(fd >= 0, "open mode 3: {}", std::io::Error::last_os_error());
+            // SAFETY: fd is ours.
+            unsafe { libc::close(fd) };
+        }
+        assert_eq!(
+            fs::metadata(t.p("m")).unwrap().len(),
+            0,
+            "mode 3 with O_TRUNC"
+        );
         OpenOptions::new()
             .write(true)
             .truncate(true)
@@ -501,7 +516,7 @@ fn open_with_o_trunc_truncates_in_the_open() {
             "{daemon_writes} writes went through the daemon, not passthrough"
         );
         assert_bytes_eq(&read_file(&t.p("f")), &b, "f after remount");
-        for n in ["g", "e", "s", "r"] {
+        for n in ["g", "e", "s", "r", "m"] {
             assert_eq!(fs::metadata(t.p(n)).unwrap().len(), 0, "{n} after remount");
         }
         assert_eq!(

@@ -1154,9 +1154,10 @@ impl Volume {
             return self.open_file(ino, flags, passthrough);
         }
         let acc = flags & libc::O_ACCMODE;
-        let opened = if acc == libc::O_RDONLY {
+        let opened = if acc != libc::O_WRONLY && acc != libc::O_RDWR {
             // Linux truncates on O_RDONLY|O_TRUNC too (the kernel checked
-            // write permission); with no writer to hold, truncate by path.
+            // write permission), and on access mode 3; with no writer to
+            // hold, truncate by path.
             if self.read_inode(ino)?.kind == Kind::File {
                 self.setattr(
                     who,
@@ -1172,7 +1173,13 @@ impl Volume {
             self.open_file(ino, flags, passthrough)?
         };
         if who.uid != 0 {
-            let rec = self.read_inode(ino)?;
+            let rec = match self.read_inode(ino) {
+                Ok(rec) => rec,
+                Err(e) => {
+                    let _ = self.release(opened.fh);
+                    return Err(e);
+                }
+            };
             let mut perm = rec.perm & !0o4000;
             if perm & 0o010 != 0 {
                 perm &= !0o2000;

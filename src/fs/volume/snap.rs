@@ -1331,6 +1331,8 @@ impl Volume {
             ..Default::default()
         };
         let mut changed_inodes: BTreeSet<u64> = BTreeSet::new();
+        // Inodes whose bytes changed (chunk list, inline bytes or size).
+        let mut changed_bytes: BTreeSet<u64> = content_plan.iter().map(|c| c.0).collect();
         let mut changed_names: Vec<(u64, Vec<u8>)> = Vec::new();
         self.commit_with_meta(batch, |tx, g| {
             {
@@ -1349,6 +1351,16 @@ impl Volume {
                             let have = meta::live_inode(&t.inodes, *id)?;
                             if want.as_ref().map(|x| x.0) == have.as_ref().map(|x| x.0) {
                                 continue;
+                            }
+                            let same_bytes = match (&want, &have) {
+                                (Some((_, a)), Some((_, b))) => {
+                                    a.size == b.size && a.content == b.content
+                                }
+                                (None, None) => true,
+                                _ => false,
+                            };
+                            if !same_bytes {
+                                changed_bytes.insert(*id);
                             }
                             match want {
                                 Some((_, r)) => {
@@ -1405,7 +1417,9 @@ impl Volume {
         for ino in &changed_inodes {
             self.maps.lock().pop(ino);
             self.reset_staged_after_rollback(*ino, &mut report);
-            self.refill_passthrough(*ino);
+            if changed_bytes.contains(ino) {
+                self.refill_passthrough(*ino);
+            }
         }
         // Not under content_lock: the kernel takes a directory's lock to
         // drop an entry, and a create in that directory may be waiting
@@ -1503,10 +1517,11 @@ impl Volume {
     }
 
     /// Makes `file` hold exactly the bytes of `ino`'s committed record.
+    /// Written over in place and cut to length at the end, not emptied
+    /// first: passthrough readers (and mappings) of the file never see it
+    /// shorter than either length.
     fn fill_file(&self, file: &File, ino: u64, rec: &InodeRec) -> Result<()> {
         const STEP: u64 = 16 << 20;
-        file.set_len(0)
-            .map_err(|e| io_err("truncating staging", e))?;
         let mut off = 0;
         while off < rec.size {
             let n = (rec.size - off).min(STEP) as u32;
