@@ -138,6 +138,34 @@ impl RangeSet {
     pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.r.iter().map(|(s, e)| (*s, *e))
     }
+
+    /// The parts of [start, end) no range covers, in order.
+    pub fn gaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut pos = start;
+        for (a, b) in self.overlapping(start, end) {
+            if pos < a {
+                out.push((pos, a));
+            }
+            pos = b;
+        }
+        if pos < end {
+            out.push((pos, end));
+        }
+        out
+    }
+}
+
+/// Inline content has no chunk map to serve as a base, so its bytes below
+/// `limit` that `dirty` does not cover go into the staging file and become
+/// dirty: a staged file built on inline content reads only from staging.
+pub fn stage_inline(file: &File, bytes: &[u8], limit: u64, dirty: &mut RangeSet) -> io::Result<()> {
+    let limit = limit.min(bytes.len() as u64);
+    for (a, b) in dirty.gaps(0, limit) {
+        file.write_all_at(&bytes[a as usize..b as usize], a)?;
+        dirty.insert(a, b);
+    }
+    Ok(())
 }
 
 /// What is known of a staged file, persisted beside the staging file on
@@ -470,6 +498,9 @@ mod tests {
         r.insert(50, 60);
         assert_eq!(r.overlapping(0, 55), vec![(5, 40), (50, 55)]);
         assert_eq!(r.overlapping(10, 12), vec![(10, 12)]);
+        assert_eq!(r.gaps(0, 70), vec![(0, 5), (40, 50), (60, 70)]);
+        assert_eq!(r.gaps(10, 55), vec![(40, 50)]);
+        assert_eq!(r.gaps(20, 30), vec![]);
         r.truncate(52);
         assert_eq!(r.ranges().collect::<Vec<_>>(), vec![(5, 40), (50, 52)]);
         r.truncate(5);

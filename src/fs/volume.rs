@@ -945,10 +945,7 @@ impl Volume {
                 if rec.kind != Kind::Dir
                     && (new_uid != rec.uid || new_gid != rec.gid || who.uid != 0)
                 {
-                    rec.perm &= !0o4000;
-                    if rec.perm & 0o010 != 0 {
-                        rec.perm &= !0o2000;
-                    }
+                    rec.perm = without_setid(rec.perm);
                 }
                 rec.uid = new_uid;
                 rec.gid = new_gid;
@@ -1180,10 +1177,7 @@ impl Volume {
                     return Err(e);
                 }
             };
-            let mut perm = rec.perm & !0o4000;
-            if perm & 0o010 != 0 {
-                perm &= !0o2000;
-            }
+            let perm = without_setid(rec.perm);
             if rec.kind == Kind::File && perm != rec.perm {
                 let kill = SetAttr {
                     mode: Some(perm),
@@ -1695,9 +1689,8 @@ impl Volume {
         let base = match &rec.content {
             Content::Chunked => self.chunk_map(ino)?,
             Content::Inline(b) => {
-                file.write_all_at(b, 0)
+                staging::stage_inline(&file, b, b.len() as u64, &mut dirty)
                     .map_err(|e| io_err("writing staging", e))?;
-                dirty.insert(0, b.len() as u64);
                 Arc::new(ChunkMap::default())
             }
             Content::Empty => Arc::new(ChunkMap::default()),
@@ -2170,26 +2163,14 @@ impl Volume {
                 Content::Chunked => self.chunk_map(ino)?,
                 Content::Inline(bytes) => {
                     // The layout's clean ranges read from the committed
-                    // bytes, and inline bytes have no chunk map: put them
-                    // in the staging file. Why: a kill between an ingest
-                    // commit and the unlink of its staging file leaves a
-                    // layout made against the chunks the file had before
-                    // (a truncate to a few KiB: size set, nothing dirty)
-                    // while the record now holds those bytes inline; read
-                    // against no base at all, the file came back as zeros.
-                    let clean_end = base_limit.min(bytes.len() as u64).min(side.size);
-                    let mut pos = 0;
-                    let mut gaps = Vec::new();
-                    for (a, b) in dirty.overlapping(0, clean_end) {
-                        gaps.push((pos, a));
-                        pos = b;
-                    }
-                    gaps.push((pos, clean_end));
-                    for (a, b) in gaps.into_iter().filter(|(a, b)| a < b) {
-                        file.write_all_at(&bytes[a as usize..b as usize], a)
-                            .map_err(|e| io_err("replaying staging", e))?;
-                        dirty.insert(a, b);
-                    }
+                    // bytes. Why: a kill between an ingest commit and the
+                    // unlink of its staging file leaves a layout made
+                    // against the chunks the file had before (a truncate
+                    // to a few KiB: size set, nothing dirty) while the
+                    // record now holds those bytes inline; read against
+                    // no base at all, the file came back as zeros.
+                    staging::stage_inline(&file, bytes, base_limit.min(side.size), &mut dirty)
+                        .map_err(|e| io_err("replaying staging", e))?;
                     base_limit = 0;
                     Arc::new(ChunkMap::default())
                 }
@@ -2646,6 +2627,19 @@ fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
         done += n;
     }
     Ok(())
+}
+
+/// A file's permission bits after a change that drops its privileges
+/// (chown, or a truncate by an unprivileged caller): set-user-id goes, and
+/// set-group-id when the group may execute (otherwise it marks mandatory
+/// locking, which stays).
+fn without_setid(perm: u32) -> u32 {
+    let perm = perm & !0o4000;
+    if perm & 0o010 != 0 {
+        perm & !0o2000
+    } else {
+        perm
+    }
 }
 
 fn sidecar_path(p: &std::path::Path) -> PathBuf {

@@ -1617,11 +1617,13 @@ fn rebase_staged(s: &mut Staged, new: &NewContent) -> std::io::Result<()> {
             s.dirty = RangeSet::default();
         }
         NewContent::Inline(b) => {
-            s.file.write_all_at(b, 0)?;
+            // Written before the layout changes: a failed write leaves
+            // the overlay as it was.
+            let mut dirty = RangeSet::default();
+            staging::stage_inline(&s.file, b, b.len() as u64, &mut dirty)?;
             s.base = Arc::new(ChunkMap::default());
             s.base_limit = 0;
-            s.dirty = RangeSet::default();
-            s.dirty.insert(0, b.len() as u64);
+            s.dirty = dirty;
         }
     }
     write_sidecar(s, false)
