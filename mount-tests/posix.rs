@@ -577,3 +577,77 @@ fn changes_racing_ingest_all_land() {
         t.assert_fsck_clean();
     });
 }
+
+/// `dedupfs stats --json` of the mounted store (through its control socket).
+fn live_stat(t: &TestFs, key: &str) -> u64 {
+    let out = std::process::Command::new(BIN)
+        .arg("stats")
+        .arg(&t.store)
+        .arg("--json")
+        .output()
+        .expect("running stats");
+    assert!(
+        out.status.success(),
+        "stats: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats json");
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats has no {key}"))
+}
+
+/// Polls `live_stat` until it equals `want` (reaping is asynchronous).
+fn wait_live_stat(t: &TestFs, key: &str, want: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let v = live_stat(t, key);
+        if v == want || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A file unlinked while open keeps its bytes for its open handles, and its
+/// chunks go at the last close while the store stays mounted. Closes ask
+/// for a reap only while an orphan may be left (`orphan_seq` in the
+/// volume); this checks that an orphan made after a reap found none is
+/// still reaped at its close, and again after a second such round.
+#[test]
+fn unlinked_open_file_is_reaped_at_last_close() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(7));
+        // A plain file made and closed first: the reaps so far found no
+        // orphan, so closes have stopped asking for one.
+        fs::write(t.p("keep"), rng.bytes(100_000)).unwrap();
+        assert_eq!(wait_live_stat(t, "logical_bytes", 100_000), 100_000);
+        for round in 0..2 {
+            let data = rng.bytes(300_000);
+            fs::write(t.p("doomed"), &data).unwrap();
+            assert_eq!(
+                wait_live_stat(t, "logical_bytes", 400_000),
+                400_000,
+                "round {round}"
+            );
+            let mut f = fs::File::open(t.p("doomed")).unwrap();
+            fs::remove_file(t.p("doomed")).unwrap();
+            // Held while open: the unlink's reap found it open.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert_eq!(live_stat(t, "logical_bytes"), 400_000, "round {round}");
+            let mut got = Vec::new();
+            f.read_to_end(&mut got).unwrap();
+            assert_bytes_eq(&got, &data, "unlinked file through its handle");
+            drop(f);
+            assert_eq!(
+                wait_live_stat(t, "logical_bytes", 100_000),
+                100_000,
+                "round {round}: the orphan was not reaped at its close\n{}",
+                t.log()
+            );
+        }
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}

@@ -209,6 +209,8 @@ pub struct Staged {
     /// it comes from before this session. Such a file is never reused as
     /// a spare, only unlinked.
     pub exposed: bool,
+    /// A whole staging file's own mtime is behind `mtime` (see `touch`).
+    pub mtime_stale: bool,
 }
 
 /// Marks a staging file that holds its whole file: after a crash it is
@@ -248,17 +250,33 @@ impl Staged {
         self.mtime = now;
         self.ctime = now;
         if self.whole {
-            // The staging file's mtime is the file's: keep it ours, or the
-            // next refresh would take the kernel's older one back.
-            self.set_file_mtime();
+            // The staging file's mtime is the file's. Where the kernel may
+            // write it (`exposed`), keep it ours now, or the next refresh
+            // would take the kernel's older one back. Elsewhere only a
+            // crash reads it: the last close, fsync and unmount put it
+            // there (`sync_file_mtime`), not every write and truncate (a
+            // syscall each, four per file of an untar).
+            if self.exposed {
+                self.set_file_mtime();
+            } else {
+                self.mtime_stale = true;
+            }
         }
     }
 
     /// Puts `mtime` on the staging file of a whole staged file.
-    pub fn set_file_mtime(&self) {
+    pub fn set_file_mtime(&mut self) {
         let t = system_time(self.mtime);
-        if let Err(e) = self.file.set_times(FileTimes::new().set_modified(t)) {
-            log::warn!("setting the mtime of staged inode {}: {e}", self.ino);
+        match self.file.set_times(FileTimes::new().set_modified(t)) {
+            Ok(()) => self.mtime_stale = false,
+            Err(e) => log::warn!("setting the mtime of staged inode {}: {e}", self.ino),
+        }
+    }
+
+    /// `set_file_mtime` if the staging file's mtime is behind.
+    pub fn sync_file_mtime(&mut self) {
+        if self.whole && self.mtime_stale {
+            self.set_file_mtime();
         }
     }
 
@@ -291,6 +309,22 @@ impl Staged {
         Ok(())
     }
 
+    /// `make_whole` for the empty staging file of an inode just created:
+    /// there is no length to set and no sidecar to remove (inode numbers
+    /// are never reused, and recovery removes the sidecars of inodes it
+    /// does not find), and a spare may carry the tag already (`marked`).
+    /// Why: each of those was a syscall on every create.
+    pub fn make_new_whole(&mut self) {
+        self.whole = true;
+        if !self.marked {
+            self.marked = self.tag_whole();
+        }
+        self.mtime_stale = true;
+        self.base = Arc::new(ChunkMap::default());
+        self.base_limit = 0;
+        self.dirty = RangeSet::default();
+    }
+
     /// Leaves whole mode for an empty file no kernel passthrough holds, so
     /// a copy_file_range can give it the source's chunks as its base.
     pub fn unmake_whole(&mut self) -> io::Result<()> {
@@ -318,34 +352,40 @@ impl Staged {
     /// durable with the bytes. Where the staging disk has no user xattrs,
     /// sidecars are written as before.
     fn mark_whole(&mut self) {
-        if self.marked {
+        if self.marked || !self.tag_whole() {
             return;
         }
+        self.marked = true;
+        // A sidecar from before (a partial layout) would win at recovery
+        // over the tag, and no longer follows the bytes.
+        let mut side = self.path.clone().into_os_string();
+        side.push(".side");
+        match std::fs::remove_file(&side) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                log::warn!("staged inode {}: stale sidecar stays ({e})", self.ino);
+                self.marked = false;
+            }
+        }
+    }
+
+    /// Sets [`WHOLE_XATTR`] on the staging file; false where it cannot.
+    fn tag_whole(&self) -> bool {
         match rustix::fs::fsetxattr(
             &*self.file,
             WHOLE_XATTR,
             b"1",
             rustix::fs::XattrFlags::empty(),
         ) {
-            Ok(()) => {
-                self.marked = true;
-                // A sidecar from before (a partial layout) would win at
-                // recovery over the tag, and no longer follows the bytes.
-                let mut side = self.path.clone().into_os_string();
-                side.push(".side");
-                match std::fs::remove_file(&side) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        log::warn!("staged inode {}: stale sidecar stays ({e})", self.ino);
-                        self.marked = false;
-                    }
-                }
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!(
+                    "staged inode {}: no whole-file tag ({e}); sidecars instead",
+                    self.ino
+                );
+                false
             }
-            Err(e) => log::debug!(
-                "staged inode {}: no whole-file tag ({e}); sidecars instead",
-                self.ino
-            ),
         }
     }
 

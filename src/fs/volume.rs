@@ -142,6 +142,10 @@ struct Spare {
     /// gone and no view of the file is left.
     owner: std::sync::Weak<Mutex<Staged>>,
     path: PathBuf,
+    /// Known to be empty (made so by `prepare_spares`, or retired so).
+    empty: bool,
+    /// Carries the whole-file tag, which a new file wants anyway.
+    tagged: bool,
 }
 
 /// Spares kept at most, and the largest file kept (their bytes stay on
@@ -239,6 +243,13 @@ pub struct Volume {
     /// An ingest failed for want of space; the flusher queues idle staged
     /// files again (nothing else would before the next close or mount).
     retry_ingest: AtomicBool,
+    /// Bumped after every commit that may leave an orphan (an inode with
+    /// no name left), and how far a reap found none left at all: a close
+    /// asks for a reap only while these differ. Why: every last close
+    /// woke an ingest worker to scan the orphan table, an untar's worth
+    /// of wake-ups and read transactions for nothing.
+    orphan_seq: AtomicU64,
+    orphans_clean_upto: AtomicU64,
     /// Set when a commit failed in a way that leaves memory and disk apart.
     failed: AtomicBool,
     /// Last free-space reading of the store's disk and when it was taken.
@@ -299,6 +310,9 @@ impl Volume {
             durable_upto: AtomicU64::new(0),
             workers: Mutex::new(Vec::new()),
             retry_ingest: AtomicBool::new(false),
+            // Orphans a crash left are reaped at start.
+            orphan_seq: AtomicU64::new(1),
+            orphans_clean_upto: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             free_space: Mutex::new(None),
             snaps: snap::SnapState::default(),
@@ -324,7 +338,7 @@ impl Volume {
         }
         if !read_only {
             vol.recover_staging()?;
-            vol.send(Msg::Reap);
+            vol.orphans_changed();
         }
         Ok(vol)
     }
@@ -386,6 +400,7 @@ impl Volume {
         let left: Vec<_> = self.staged.lock().values().cloned().collect();
         for st in left {
             let mut s = st.lock();
+            s.sync_file_mtime();
             if let Err(e) = s
                 .refresh()
                 .and_then(|_| s.file.sync_data())
@@ -572,6 +587,22 @@ impl Volume {
         Ok(())
     }
 
+    /// `Staged::refresh` where the kernel can have written, logged (a
+    /// failed fstat leaves the last known size). A whole staging file
+    /// changes behind our back only through passthrough handles, and the
+    /// last writer's release refreshes before its handle leaves `pt`;
+    /// every other change goes through `Staged`. Why: the fstat ran on
+    /// every getattr, setattr and close of a staged file, a syscall each
+    /// (an untar paid about five per file).
+    fn refresh(&self, s: &mut Staged) {
+        if !s.whole || !self.pt.lock().contains_key(&s.ino) {
+            return;
+        }
+        if let Err(e) = s.refresh() {
+            log::warn!("reading the staging state of inode {}: {e}", s.ino);
+        }
+    }
+
     fn read_inode(&self, ino: u64) -> Result<InodeRec> {
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
@@ -597,7 +628,7 @@ impl Volume {
         };
         if let Some(st) = self.staged_of(ino) {
             let mut st = st.lock();
-            refresh(&mut st);
+            self.refresh(&mut st);
             a.size = st.size;
             a.mtime = st.mtime;
             a.ctime = a.ctime.max(st.ctime);
@@ -754,7 +785,7 @@ impl Volume {
             m.t.write_inode(parent, &p)?;
             Ok(())
         })?;
-        self.send(Msg::Reap);
+        self.orphans_changed();
         Ok(())
     }
 
@@ -786,7 +817,7 @@ impl Volume {
             m.t.write_inode(parent, &p)?;
             Ok(())
         })?;
-        self.send(Msg::Reap);
+        self.orphans_changed();
         Ok(())
     }
 
@@ -880,7 +911,7 @@ impl Volume {
             }
             Ok(())
         })?;
-        self.send(Msg::Reap);
+        self.orphans_changed();
         Ok(())
     }
 
@@ -1269,7 +1300,7 @@ impl Volume {
             };
             if flags & libc::O_TRUNC != 0 {
                 let mut s = st.lock();
-                refresh(&mut s);
+                self.refresh(&mut s);
                 // An existing file's times move even when it was empty
                 // already, as a truncate by path moves them.
                 if (s.size != 0 || new_file.is_none())
@@ -1321,6 +1352,8 @@ impl Volume {
                 match g.make_whole() {
                     Ok(()) => {
                         g.exposed = true;
+                        // From here on the kernel compares against it.
+                        g.sync_file_mtime();
                         pt.insert(
                             ino,
                             PtFile {
@@ -1450,7 +1483,10 @@ impl Volume {
         if s.exposed || self.pt.lock().contains_key(&ino) || s.size > SPARE_MAX_BYTES {
             return self.remove_staging(ino, &s.path);
         }
-        let _ = fs::remove_file(sidecar_path(&s.path));
+        if !s.marked {
+            // A tagged file has no sidecar (`mark_whole` removed it).
+            let _ = fs::remove_file(sidecar_path(&s.path));
+        }
         let mut spares = self.spares.lock();
         if spares.len() < SPARES_MAX {
             let n = self.next_spare.fetch_add(1, Ordering::Relaxed);
@@ -1460,6 +1496,8 @@ impl Volume {
                     file: s.file.clone(),
                     owner: Arc::downgrade(st),
                     path,
+                    empty: s.whole && s.size == 0,
+                    tagged: s.marked,
                 });
                 return;
             }
@@ -1470,8 +1508,10 @@ impl Volume {
 
     /// A spare made empty and renamed to `path`, if one is free: its
     /// staging state is gone and nothing else holds the file, so no read
-    /// can see it change. Recovery deletes `spare.N` files.
-    fn take_spare(&self, path: &std::path::Path) -> Option<Arc<File>> {
+    /// can see it change. Recovery deletes `spare.N` files. Returns the
+    /// file and whether it carries the whole-file tag (kept: every file
+    /// staged new is made whole).
+    fn take_spare(&self, path: &std::path::Path) -> Option<(Arc<File>, bool)> {
         let sp = {
             let mut spares = self.spares.lock();
             let i = spares
@@ -1479,8 +1519,7 @@ impl Volume {
                 .position(|sp| sp.owner.strong_count() == 0 && Arc::strong_count(&sp.file) == 1)?;
             spares.swap_remove(i)
         };
-        let made = sp.file.set_len(0).is_ok()
-            && staging::unmark_whole(&sp.file).is_ok()
+        let made = (sp.empty || sp.file.set_len(0).is_ok())
             && rustix::fs::renameat_with(
                 rustix::fs::CWD,
                 &sp.path,
@@ -1490,7 +1529,7 @@ impl Volume {
             )
             .is_ok();
         if made {
-            Some(sp.file)
+            Some((sp.file, sp.tagged))
         } else {
             let _ = fs::remove_file(&sp.path);
             None
@@ -1544,15 +1583,15 @@ impl Volume {
         if self.staged.lock().contains_key(&ino) || self.pt.lock().contains_key(&ino) {
             return self.stage_writer(ino);
         }
-        let file = match self.take_spare(&path) {
-            Some(f) => f,
+        let (file, tagged) = match self.take_spare(&path) {
+            Some(t) => t,
             None => match OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
                 .open(&path)
             {
-                Ok(f) => Arc::new(f),
+                Ok(f) => (Arc::new(f), false),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     return self.stage_writer(ino);
                 }
@@ -1573,16 +1612,15 @@ impl Volume {
             ctime: a.ctime,
             queued: false,
             whole: false,
-            marked: false,
+            marked: tagged,
             exposed: false,
+            mtime_stale: false,
         }));
         // Whole from the start: the staging file holds every byte, so a
         // tag on it replaces the sidecar each close would write (a file
         // made and later deleted: on an ext4 without a journal, finding a
         // free inode among many recently deleted ones is a scan).
-        if let Err(e) = st.lock().make_whole() {
-            log::debug!("inode {ino}: new file not staged whole ({e})");
-        }
+        st.lock().make_new_whole();
         {
             let mut map = self.staged.lock();
             if map.contains_key(&ino) {
@@ -1610,7 +1648,7 @@ impl Volume {
         let idle = {
             let mut s = st.lock();
             s.writers = s.writers.saturating_sub(1);
-            refresh(&mut s);
+            self.refresh(&mut s);
             if s.whole && s.writers == 0 && s.version != UNTOUCHED {
                 // The kernel wrote behind our back: make sure an ingest
                 // that chunked the file before those writes sees it went
@@ -1629,6 +1667,7 @@ impl Volume {
                 return;
             }
             if s.writers == 0 {
+                s.sync_file_mtime();
                 // Not synced: a crash before ingest may or may not keep it.
                 if let Err(e) = write_sidecar(&s, false) {
                     log::warn!("sidecar of {}: {e}", s.ino);
@@ -1674,6 +1713,7 @@ impl Volume {
                 whole: true,
                 marked,
                 exposed: true,
+                mtime_stale: false,
             });
         }
         let file = OpenOptions::new()
@@ -1711,6 +1751,7 @@ impl Volume {
             whole: false,
             marked: false,
             exposed: false,
+            mtime_stale: false,
         })
     }
 
@@ -1748,7 +1789,7 @@ impl Volume {
         }
         if let Some(st) = self.staged_of(ino) {
             let mut st = st.lock();
-            refresh(&mut st);
+            self.refresh(&mut st);
             let end = (off + size as u64).min(st.size);
             if off >= end {
                 return Ok(Vec::new());
@@ -1879,7 +1920,7 @@ impl Volume {
         self.daemon_write_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut st = st.lock();
-        refresh(&mut st);
+        self.refresh(&mut st);
         let off = if append { st.size } else { off };
         st.write(off, data)
             .map_err(|e| io_err("writing staging", e))?;
@@ -1900,10 +1941,20 @@ impl Volume {
         } else {
             count_close(&mut self.open.lock(), h.ino)
         };
-        if last {
+        if last
+            && self.orphan_seq.load(Ordering::SeqCst)
+                > self.orphans_clean_upto.load(Ordering::SeqCst)
+        {
             self.send(Msg::Reap);
         }
         Ok(())
+    }
+
+    /// After a commit that may have left orphans: note it and ask for a
+    /// reap (see `orphan_seq`).
+    fn orphans_changed(&self) {
+        self.orphan_seq.fetch_add(1, Ordering::SeqCst);
+        self.send(Msg::Reap);
     }
 
     fn queue_ingest(&self, ino: u64, st: &Arc<Mutex<Staged>>) {
@@ -1942,11 +1993,12 @@ impl Volume {
     pub fn fsync(&self, ino: u64) -> Result<()> {
         if let Some(st) = self.staged_of(ino) {
             let mut s = st.lock();
-            refresh(&mut s);
+            self.refresh(&mut s);
             // An entry ingest has just committed is durable already; a
             // sidecar written for it now would outlive its staging file and
             // be replayed against the next one.
             if self.is_current(ino, &st) {
+                s.sync_file_mtime();
                 s.file
                     .sync_data()
                     .map_err(|e| io_err("syncing staging", e))?;
@@ -1979,7 +2031,7 @@ impl Volume {
             .cloned()
             .ok_or(Error::Errno(libc::EBADF))?;
         let mut st = st.lock();
-        refresh(&mut st);
+        self.refresh(&mut st);
         let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
         if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 {
             // Zero only what exists (and, without KEEP_SIZE, what the range
@@ -2200,6 +2252,7 @@ impl Volume {
                 whole: false,
                 marked: false,
                 exposed: true,
+                mtime_stale: false,
             }));
             self.staged.lock().insert(ino, st.clone());
             self.queue_ingest(ino, &st);
@@ -2238,6 +2291,30 @@ impl Volume {
         let mut p = self.pending.lock();
         *p = p.saturating_sub(n);
         self.pending_cv.notify_all();
+        drop(p);
+        self.prepare_spares();
+    }
+
+    /// Empties the spares nobody can read any more, here on an ingest
+    /// worker rather than in the create that takes one (where it was a
+    /// truncate on every create of an untar).
+    fn prepare_spares(&self) {
+        let ready: Vec<Spare> = {
+            let mut spares = self.spares.lock();
+            let (ready, keep) = spares.drain(..).partition(|sp: &Spare| {
+                !sp.empty && sp.owner.strong_count() == 0 && Arc::strong_count(&sp.file) == 1
+            });
+            *spares = keep;
+            ready
+        };
+        for mut sp in ready {
+            if sp.file.set_len(0).is_ok() {
+                sp.empty = true;
+                self.spares.lock().push(sp);
+            } else {
+                let _ = fs::remove_file(&sp.path);
+            }
+        }
     }
 
     /// Returns the files to try again: changed while chunked, no writers.
@@ -2263,7 +2340,7 @@ impl Volume {
                     s.queued = false;
                     continue;
                 }
-                refresh(&mut s);
+                self.refresh(&mut s);
                 s.view()
             };
             let content = self.build_content(&view, &mut batch)?;
@@ -2449,33 +2526,48 @@ impl Volume {
         }
     }
 
-    /// Orphans no handle holds open.
-    fn reapable(&self) -> Result<Vec<u64>> {
+    /// Orphans no handle holds open, and how many orphans there are.
+    fn reapable(&self) -> Result<(Vec<u64>, u64)> {
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::ORPHANS).map_err(store::Error::from)?;
         let open = self.open.lock().clone();
         let mut v = Vec::new();
+        let mut all = 0;
         for row in t.iter().map_err(store::Error::from)? {
             let ino = row.map_err(store::Error::from)?.0.value();
+            all += 1;
             if !open.contains_key(&ino) {
                 v.push(ino);
             }
         }
-        Ok(v)
+        Ok((v, all))
     }
 
     fn try_reap(&self) -> Result<()> {
         self.check_space(Space::Frees)?;
+        // Every commit that left an orphan before this load is seen by the
+        // reads below: with none left, closes need not ask again.
+        let seen = self.orphan_seq.load(Ordering::SeqCst);
+        let clean = || {
+            self.orphans_clean_upto.fetch_max(seen, Ordering::SeqCst);
+        };
         // A cheap look first (most calls find nothing), then again under
         // content_lock: a rollback or restore between the two can give an
         // orphan its links back, and reaping it then left a name pointing
         // at a removed inode.
-        if self.reapable()?.is_empty() {
+        let (doomed, all) = self.reapable()?;
+        if doomed.is_empty() {
+            if all == 0 {
+                clean();
+            }
             return Ok(());
         }
         let _c = self.content_lock.lock();
-        let doomed = self.reapable()?;
+        let (doomed, all) = self.reapable()?;
         if doomed.is_empty() {
+            if all == 0 {
+                clean();
+            }
             return Ok(());
         }
         let mut batch = self.repo.store().batch()?;
@@ -2506,6 +2598,9 @@ impl Volume {
             }
             Ok(())
         })?;
+        if doomed.len() as u64 == all {
+            clean();
+        }
         for ino in &doomed {
             let removed = self.staged.lock().remove(ino);
             if let Some(st) = removed {
@@ -2605,13 +2700,6 @@ fn count_close(open: &mut HashMap<u64, u32>, ino: u64) -> bool {
         true
     } else {
         false
-    }
-}
-
-/// `Staged::refresh`, logged: a failed fstat leaves the last known size.
-fn refresh(s: &mut Staged) {
-    if let Err(e) = s.refresh() {
-        log::warn!("reading the staging state of inode {}: {e}", s.ino);
     }
 }
 

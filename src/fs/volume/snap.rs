@@ -1013,7 +1013,7 @@ impl Volume {
         for (i, g) in guards.iter_mut().enumerate() {
             // A passthrough writer's bytes reached the staging file
             // without us: take its size and mtime first.
-            refresh(g);
+            self.refresh(g);
             if g.version == UNTOUCHED {
                 continue;
             }
@@ -1248,7 +1248,7 @@ impl Volume {
         res?;
         report.replaced = replaced;
         drop(_c);
-        self.send(Msg::Reap);
+        self.orphans_changed();
         if let Some(dir) = dest_dir {
             // Outside content_lock (see `snap_rollback`). The directory
             // too: the kernel may hold its listing (FOPEN_CACHE_DIR).
@@ -1431,7 +1431,7 @@ impl Volume {
         for (p, n) in &changed_names {
             self.invalidate_entry(*p, n);
         }
-        self.send(Msg::Reap);
+        self.orphans_changed();
         log::info!(
             "rolled back to snapshot {snap}: {} records",
             report.records_reverted
