@@ -284,6 +284,19 @@ impl TestFs {
     /// `dedupfs stats --json` on the unmounted store.
     pub fn stats(&self) -> serde_json::Value {
         assert!(!self.mounted, "stats needs the store unmounted");
+        self.stats_any()
+    }
+
+    /// One figure of `dedupfs stats --json` on the mounted store (asked
+    /// through its control socket).
+    pub fn live_stat(&self, key: &str) -> u64 {
+        assert!(self.mounted, "live_stat needs the store mounted");
+        self.stats_any()[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("stats has no {key}"))
+    }
+
+    fn stats_any(&self) -> serde_json::Value {
         let out = Command::new(BIN)
             .arg("stats")
             .arg(&self.store)

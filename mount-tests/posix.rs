@@ -578,30 +578,11 @@ fn changes_racing_ingest_all_land() {
     });
 }
 
-/// `dedupfs stats --json` of the mounted store (through its control socket).
-fn live_stat(t: &TestFs, key: &str) -> u64 {
-    let out = std::process::Command::new(BIN)
-        .arg("stats")
-        .arg(&t.store)
-        .arg("--json")
-        .output()
-        .expect("running stats");
-    assert!(
-        out.status.success(),
-        "stats: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats json");
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("stats has no {key}"))
-}
-
 /// Polls `live_stat` until it equals `want` (reaping is asynchronous).
 fn wait_live_stat(t: &TestFs, key: &str, want: u64) -> u64 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let v = live_stat(t, key);
+        let v = t.live_stat(key);
         if v == want || std::time::Instant::now() > deadline {
             return v;
         }
@@ -635,7 +616,7 @@ fn unlinked_open_file_is_reaped_at_last_close() {
             fs::remove_file(t.p("doomed")).unwrap();
             // Held while open: the unlink's reap found it open.
             std::thread::sleep(std::time::Duration::from_millis(300));
-            assert_eq!(live_stat(t, "logical_bytes"), 400_000, "round {round}");
+            assert_eq!(t.live_stat("logical_bytes"), 400_000, "round {round}");
             let mut got = Vec::new();
             f.read_to_end(&mut got).unwrap();
             assert_bytes_eq(&got, &data, "unlinked file through its handle");
