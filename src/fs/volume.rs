@@ -521,7 +521,7 @@ impl Volume {
             let g = Gens::load(&st)?;
             let mut m = MetaTx {
                 t: meta::Versioned::open(&tx, g)?,
-                orphans: tx.open_table(meta::ORPHANS).map_err(store::Error::from)?,
+                orphans: meta::Lazy::new(&tx, meta::ORPHANS),
                 state: st,
             };
             f(&mut m)?
@@ -691,7 +691,7 @@ impl Volume {
         refuse_snap_name(parent, name, libc::EEXIST)?;
         let (ino, rec) = self.meta_write(Space::Grows, |m| {
             let mut p = m.dir(parent)?;
-            if meta::lookup_dirent(&m.t.dirents, parent, name)?.is_some() {
+            if meta::lookup_dirent(&*m.t.dirents.get()?, parent, name)?.is_some() {
                 return Err(Error::Errno(libc::EEXIST));
             }
             let ino = meta::alloc_ino(&mut m.state)?;
@@ -749,7 +749,7 @@ impl Volume {
             if rec.kind == Kind::Dir {
                 return Err(Error::Errno(libc::EPERM));
             }
-            if meta::lookup_dirent(&m.t.dirents, parent, name)?.is_some() {
+            if meta::lookup_dirent(&*m.t.dirents.get()?, parent, name)?.is_some() {
                 return Err(Error::Errno(libc::EEXIST));
             }
             let now = Timespec::now();
@@ -772,7 +772,7 @@ impl Volume {
         check_name(name)?;
         self.meta_write(Space::Frees, |m| {
             let mut p = m.dir(parent)?;
-            let (_, ent) = meta::lookup_dirent(&m.t.dirents, parent, name)?
+            let (_, ent) = meta::lookup_dirent(&*m.t.dirents.get()?, parent, name)?
                 .ok_or(Error::Errno(libc::ENOENT))?;
             if ent.kind == Kind::Dir {
                 return Err(Error::Errno(libc::EISDIR));
@@ -800,12 +800,12 @@ impl Volume {
         }
         self.meta_write(Space::Frees, |m| {
             let mut p = m.dir(parent)?;
-            let (_, ent) = meta::lookup_dirent(&m.t.dirents, parent, name)?
+            let (_, ent) = meta::lookup_dirent(&*m.t.dirents.get()?, parent, name)?
                 .ok_or(Error::Errno(libc::ENOENT))?;
             if ent.kind != Kind::Dir {
                 return Err(Error::Errno(libc::ENOTDIR));
             }
-            if !meta::list_dir(&m.t.dirents, ent.ino, Some(1))?.is_empty() {
+            if !meta::list_dir(&*m.t.dirents.get()?, ent.ino, Some(1))?.is_empty() {
                 return Err(Error::Errno(libc::ENOTEMPTY));
             }
             m.t.remove_dirent(parent, name)?;
@@ -843,9 +843,10 @@ impl Volume {
         }
         self.meta_write(Space::Grows, |m| {
             let now = Timespec::now();
-            let (_, src) = meta::lookup_dirent(&m.t.dirents, parent, name)?
+            let (_, src) = meta::lookup_dirent(&*m.t.dirents.get()?, parent, name)?
                 .ok_or(Error::Errno(libc::ENOENT))?;
-            let dst = meta::lookup_dirent(&m.t.dirents, newparent, newname)?.map(|(_, d)| d);
+            let dst =
+                meta::lookup_dirent(&*m.t.dirents.get()?, newparent, newname)?.map(|(_, d)| d);
             if parent == newparent && name == newname {
                 return Ok(());
             }
@@ -882,7 +883,7 @@ impl Volume {
                         (true, false) => return Err(Error::Errno(libc::ENOTDIR)),
                         (false, true) => return Err(Error::Errno(libc::EISDIR)),
                         (true, true) => {
-                            if !meta::list_dir(&m.t.dirents, d.ino, Some(1))?.is_empty() {
+                            if !meta::list_dir(&*m.t.dirents.get()?, d.ino, Some(1))?.is_empty() {
                                 return Err(Error::Errno(libc::ENOTEMPTY));
                             }
                             m.adjust_nlink(newparent, -1)?;
@@ -1016,7 +1017,7 @@ impl Volume {
         check_xattr_name(name)?;
         self.meta_write(Space::Grows, |m| {
             let mut rec = m.inode(ino)?;
-            let exists = meta::get_xattr(&m.t.xattrs, ino, name)?.is_some();
+            let exists = meta::get_xattr(&*m.t.xattrs.get()?, ino, name)?.is_some();
             if flags & libc::XATTR_CREATE != 0 && exists {
                 return Err(Error::Errno(libc::EEXIST));
             }
@@ -2591,7 +2592,7 @@ impl Volume {
             for ino in &doomed {
                 t.write_content(*ino, None)?;
                 t.remove_inode(*ino)?;
-                for name in meta::list_xattrs(&t.xattrs, *ino)? {
+                for name in meta::list_xattrs(&*t.xattrs.get()?, *ino)? {
                     t.remove_xattr(*ino, &name)?;
                 }
                 orphans.remove(*ino)?;
@@ -2634,7 +2635,7 @@ fn commit_content(
     view: &StagedView,
     new: &NewContent,
 ) -> store::Result<()> {
-    let Some((_, mut rec)) = meta::live_inode(&t.inodes, ino)? else {
+    let Some((_, mut rec)) = meta::live_inode(&*t.inodes.get()?, ino)? else {
         return Ok(());
     };
     match new {
@@ -2819,18 +2820,18 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
 /// The tables of one meta write transaction.
 struct MetaTx<'t> {
     t: meta::Versioned<'t>,
-    orphans: redb::Table<'t, u64, u64>,
+    orphans: meta::Lazy<'t, u64, u64>,
     state: redb::Table<'t, &'static str, u64>,
 }
 
 impl MetaTx<'_> {
-    fn inode(&self, ino: u64) -> Result<InodeRec> {
-        meta::live_inode(&self.t.inodes, ino)?
+    fn inode(&mut self, ino: u64) -> Result<InodeRec> {
+        meta::live_inode(&*self.t.inodes.get()?, ino)?
             .map(|(_, r)| r)
             .ok_or(Error::Errno(libc::ENOENT))
     }
 
-    fn dir(&self, ino: u64) -> Result<InodeRec> {
+    fn dir(&mut self, ino: u64) -> Result<InodeRec> {
         let r = self.inode(ino)?;
         if r.kind != Kind::Dir {
             return Err(Error::Errno(libc::ENOTDIR));
@@ -2852,6 +2853,7 @@ impl MetaTx<'_> {
         self.t.write_inode(ino, &r)?;
         if r.nlink == 0 {
             self.orphans
+                .get()?
                 .insert(ino, self.t.g.current)
                 .map_err(store::Error::from)?;
         }

@@ -1152,23 +1152,24 @@ impl Volume {
             let r = (|| -> Result<()> {
                 let mut m = MetaTx {
                     t: Versioned::open(tx, g)?,
-                    orphans: tx.open_table(meta::ORPHANS).map_err(store::Error::from)?,
+                    orphans: meta::Lazy::new(tx, meta::ORPHANS),
                     state: tx.open_table(meta::STATE).map_err(store::Error::from)?,
                 };
                 // The destination's directory must exist in the live tree.
                 let mut dir = meta::ROOT_INO;
                 for c in dst_dir {
-                    let (_, d) = meta::lookup_dirent(&m.t.dirents, dir, c)?.ok_or_else(|| {
-                        snap_err(format!(
-                            "restore from {snap}: {} does not exist in the live tree",
-                            show_path(c)
-                        ))
-                    })?;
+                    let (_, d) =
+                        meta::lookup_dirent(&*m.t.dirents.get()?, dir, c)?.ok_or_else(|| {
+                            snap_err(format!(
+                                "restore from {snap}: {} does not exist in the live tree",
+                                show_path(c)
+                            ))
+                        })?;
                     dir = d.ino;
                 }
                 let mut parent_rec = m.dir(dir)?;
                 dest_dir = Some(dir);
-                if let Some((_, old)) = meta::lookup_dirent(&m.t.dirents, dir, dst_name)? {
+                if let Some((_, old)) = meta::lookup_dirent(&*m.t.dirents.get()?, dir, dst_name)? {
                     remove_tree(&mut m, dir, dst_name, old)?;
                     replaced = true;
                     if old.kind == Kind::Dir {
@@ -1347,8 +1348,8 @@ impl Volume {
                     match rec {
                         Rec::Content => {}
                         Rec::Inode => {
-                            let want = meta::inode_at(&t.inodes, *id, s)?;
-                            let have = meta::live_inode(&t.inodes, *id)?;
+                            let want = meta::inode_at(&*t.inodes.get()?, *id, s)?;
+                            let have = meta::live_inode(&*t.inodes.get()?, *id)?;
                             if want.as_ref().map(|x| x.0) == have.as_ref().map(|x| x.0) {
                                 continue;
                             }
@@ -1382,8 +1383,8 @@ impl Volume {
                             report.records_reverted += 1;
                         }
                         Rec::Dirent => {
-                            let want = meta::dirent_at(&t.dirents, *id, name, s)?;
-                            let have = meta::lookup_dirent(&t.dirents, *id, name)?;
+                            let want = meta::dirent_at(&*t.dirents.get()?, *id, name, s)?;
+                            let have = meta::lookup_dirent(&*t.dirents.get()?, *id, name)?;
                             if want.as_ref().map(|x| x.0) == have.as_ref().map(|x| x.0) {
                                 continue;
                             }
@@ -1395,8 +1396,8 @@ impl Volume {
                             report.records_reverted += 1;
                         }
                         Rec::Xattr => {
-                            let want = meta::xattr_at(&t.xattrs, *id, name, s)?;
-                            let have = meta::xattr_at(&t.xattrs, *id, name, NOW)?;
+                            let want = meta::xattr_at(&*t.xattrs.get()?, *id, name, s)?;
+                            let have = meta::xattr_at(&*t.xattrs.get()?, *id, name, NOW)?;
                             if want.as_ref().map(|x| x.0) == have.as_ref().map(|x| x.0) {
                                 continue;
                             }
@@ -1633,7 +1634,7 @@ fn rebase_staged(s: &mut Staged, new: &NewContent) -> std::io::Result<()> {
 /// inodes become orphans for the reaper.
 fn remove_tree(m: &mut MetaTx<'_>, parent: u64, name: &[u8], ent: DirentVal) -> Result<()> {
     if ent.kind == Kind::Dir {
-        for (n, d) in meta::list_dir(&m.t.dirents, ent.ino, None)? {
+        for (n, d) in meta::list_dir(&*m.t.dirents.get()?, ent.ino, None)? {
             remove_tree(m, ent.ino, &n, d)?;
         }
     }
