@@ -8,11 +8,14 @@
 //! if o is in a dirty range, else the base's if o < base_limit, else zero;
 //! and nothing past `size` exists.
 //!
-//! A *whole* staged file (one open through kernel FUSE passthrough) holds
-//! every byte in its staging file, and the kernel writes there without
-//! telling us: its length and mtime are the file's size and mtime, and
+//! A *whole* staged file (a new one, or one open through kernel FUSE
+//! passthrough) holds every byte in its staging file. While passthrough
+//! handles are open the kernel writes there without telling us: the
+//! staging file's length and mtime are then the file's size and mtime, and
 //! [`Staged::refresh`] folds them in (the whole file dirty, no base) before
-//! anything reads the layout.
+//! anything reads the layout. Otherwise every change goes through
+//! `Staged`, and the staging file's mtime may lag (`mtime_stale`) until
+//! the last close, an fsync or the file is handed to the kernel.
 
 use std::collections::BTreeMap;
 use std::fs::{File, FileTimes};
@@ -223,8 +226,8 @@ pub fn is_marked_whole(f: &File) -> bool {
     rustix::fs::fgetxattr(f, WHOLE_XATTR, &mut buf).is_ok()
 }
 
-/// Removes [`WHOLE_XATTR`] from a staging file reused for partial staging
-/// (or emptied for another file). A tag left behind would make recovery
+/// Removes [`WHOLE_XATTR`] from a staging file reused for partial
+/// staging (spares keep it: every new file is whole). A tag left behind would make recovery
 /// replay the file as whole, so failing to remove it is an error.
 pub fn unmark_whole(f: &File) -> io::Result<()> {
     match rustix::fs::fremovexattr(f, WHOLE_XATTR) {
@@ -236,7 +239,16 @@ pub fn unmark_whole(f: &File) -> io::Result<()> {
 
 impl Staged {
     pub fn write(&mut self, off: u64, data: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(data, off)?;
+        if let Err(e) = self.file.write_all_at(data, off) {
+            // A write that failed partway (EFBIG, ENOSPC, EIO) may have
+            // grown a whole staging file past `size`, and nothing fstats
+            // it while the kernel cannot write it: a crash would replay
+            // those bytes, and a spare would carry them.
+            if self.whole && !self.exposed {
+                let _ = self.file.set_len(self.size);
+            }
+            return Err(e);
+        }
         let end = off + data.len() as u64;
         self.dirty.insert(off, end);
         self.size = self.size.max(end);

@@ -142,14 +142,15 @@ struct Spare {
     /// gone and no view of the file is left.
     owner: std::sync::Weak<Mutex<Staged>>,
     path: PathBuf,
-    /// Known to be empty (made so by `prepare_spares`, or retired so).
+    /// Made empty by `prepare_spares` (never assumed from the retired
+    /// state: a failed write can leave bytes past its size).
     empty: bool,
     /// Carries the whole-file tag, which a new file wants anyway.
     tagged: bool,
 }
 
 /// Spares kept at most, and the largest file kept (their bytes stay on
-/// disk until reuse: at most 64 MiB).
+/// disk until `prepare_spares` empties them: at most 64 MiB).
 const SPARES_MAX: usize = 256;
 const SPARE_MAX_BYTES: u64 = 256 << 10;
 
@@ -591,7 +592,8 @@ impl Volume {
     /// failed fstat leaves the last known size). A whole staging file
     /// changes behind our back only through passthrough handles, and the
     /// last writer's release refreshes before its handle leaves `pt`;
-    /// every other change goes through `Staged`. Why: the fstat ran on
+    /// every other change goes through `Staged` (a write that fails
+    /// partway cuts the file back to `size`). Why: the fstat ran on
     /// every getattr, setattr and close of a staged file, a syscall each
     /// (an untar paid about five per file).
     fn refresh(&self, s: &mut Staged) {
@@ -1478,8 +1480,8 @@ impl Volume {
     /// disks) every inode allocation scans past the inodes deleted in the
     /// last minute, so creates slowed as deletes piled up (half the
     /// daemon's time in `recently_deleted`). A spare is only renamed here;
-    /// its bytes stay as they are until `take_spare` finds nobody can
-    /// read them any more.
+    /// its bytes stay as they are until `prepare_spares` or `take_spare`
+    /// finds nobody can read them any more.
     fn retire_staging(&self, ino: u64, st: &Arc<Mutex<Staged>>, s: &Staged) {
         if s.exposed || self.pt.lock().contains_key(&ino) || s.size > SPARE_MAX_BYTES {
             return self.remove_staging(ino, &s.path);
@@ -1497,7 +1499,7 @@ impl Volume {
                     file: s.file.clone(),
                     owner: Arc::downgrade(st),
                     path,
-                    empty: s.whole && s.size == 0,
+                    empty: false,
                     tagged: s.marked,
                 });
                 return;
@@ -2311,10 +2313,14 @@ impl Volume {
         for mut sp in ready {
             if sp.file.set_len(0).is_ok() {
                 sp.empty = true;
-                self.spares.lock().push(sp);
-            } else {
-                let _ = fs::remove_file(&sp.path);
+                let mut spares = self.spares.lock();
+                // `retire_staging` may have filled the list meanwhile.
+                if spares.len() < SPARES_MAX {
+                    spares.push(sp);
+                    continue;
+                }
             }
+            let _ = fs::remove_file(&sp.path);
         }
     }
 
