@@ -1891,7 +1891,7 @@ impl Volume {
             match p {
                 Piece::Staged(a, b) => {
                     let dst = &mut out[(a - off) as usize..(b - off) as usize];
-                    read_full_at(&v.file, dst, a).map_err(|e| io_err("reading staging", e))?;
+                    read_sparse_at(&v.file, dst, a).map_err(|e| io_err("reading staging", e))?;
                 }
                 Piece::Base(a, b) => {
                     self.read_map(&v.base, a, &mut out[(a - off) as usize..(b - off) as usize])?;
@@ -2710,6 +2710,42 @@ fn count_close(open: &mut HashMap<u64, u32>, ino: u64) -> bool {
     }
 }
 
+/// `read_full_at` that fills the staging file's holes with zeros here
+/// rather than reading them, for reads of 1 MiB and more (ingest's). Why:
+/// reading a hole makes the kernel zero fresh page-cache pages, and on
+/// this VM that ran at about 100 MB/s: a 10 GiB `truncate -s` took 99 s
+/// to ingest, 85 % of it in the kernel's memset.
+fn read_sparse_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    use rustix::fs::{SeekFrom, seek};
+    if buf.len() < (1 << 20) {
+        return read_full_at(f, buf, off);
+    }
+    let end = off + buf.len() as u64;
+    let mut pos = off;
+    while pos < end {
+        let data = match seek(f, SeekFrom::Data(pos)) {
+            Ok(d) => d.min(end),
+            // No data at or after pos: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => end,
+            // A filesystem without SEEK_DATA: read it all.
+            Err(_) => return read_full_at(f, &mut buf[(pos - off) as usize..], pos),
+        };
+        buf[(pos - off) as usize..(data - off) as usize].fill(0);
+        if data >= end {
+            break;
+        }
+        let hole = seek(f, SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
+        let hole = hole.max(data + 1);
+        read_full_at(
+            f,
+            &mut buf[(data - off) as usize..(hole - off) as usize],
+            data,
+        )?;
+        pos = hole;
+    }
+    Ok(())
+}
+
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
@@ -2939,6 +2975,45 @@ fn flush_loop(vol: std::sync::Weak<Volume>) {
         }
         if v.retry_ingest.swap(false, Ordering::SeqCst) {
             v.queue_idle_staged();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Holes read as zeros and data as written, whatever the read's
+    /// alignment against them, the same as a plain read.
+    #[test]
+    fn sparse_reads_match_plain_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mib = 1u64 << 20;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        for off in [0, 3 * mib + 12_345, 9 * mib - 1000] {
+            f.write_all_at(&data, off).unwrap();
+        }
+        f.set_len(12 * mib).unwrap();
+        for (off, len) in [
+            (0, 12 * mib),
+            (1000, 2 * mib),
+            (3 * mib, mib + 5),
+            (8 * mib, 4 * mib),
+            (10 * mib, 3 * mib), // past the end: zeros
+        ] {
+            let mut a = vec![0xaau8; len as usize];
+            let mut b = vec![0x55u8; len as usize];
+            read_sparse_at(&f, &mut a, off).unwrap();
+            read_full_at(&f, &mut b, off).unwrap();
+            assert!(a == b, "read of {len} at {off}");
         }
     }
 }
