@@ -227,8 +227,9 @@ pub fn is_marked_whole(f: &File) -> bool {
 }
 
 /// Removes [`WHOLE_XATTR`] from a staging file reused for partial
-/// staging (spares keep it: every new file is whole). A tag left behind would make recovery
-/// replay the file as whole, so failing to remove it is an error.
+/// staging (spares keep it: every new file is whole). A tag left behind
+/// would make recovery replay the file as whole, so failing to remove it
+/// is an error.
 pub fn unmark_whole(f: &File) -> io::Result<()> {
     match rustix::fs::fremovexattr(f, WHOLE_XATTR) {
         Ok(()) => Ok(()),
@@ -403,8 +404,12 @@ impl Staged {
 
     /// Takes the size and mtime of a whole staged file from its staging
     /// file, where the kernel's writes left them; a change bumps `version`.
+    /// Only an `exposed` file can have been written behind our back (a
+    /// write that fails partway cuts the file back to `size`), so for any
+    /// other the fstat is skipped: it ran on every getattr, setattr and
+    /// close of a staged file, about five per file of an untar.
     pub fn refresh(&mut self) -> io::Result<()> {
-        if !self.whole {
+        if !self.whole || !self.exposed {
             return Ok(());
         }
         let m = self.file.metadata()?;

@@ -588,23 +588,6 @@ impl Volume {
         Ok(())
     }
 
-    /// `Staged::refresh` where the kernel can have written, logged (a
-    /// failed fstat leaves the last known size). A whole staging file
-    /// changes behind our back only through passthrough handles, and the
-    /// last writer's release refreshes before its handle leaves `pt`;
-    /// every other change goes through `Staged` (a write that fails
-    /// partway cuts the file back to `size`). Why: the fstat ran on
-    /// every getattr, setattr and close of a staged file, a syscall each
-    /// (an untar paid about five per file).
-    fn refresh(&self, s: &mut Staged) {
-        if !s.whole || !self.pt.lock().contains_key(&s.ino) {
-            return;
-        }
-        if let Err(e) = s.refresh() {
-            log::warn!("reading the staging state of inode {}: {e}", s.ino);
-        }
-    }
-
     fn read_inode(&self, ino: u64) -> Result<InodeRec> {
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
@@ -630,7 +613,7 @@ impl Volume {
         };
         if let Some(st) = self.staged_of(ino) {
             let mut st = st.lock();
-            self.refresh(&mut st);
+            refresh(&mut st);
             a.size = st.size;
             a.mtime = st.mtime;
             a.ctime = a.ctime.max(st.ctime);
@@ -1303,7 +1286,7 @@ impl Volume {
             };
             if flags & libc::O_TRUNC != 0 {
                 let mut s = st.lock();
-                self.refresh(&mut s);
+                refresh(&mut s);
                 // An existing file's times move even when it was empty
                 // already, as a truncate by path moves them.
                 if (s.size != 0 || new_file.is_none())
@@ -1651,7 +1634,7 @@ impl Volume {
         let idle = {
             let mut s = st.lock();
             s.writers = s.writers.saturating_sub(1);
-            self.refresh(&mut s);
+            refresh(&mut s);
             if s.whole && s.writers == 0 && s.version != UNTOUCHED {
                 // The kernel wrote behind our back: make sure an ingest
                 // that chunked the file before those writes sees it went
@@ -1792,7 +1775,7 @@ impl Volume {
         }
         if let Some(st) = self.staged_of(ino) {
             let mut st = st.lock();
-            self.refresh(&mut st);
+            refresh(&mut st);
             let end = (off + size as u64).min(st.size);
             if off >= end {
                 return Ok(Vec::new());
@@ -1923,7 +1906,7 @@ impl Volume {
         self.daemon_write_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut st = st.lock();
-        self.refresh(&mut st);
+        refresh(&mut st);
         let off = if append { st.size } else { off };
         st.write(off, data)
             .map_err(|e| io_err("writing staging", e))?;
@@ -1996,7 +1979,7 @@ impl Volume {
     pub fn fsync(&self, ino: u64) -> Result<()> {
         if let Some(st) = self.staged_of(ino) {
             let mut s = st.lock();
-            self.refresh(&mut s);
+            refresh(&mut s);
             // An entry ingest has just committed is durable already; a
             // sidecar written for it now would outlive its staging file and
             // be replayed against the next one.
@@ -2034,7 +2017,7 @@ impl Volume {
             .cloned()
             .ok_or(Error::Errno(libc::EBADF))?;
         let mut st = st.lock();
-        self.refresh(&mut st);
+        refresh(&mut st);
         let end = off.checked_add(len).ok_or(Error::Errno(libc::EFBIG))?;
         if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 {
             // Zero only what exists (and, without KEEP_SIZE, what the range
@@ -2347,7 +2330,7 @@ impl Volume {
                     s.queued = false;
                     continue;
                 }
-                self.refresh(&mut s);
+                refresh(&mut s);
                 s.view()
             };
             let content = self.build_content(&view, &mut batch)?;
@@ -2533,8 +2516,9 @@ impl Volume {
         }
     }
 
-    /// Orphans no handle holds open, and how many orphans there are.
-    fn reapable(&self) -> Result<(Vec<u64>, u64)> {
+    /// Orphans no handle holds open, and how many orphans there are;
+    /// `clean` runs when there are none at all.
+    fn reapable(&self, clean: impl Fn()) -> Result<(Vec<u64>, u64)> {
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::ORPHANS).map_err(store::Error::from)?;
         let open = self.open.lock().clone();
@@ -2546,6 +2530,9 @@ impl Volume {
             if !open.contains_key(&ino) {
                 v.push(ino);
             }
+        }
+        if all == 0 {
+            clean();
         }
         Ok((v, all))
     }
@@ -2562,19 +2549,12 @@ impl Volume {
         // content_lock: a rollback or restore between the two can give an
         // orphan its links back, and reaping it then left a name pointing
         // at a removed inode.
-        let (doomed, all) = self.reapable()?;
-        if doomed.is_empty() {
-            if all == 0 {
-                clean();
-            }
+        if self.reapable(clean)?.0.is_empty() {
             return Ok(());
         }
         let _c = self.content_lock.lock();
-        let (doomed, all) = self.reapable()?;
+        let (doomed, all) = self.reapable(clean)?;
         if doomed.is_empty() {
-            if all == 0 {
-                clean();
-            }
             return Ok(());
         }
         let mut batch = self.repo.store().batch()?;
@@ -2744,6 +2724,13 @@ fn read_sparse_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
         pos = hole;
     }
     Ok(())
+}
+
+/// `Staged::refresh`, logged: a failed fstat leaves the last known size.
+fn refresh(s: &mut Staged) {
+    if let Err(e) = s.refresh() {
+        log::warn!("reading the staging state of inode {}: {e}", s.ino);
+    }
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {

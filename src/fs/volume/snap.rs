@@ -1013,7 +1013,7 @@ impl Volume {
         for (i, g) in guards.iter_mut().enumerate() {
             // A passthrough writer's bytes reached the staging file
             // without us: take its size and mtime first.
-            self.refresh(g);
+            refresh(g);
             if g.version == UNTOUCHED {
                 continue;
             }
