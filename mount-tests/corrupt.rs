@@ -5,22 +5,10 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use dedupfs::format::{ChunkId, ChunkRef, RECORD_HEADER_LEN};
+use dedupfs::format::{ChunkId, RECORD_HEADER_LEN};
 use dedupfs::store::pack;
-use redb::ReadableDatabase;
 
 use crate::harness::*;
-
-/// The live chunk list of inode `ino`, read from the unmounted store.
-fn chunks_of(store: &Path, ino: u64) -> Vec<ChunkRef> {
-    let db = redb::Database::open(store.join(dedupfs::meta::META_FILE)).expect("open meta.redb");
-    let rt = db.begin_read().unwrap();
-    let t = rt.open_table(dedupfs::meta::CONTENTS).unwrap();
-    dedupfs::meta::live_content(&t, ino)
-        .unwrap()
-        .expect("file has a chunk list")
-        .1
-}
 
 /// Flips the last byte of the pack record holding `id`; returns whether
 /// it was found.

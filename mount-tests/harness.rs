@@ -859,3 +859,15 @@ pub fn write_file(p: &Path, data: &[u8]) {
 pub fn read_file(p: &Path) -> Vec<u8> {
     fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
+
+/// The live chunk list of inode `ino`, read from the unmounted store.
+pub fn chunks_of(store: &Path, ino: u64) -> Vec<dedupfs::format::ChunkRef> {
+    use redb::ReadableDatabase;
+    let db = redb::Database::open(store.join(dedupfs::meta::META_FILE)).expect("open meta.redb");
+    let rt = db.begin_read().unwrap();
+    let t = rt.open_table(dedupfs::meta::CONTENTS).unwrap();
+    dedupfs::meta::live_content(&t, ino)
+        .unwrap()
+        .expect("file has a chunk list")
+        .1
+}

@@ -15,4 +15,5 @@ mod posix;
 mod snap;
 mod snapfault;
 mod snapmodel;
+mod sparse;
 mod workloads;

@@ -39,6 +39,11 @@ pub enum FormatError {
 pub struct ChunkId(pub [u8; 20]);
 
 impl ChunkId {
+    /// Not a chunk: a chunk list entry with this id is a hole, `len` bytes
+    /// of zeros with nothing stored behind them (chunk list version 2).
+    /// No data hashes to it in practice (a SHA-1 preimage of zero).
+    pub const HOLE: ChunkId = ChunkId([0; 20]);
+
     pub fn of(data: &[u8]) -> ChunkId {
         use sha1::Digest;
         let digest = sha1::Sha1::digest(data);
@@ -624,20 +629,48 @@ impl PackEntry {
     }
 }
 
-/// A chunk as a stream refers to it: its name and plaintext length.
+/// A chunk as a stream refers to it: its name and plaintext length; or a
+/// hole (`ChunkId::HOLE`): that many zero bytes, no chunk behind them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChunkRef {
     pub id: ChunkId,
     pub len: u32,
 }
 
+impl ChunkRef {
+    pub fn hole(len: u32) -> ChunkRef {
+        ChunkRef {
+            id: ChunkId::HOLE,
+            len,
+        }
+    }
+
+    pub fn is_hole(&self) -> bool {
+        self.id == ChunkId::HOLE
+    }
+}
+
+/// The chunks a list refers to, in order: every entry but its holes. Every
+/// reference count and every fetch goes through this.
+pub fn chunk_ids(list: &[ChunkRef]) -> impl Iterator<Item = ChunkId> + '_ {
+    list.iter().filter(|c| !c.is_hole()).map(|c| c.id)
+}
+
+/// Version 1: chunks only. Version 2: may hold holes. A list is written at
+/// 1 unless it holds a hole, so a binary that predates holes refuses only
+/// the lists it would misread.
 pub const CHUNK_LIST_VERSION: u8 = 1;
+pub const CHUNK_LIST_VERSION_HOLES: u8 = 2;
 
 /// A chunk list (an object's or a file's content): version byte, then
 /// 24 bytes per chunk (20-byte id, u32 LE length).
 pub fn encode_chunk_list(chunks: &[ChunkRef]) -> Vec<u8> {
     let mut v = Vec::with_capacity(1 + 24 * chunks.len());
-    v.push(CHUNK_LIST_VERSION);
+    v.push(if chunks.iter().any(ChunkRef::is_hole) {
+        CHUNK_LIST_VERSION_HOLES
+    } else {
+        CHUNK_LIST_VERSION
+    });
     for c in chunks {
         v.extend_from_slice(&c.id.0);
         v.extend_from_slice(&c.len.to_le_bytes());
@@ -652,11 +685,11 @@ pub fn decode_chunk_list(b: &[u8]) -> Result<Vec<ChunkRef>, FormatError> {
             len: 0,
         });
     };
-    if version != CHUNK_LIST_VERSION {
+    if version != CHUNK_LIST_VERSION && version != CHUNK_LIST_VERSION_HOLES {
         return Err(FormatError::UnknownVersion {
             what: "chunk list",
             found: version as u32,
-            supported: CHUNK_LIST_VERSION as u32,
+            supported: CHUNK_LIST_VERSION_HOLES as u32,
         });
     }
     if rest.len() % 24 != 0 {
@@ -665,7 +698,7 @@ pub fn decode_chunk_list(b: &[u8]) -> Result<Vec<ChunkRef>, FormatError> {
             len: b.len(),
         });
     }
-    Ok(rest
+    let list: Vec<ChunkRef> = rest
         .chunks_exact(24)
         .map(|c| {
             let mut id = [0u8; 20];
@@ -675,7 +708,14 @@ pub fn decode_chunk_list(b: &[u8]) -> Result<Vec<ChunkRef>, FormatError> {
                 len: u32::from_le_bytes([c[20], c[21], c[22], c[23]]),
             }
         })
-        .collect())
+        .collect();
+    if version == CHUNK_LIST_VERSION && list.iter().any(ChunkRef::is_hole) {
+        return Err(FormatError::Malformed {
+            what: "chunk list",
+            why: "a hole in a version 1 list".into(),
+        });
+    }
+    Ok(list)
 }
 
 /// Version 2 of the `objects` table's value. Version 1 was the object's whole
@@ -1262,7 +1302,19 @@ mod tests {
                 len: 70000,
             },
         ];
-        assert_eq!(decode_chunk_list(&encode_chunk_list(&l)).unwrap(), l);
+        let enc = encode_chunk_list(&l);
+        assert_eq!((enc[0], decode_chunk_list(&enc).unwrap()), (1, l.clone()));
+        // A hole makes it version 2, and a version 1 list may hold none.
+        let mut h = l.clone();
+        h.insert(1, ChunkRef::hole(u32::MAX));
+        let mut enc = encode_chunk_list(&h);
+        assert_eq!((enc[0], decode_chunk_list(&enc).unwrap()), (2, h.clone()));
+        assert_eq!(chunk_ids(&h).collect::<Vec<_>>(), [l[0].id, l[1].id]);
+        enc[0] = 1;
+        assert!(matches!(
+            decode_chunk_list(&enc),
+            Err(FormatError::Malformed { .. })
+        ));
         let d = vec![(ChunkId::of(b"a"), OwnerId(1), -3i64)];
         assert_eq!(decode_ref_deltas(&encode_ref_deltas(&d)).unwrap(), d);
     }

@@ -484,7 +484,7 @@ pub fn next_release(db: &Database, id: ObjectId, max_chunks: usize) -> Result<Op
         }
         let seg = k.value().1;
         r.chunks
-            .extend(decode_segment(id, seg, v.value())?.iter().map(|c| c.id));
+            .extend(format::chunk_ids(&decode_segment(id, seg, v.value())?));
         r.last_segment = Some(seg);
     }
     Ok(Some(r))
@@ -1067,9 +1067,7 @@ pub fn chunks_of_ino(
             continue;
         }
         let (_, body) = format::decode_versioned(v.value()).map_err(|e| corrupt("content", e))?;
-        for c in decode_chunk_list_body(body)? {
-            out.insert(c.id);
-        }
+        out.extend(format::chunk_ids(&decode_chunk_list_body(body)?));
     }
     Ok(out)
 }

@@ -16,7 +16,7 @@ use redb::Database;
 
 use crate::Progress;
 use crate::chunker;
-use crate::format::{ChunkId, ChunkRef, ObjectId, OwnerId};
+use crate::format::{self, ChunkId, ChunkRef, ObjectId, OwnerId};
 use crate::meta;
 use crate::store::maint::{self, GcReport, RebuildReport, RefMap, VerifyReport};
 use crate::store::{Batch, Error, InitOptions, Result, Store, StoreStats};
@@ -265,7 +265,11 @@ impl Repo {
         let mut n = 0u64;
         let found = meta::read_object(&self.meta, owner, name, |list| {
             for c in list {
-                let data = self.store.read_chunk(&c.id)?;
+                let data = if c.is_hole() {
+                    vec![0; c.len as usize]
+                } else {
+                    self.store.read_chunk(&c.id)?
+                };
                 out.write_all(&data)
                     .map_err(|e| Error::io("writing output", e))?;
                 n += data.len() as u64;
@@ -349,8 +353,8 @@ impl Repo {
         // An object, named or pending, holds one reference per chunk of its
         // list (a chunk listed twice is held twice).
         meta::for_each_object_segment(meta_db, |owner, _, _, list| {
-            for c in list {
-                *counts.entry((c.id, owner)).or_default() += 1;
+            for id in format::chunk_ids(list) {
+                *counts.entry((id, owner)).or_default() += 1;
             }
             Ok(())
         })?;
@@ -363,9 +367,9 @@ impl Repo {
                 cur = Some(ino);
                 seen.clear();
             }
-            for c in list {
-                if seen.insert(c.id) {
-                    *counts.entry((c.id, OwnerId::LOCAL)).or_default() += 1;
+            for id in format::chunk_ids(list) {
+                if seen.insert(id) {
+                    *counts.entry((id, OwnerId::LOCAL)).or_default() += 1;
                 }
             }
             Ok(())

@@ -33,18 +33,38 @@ pub struct ChunkMap {
     pub chunks: Vec<ChunkRef>,
     /// `starts[i]` is chunk i's offset; one extra entry holds the total.
     pub starts: Vec<u64>,
+    /// The list's holes, adjacent hole entries merged, in order.
+    holes: Vec<(u64, u64)>,
 }
 
 impl ChunkMap {
     pub fn new(chunks: Vec<ChunkRef>) -> ChunkMap {
         let mut starts = Vec::with_capacity(chunks.len() + 1);
+        let mut holes: Vec<(u64, u64)> = Vec::new();
         let mut off = 0u64;
         for c in &chunks {
             starts.push(off);
-            off += c.len as u64;
+            let end = off + c.len as u64;
+            if c.is_hole() {
+                match holes.last_mut() {
+                    Some(h) if h.1 == off => h.1 = end,
+                    _ => holes.push((off, end)),
+                }
+            }
+            off = end;
         }
         starts.push(off);
-        ChunkMap { chunks, starts }
+        ChunkMap {
+            chunks,
+            starts,
+            holes,
+        }
+    }
+
+    /// The first hole that ends after `off`, starting no earlier than it.
+    pub fn hole_from(&self, off: u64) -> Option<(u64, u64)> {
+        let i = self.holes.partition_point(|h| h.1 <= off);
+        self.holes.get(i).map(|&(s, e)| (s.max(off), e))
     }
 
     pub fn len(&self) -> u64 {
@@ -431,6 +451,36 @@ impl Staged {
         Ok(())
     }
 
+    /// Makes [off, end) (clipped to the size) read as zeros by punching the
+    /// staging file, so nothing is written and ingest sees a hole. Where
+    /// the staging filesystem cannot punch, zeros are written instead.
+    pub fn punch(&mut self, off: u64, end: u64) -> io::Result<()> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        let end = end.min(self.size);
+        if off >= end {
+            return Ok(());
+        }
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match fallocate(&*self.file, flags, off, end - off) {
+            Ok(()) => {
+                self.dirty.insert(off, end);
+                self.touch();
+                Ok(())
+            }
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                let zeros = vec![0u8; 1 << 20];
+                let mut pos = off;
+                while pos < end {
+                    let n = (end - pos).min(zeros.len() as u64) as usize;
+                    self.write(pos, &zeros[..n])?;
+                    pos += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn set_size(&mut self, size: u64) -> io::Result<()> {
         if self.whole {
             self.file.set_len(size)?;
@@ -448,6 +498,17 @@ impl Staged {
         self.size = size;
         self.touch();
         Ok(())
+    }
+
+    /// The changed bytes that ingest may have to store: the dirty bytes,
+    /// but no more than the staging file holds (a hole of it is listed as
+    /// a hole, not stored: a `truncate -s 1T` stores nothing).
+    pub fn stored_dirty(&self) -> u64 {
+        let dirty: u64 = self.dirty.ranges().map(|(a, b)| b - a).sum();
+        match self.file.metadata() {
+            Ok(m) => dirty.min(m.blocks().saturating_mul(512)),
+            Err(_) => dirty,
+        }
     }
 
     pub fn sidecar(&self) -> Sidecar {
@@ -473,6 +534,29 @@ impl Staged {
             ctime: self.ctime,
         }
     }
+}
+
+/// The first hole of a staging file in [pos, end), clipped to it; past the
+/// file's end counts as a hole (it reads as zeros). A filesystem without
+/// SEEK_HOLE shows none.
+fn file_hole(f: &File, pos: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+    use rustix::fs::{SeekFrom, seek};
+    use rustix::io::Errno;
+    let start = match seek(f, SeekFrom::Hole(pos)) {
+        Ok(h) => h,
+        Err(Errno::NXIO) => pos,
+        Err(Errno::INVAL | Errno::OPNOTSUPP) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if start >= end {
+        return Ok(None);
+    }
+    let stop = match seek(f, SeekFrom::Data(start)) {
+        Ok(d) => d.min(end),
+        Err(Errno::NXIO) => end,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Some((start, stop.max(start + 1))))
 }
 
 pub fn system_time(t: Timespec) -> SystemTime {
@@ -532,6 +616,48 @@ impl StagedView {
         out
     }
 
+    /// The first hole of at least `min` bytes in [from, end) (clipped to
+    /// it): bytes that read as zeros without being stored anywhere, a
+    /// stretch past `base_limit`, a hole of the base's list or of the
+    /// staging file, merged where they meet.
+    pub fn first_hole(&self, from: u64, end: u64, min: u64) -> io::Result<Option<(u64, u64)>> {
+        let mut cur: Option<(u64, u64)> = None;
+        for p in self.pieces(from, end.min(self.size)) {
+            let (a, b) = match p {
+                Piece::Staged(a, b) | Piece::Base(a, b) | Piece::Zero(a, b) => (a, b),
+            };
+            let mut pos = a;
+            while pos < b {
+                let hole = match p {
+                    Piece::Zero(..) => Some((pos, b)),
+                    Piece::Base(..) => self
+                        .base
+                        .hole_from(pos)
+                        .filter(|h| h.0 < b)
+                        .map(|(s, e)| (s, e.min(b))),
+                    Piece::Staged(..) => file_hole(&self.file, pos, b)?,
+                };
+                let (s, e) = hole.unwrap_or((b, b));
+                if s > pos {
+                    // Data in [pos, s) ends the hole before it.
+                    if let Some(c) = cur.take()
+                        && c.1 - c.0 >= min
+                    {
+                        return Ok(Some(c));
+                    }
+                }
+                if s < e {
+                    cur = Some(match cur {
+                        Some((cs, ce)) if ce == s => (cs, e),
+                        _ => (s, e),
+                    });
+                }
+                pos = e;
+            }
+        }
+        Ok(cur.filter(|c| c.1 - c.0 >= min))
+    }
+
     /// Whether the base's tail from `off` on is still the file's tail, so
     /// re-chunking may stop at a base cut point past the last dirty byte.
     pub fn tail_intact(&self) -> bool {
@@ -575,5 +701,68 @@ mod tests {
         assert_eq!(m.find(15), None);
         assert_eq!(m.is_cut(10), Some(1));
         assert_eq!(m.is_cut(11), None);
+    }
+
+    /// Holes of the base list, of the staging file and past `base_limit`
+    /// merge where they meet; data between them ends a hole; `min` skips
+    /// short ones.
+    #[test]
+    fn first_hole_merges_across_pieces() {
+        let k = 1u64 << 10;
+        let id = crate::format::ChunkId::of(b"x");
+        let data = |len: u64| ChunkRef {
+            id,
+            len: len as u32,
+        };
+        let hole = |len: u64| ChunkRef::hole(len as u32);
+        // Base: data [0,64K), hole [64K,192K), data [192K,256K),
+        // hole [256K,512K) (two entries), data [512K,576K).
+        let base = ChunkMap::new(vec![
+            data(64 * k),
+            hole(128 * k),
+            data(64 * k),
+            hole(128 * k),
+            hole(128 * k),
+            data(64 * k),
+        ]);
+        assert_eq!(base.hole_from(0), Some((64 * k, 192 * k)));
+        assert_eq!(base.hole_from(100 * k), Some((100 * k, 192 * k)));
+        assert_eq!(base.hole_from(192 * k), Some((256 * k, 512 * k)));
+        assert_eq!(base.hole_from(512 * k), None);
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("s"))
+            .unwrap();
+        // Staged [160K,224K): a hole up to 192K, then data. Staged
+        // [480K,544K): all hole (past the staging file's end).
+        f.write_all_at(&[7u8; 32 << 10], 192 * k).unwrap();
+        let mut dirty = RangeSet::default();
+        dirty.insert(160 * k, 224 * k);
+        dirty.insert(480 * k, 544 * k);
+        let v = StagedView {
+            file: Arc::new(f),
+            base: Arc::new(base),
+            // Past 544K: a Zero piece up to the size.
+            base_limit: 544 * k,
+            size: 1024 * k,
+            dirty,
+            version: 0,
+            mtime: Timespec::default(),
+            ctime: Timespec::default(),
+        };
+        let h = |from, min| v.first_hole(from, v.size, min).unwrap();
+        assert_eq!(h(0, 1), Some((64 * k, 192 * k)));
+        // The staging data at [192K,224K) ends it; the base's data after.
+        assert_eq!(h(192 * k, 1), Some((256 * k, 1024 * k)));
+        assert_eq!(h(0, 200 * k), Some((256 * k, 1024 * k)));
+        assert_eq!(h(0, 2048 * k), None);
+        assert_eq!(
+            v.first_hole(300 * k, 400 * k, 1).unwrap(),
+            Some((300 * k, 400 * k))
+        );
     }
 }

@@ -25,7 +25,7 @@ use redb::{Durability, ReadableDatabase, ReadableTable};
 
 use super::Error;
 use super::staging::{self, ChunkMap, Piece, RangeSet, Sidecar, Staged, StagedView};
-use crate::format::{ChunkId, ChunkRef, Content, InodeRec, Kind, LIVE, OwnerId, Timespec};
+use crate::format::{self, ChunkId, ChunkRef, Content, InodeRec, Kind, LIVE, OwnerId, Timespec};
 use crate::meta::{self, Gens};
 use crate::repo::Repo;
 use crate::store::{self, Batch};
@@ -41,6 +41,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Content at most this long lives in the inode record.
 pub const INLINE_MAX: u64 = 4096;
 pub const NAME_MAX: usize = 255;
+/// A stretch of a file that reads as zeros without being stored (a hole of
+/// its staging file, of its old chunk list, or past what was written) is
+/// listed as a hole instead of chunked if it is at least this long. Why:
+/// `truncate -s 1T` chunked and hashed a terabyte of zeros at ingest and
+/// listed the zero chunk 16 million times. Shorter holes are chunked with
+/// the data around them, so an ordinary file chunks the same whether its
+/// zeros were written or skipped.
+const HOLE_MIN: u64 = 1 << 20;
+/// The longest hole entry (a chunk list length is a u32).
+const HOLE_ENTRY_MAX: u64 = 1 << 31;
 /// `Staged::version` of a staging state that still equals the committed
 /// file (nothing written, truncated or re-timed since it was staged).
 const UNTOUCHED: u64 = 1;
@@ -1832,8 +1842,8 @@ impl Volume {
     }
 
     /// Hands `f` the bytes of [off, end) of a chunk map in order, a
-    /// chunk's slice at a time; past the map's end, `None` and a length
-    /// that reads as zeros.
+    /// chunk's slice at a time; for a hole and past the map's end, `None`
+    /// and a length that reads as zeros.
     fn map_pieces(
         &self,
         map: &ChunkMap,
@@ -1847,6 +1857,12 @@ impl Volume {
                 f(None, (end - pos) as usize);
                 break;
             };
+            if map.chunks[i].is_hole() {
+                let n = map.starts[i + 1].min(end) - pos;
+                f(None, n as usize);
+                pos += n;
+                continue;
+            }
             let data = self.chunk(&map.chunks[i].id)?;
             let from = (pos - map.starts[i]) as usize;
             let n = (data.len() - from).min((end - pos) as usize);
@@ -2022,15 +2038,8 @@ impl Volume {
         if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 {
             // Zero only what exists (and, without KEEP_SIZE, what the range
             // extends the file by, which reads as zero anyway).
-            let zero_end = end.min(st.size);
-            let zeros = vec![0u8; 1 << 20];
-            let mut pos = off;
-            while pos < zero_end {
-                let n = (zero_end - pos).min(zeros.len() as u64) as usize;
-                st.write(pos, &zeros[..n])
-                    .map_err(|e| io_err("zeroing staging", e))?;
-                pos += n as u64;
-            }
+            st.punch(off, end)
+                .map_err(|e| io_err("punching staging", e))?;
         }
         if mode & KEEP_SIZE == 0 && end > st.size {
             st.set_size(end)
@@ -2039,13 +2048,42 @@ impl Volume {
         Ok(())
     }
 
-    /// SEEK_DATA / SEEK_HOLE: the whole file counts as data, with the
-    /// implicit hole at its end.
+    /// SEEK_DATA / SEEK_HOLE. Holes are what reads as zeros without being
+    /// stored: holes of a file's chunk list (and of its staging file while
+    /// it is staged), and the implicit hole at its end. A file in a
+    /// snapshot counts as all data.
     pub fn lseek(&self, ino: u64, off: i64, whence: i32) -> Result<i64> {
         let size = self.getattr(ino)?.size as i64;
+        let seek_hole = |whence| -> Result<i64> {
+            let o = off as u64;
+            let hole = if let Some(st) = self.staged_of(ino) {
+                let v = {
+                    let mut st = st.lock();
+                    refresh(&mut st);
+                    st.view()
+                };
+                v.first_hole(o, v.size, 1)
+                    .map_err(|e| io_err("seeking staging", e))?
+            } else if is_snap_ino(ino) {
+                None
+            } else {
+                match self.read_inode(ino)?.content {
+                    Content::Chunked => self.chunk_map(ino)?.hole_from(o),
+                    Content::Empty => Some((o, size as u64)),
+                    Content::Inline(_) => None,
+                }
+            };
+            let (s, e) = hole.unwrap_or((size as u64, size as u64));
+            Ok(match whence {
+                libc::SEEK_HOLE => s.max(o) as i64,
+                _ if s > o => off,
+                _ if e >= size as u64 => return Err(Error::Errno(libc::ENXIO)),
+                _ => e as i64,
+            })
+        };
         match whence {
-            libc::SEEK_DATA if off < size => Ok(off),
-            libc::SEEK_HOLE if off < size => Ok(size),
+            libc::SEEK_DATA | libc::SEEK_HOLE if off < 0 => Err(Error::Errno(libc::ENXIO)),
+            libc::SEEK_DATA | libc::SEEK_HOLE if off < size => seek_hole(whence),
             libc::SEEK_DATA | libc::SEEK_HOLE => Err(Error::Errno(libc::ENXIO)),
             libc::SEEK_SET => Ok(off),
             libc::SEEK_END => Ok(size + off),
@@ -2314,7 +2352,7 @@ impl Volume {
         let changed: u64 = inos
             .iter()
             .filter_map(|i| self.staged_of(*i))
-            .map(|st| st.lock().dirty.ranges().map(|(a, b)| b - a).sum::<u64>())
+            .map(|st| st.lock().stored_dirty())
             .sum();
         self.check_space(Space::Data(changed))?;
         let store = self.repo.store();
@@ -2436,7 +2474,7 @@ impl Volume {
             let before = meta::chunks_of_ino(&contents, *ino, &[])?;
             let mut after = meta::chunks_of_ino(&contents, *ino, &skip)?;
             if let NewContent::Chunked(list) = new {
-                after.extend(list.iter().map(|c| c.id));
+                after.extend(format::chunk_ids(list));
             }
             queue_union_change(batch, &before, &after);
         }
@@ -2472,33 +2510,59 @@ impl Volume {
         let mut list: Vec<ChunkRef> = base.chunks[..i0].to_vec();
         let last_dirty = v.dirty.last_end().unwrap_or(first);
         let tail_ok = v.tail_intact();
+        // Where the base's own cut points take over again.
+        let resynced = |pos: u64| {
+            if tail_ok && pos > last_dirty {
+                base.is_cut(pos)
+            } else {
+                None
+            }
+        };
         let mut pos = start;
         let mut suffix: Option<usize> = None;
-        let reader = MergedReader {
-            vol: self,
-            view: v,
-            pos: start,
-        };
-        let res = crate::chunker::chunk_stream(
-            self.repo.store().config().chunker,
-            reader,
-            |data| -> std::result::Result<(), RechunkStop> {
-                list.push(batch.put_chunk(data).map_err(RechunkStop::Store)?);
-                pos += data.len() as u64;
-                if tail_ok
-                    && pos > last_dirty
-                    && let Some(j) = base.is_cut(pos)
-                {
-                    suffix = Some(j);
-                    return Err(RechunkStop::Resynced);
-                }
-                Ok(())
-            },
-        );
-        match res {
-            Ok(_) | Err(RechunkStop::Resynced) => {}
-            Err(RechunkStop::Store(e)) => return Err(e.into()),
-            Err(RechunkStop::Io(e)) => return Err(io_err("reading staged data", e)),
+        // Data runs are chunked; holes of HOLE_MIN and more are listed as
+        // holes, neither read, hashed nor stored.
+        while pos < v.size && suffix.is_none() {
+            let hole = if v.size - pos >= HOLE_MIN {
+                v.first_hole(pos, v.size, HOLE_MIN)
+                    .map_err(|e| io_err("finding holes in staging", e))?
+            } else {
+                None
+            };
+            let data_end = hole.map_or(v.size, |h| h.0);
+            let reader = MergedReader {
+                vol: self,
+                view: v,
+                pos,
+                end: data_end,
+            };
+            let res = crate::chunker::chunk_stream(
+                self.repo.store().config().chunker,
+                reader,
+                |data| -> std::result::Result<(), RechunkStop> {
+                    list.push(batch.put_chunk(data).map_err(RechunkStop::Store)?);
+                    pos += data.len() as u64;
+                    suffix = resynced(pos);
+                    match suffix {
+                        Some(_) => Err(RechunkStop::Resynced),
+                        None => Ok(()),
+                    }
+                },
+            );
+            match res {
+                Ok(_) | Err(RechunkStop::Resynced) => {}
+                Err(RechunkStop::Store(e)) => return Err(e.into()),
+                Err(RechunkStop::Io(e)) => return Err(io_err("reading staged data", e)),
+            }
+            let Some((_, hole_end)) = hole else { break };
+            while pos < hole_end && suffix.is_none() {
+                // Entries end at multiples of HOLE_ENTRY_MAX, so the same
+                // hole lists the same way wherever its re-chunk started.
+                let e = ((pos / HOLE_ENTRY_MAX + 1) * HOLE_ENTRY_MAX).min(hole_end);
+                list.push(ChunkRef::hole((e - pos) as u32));
+                pos = e;
+                suffix = resynced(pos);
+            }
         }
         if let Some(j) = suffix {
             list.extend_from_slice(&base.chunks[j..]);
@@ -2656,16 +2720,17 @@ impl From<io::Error> for RechunkStop {
     }
 }
 
-/// Reads a staged file's bytes from `pos` on, merging staging and base.
+/// Reads a staged file's bytes in [pos, end), merging staging and base.
 struct MergedReader<'a> {
     vol: &'a Volume,
     view: &'a StagedView,
     pos: u64,
+    end: u64,
 }
 
 impl Read for MergedReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let end = (self.pos + buf.len() as u64).min(self.view.size);
+        let end = (self.pos + buf.len() as u64).min(self.end);
         if self.pos >= end {
             return Ok(0);
         }

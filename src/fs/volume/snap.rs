@@ -1141,7 +1141,7 @@ impl Volume {
             if let Some(l) = &it.chunks
                 && counted.insert(it.src)
             {
-                let distinct: std::collections::HashSet<ChunkId> = l.iter().map(|c| c.id).collect();
+                let distinct: std::collections::HashSet<ChunkId> = format::chunk_ids(l).collect();
                 batch.add_refs(OwnerId::LOCAL, distinct);
             }
         }
@@ -1321,7 +1321,7 @@ impl Volume {
             let before = meta::chunks_of_ino(&contents, *id, &[])?;
             let mut after = meta::chunks_of_ino(&contents, *id, &skip)?;
             if let Some((_, l)) = &want {
-                after.extend(l.iter().map(|c| c.id));
+                after.extend(format::chunk_ids(l));
             }
             queue_union_change(&mut batch, &before, &after);
             content_plan.push((*id, want.map(|x| x.1)));
