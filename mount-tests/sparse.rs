@@ -67,7 +67,10 @@ fn terabyte_sparse_file_is_listed_as_holes() {
         // `first`: where SEEK_DATA from 0 lands.
         let check = |t: &TestFs, when: &str, first: u64| {
             let f = File::open(t.p("disk.img")).unwrap();
-            assert_eq!(f.metadata().unwrap().len(), size, "{when}: size");
+            let m = f.metadata().unwrap();
+            assert_eq!(m.len(), size, "{when}: size");
+            // st_blocks counts the data, not the holes.
+            assert!(m.blocks() * 512 < 64 * MIB, "{when}: {} blocks", m.blocks());
             assert_bytes_at(&f, a, &da, &format!("{when}: data at 600 GiB"));
             assert_bytes_at(&f, b, &db, &format!("{when}: data at the end"));
             for off in [0, 4096, a - 4096, a + MIB, 900 * GIB] {
@@ -169,6 +172,8 @@ fn punched_range_is_a_hole() {
         t.assert_fsck_clean();
         t.mount();
         check(t, "chunked");
+        let blocks = fs::metadata(t.p("f")).unwrap().blocks();
+        assert_eq!(blocks * 512, 4 * MIB, "st_blocks leaves the hole out");
         t.umount();
     });
 }

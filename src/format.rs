@@ -960,6 +960,9 @@ pub struct InodeRec {
     pub ctime: Timespec,
     pub btime: Timespec,
     pub content: Content,
+    /// How many bytes of a chunked file's list are holes (st_blocks leaves
+    /// them out); 0 for other content.
+    pub holes: u64,
     /// The directory and name this inode was last linked under: exact for
     /// directories (one name each), a hint for hard-linked files. Lets
     /// `..`, diff and restore name an inode without scanning directories.
@@ -988,7 +991,11 @@ impl InodeRec {
                 v.extend_from_slice(&(b.len() as u32).to_le_bytes());
                 v.extend_from_slice(b);
             }
-            Content::Chunked => v.push(2),
+            Content::Chunked if self.holes == 0 => v.push(2),
+            Content::Chunked => {
+                v.push(3);
+                v.extend_from_slice(&self.holes.to_le_bytes());
+            }
         }
         v.extend_from_slice(&self.parent.to_le_bytes());
         v.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
@@ -1019,6 +1026,7 @@ impl InodeRec {
             t.secs = r.u64()? as i64;
             t.nanos = r.u32()?;
         }
+        let mut holes = 0;
         let content = match r.u8()? {
             0 => Content::Empty,
             1 => {
@@ -1026,6 +1034,10 @@ impl InodeRec {
                 Content::Inline(r.take(n)?.to_vec())
             }
             2 => Content::Chunked,
+            3 => {
+                holes = r.u64()?;
+                Content::Chunked
+            }
             c => {
                 return Err(FormatError::Malformed {
                     what: "inode",
@@ -1055,6 +1067,7 @@ impl InodeRec {
             ctime: ts[2],
             btime: ts[3],
             content,
+            holes,
             parent,
             name,
         })
@@ -1261,12 +1274,16 @@ mod tests {
             ctime: Timespec::now(),
             btime: Timespec::default(),
             content: Content::Inline(b"hello".to_vec()),
+            holes: 0,
             parent: 9,
             name: b"n\xffame".to_vec(),
         };
         assert_eq!(InodeRec::decode(&rec.encode()).unwrap(), rec);
         rec.content = Content::Chunked;
         assert_eq!(InodeRec::decode(&rec.encode()).unwrap(), rec);
+        rec.holes = 1 << 40;
+        assert_eq!(InodeRec::decode(&rec.encode()).unwrap(), rec);
+        rec.holes = 0;
         // A version 1 record is the v2 layout without the link.
         let mut v1 = rec.encode();
         v1.truncate(v1.len() - 8 - 2 - rec.name.len());

@@ -631,6 +631,7 @@ pub fn ensure_fs(db: &Database, uid: u32, gid: u32) -> Result<()> {
                 ctime: now,
                 btime: now,
                 content: format::Content::Empty,
+                holes: 0,
                 parent: ROOT_INO,
                 name: Vec::new(),
             };

@@ -500,6 +500,15 @@ impl Staged {
         Ok(())
     }
 
+    /// Bytes of `size` the staging file does not hold (its holes), for a
+    /// whole staging file; 0 when it cannot be read.
+    pub fn unallocated(&self) -> u64 {
+        match self.file.metadata() {
+            Ok(m) => self.size.saturating_sub(m.blocks().saturating_mul(512)),
+            Err(_) => 0,
+        }
+    }
+
     /// The changed bytes that ingest may have to store: the dirty bytes,
     /// but no more than the staging file holds (a hole of it is listed as
     /// a hole, not stored: a `truncate -s 1T` stores nothing).

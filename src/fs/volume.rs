@@ -79,6 +79,9 @@ pub struct Attr {
     pub mtime: Timespec,
     pub ctime: Timespec,
     pub btime: Timespec,
+    /// Bytes of `size` that take no space (holes): st_blocks leaves them
+    /// out.
+    pub holes: u64,
 }
 
 /// What to change in `setattr`; `None` leaves a field alone.
@@ -620,6 +623,10 @@ impl Volume {
             mtime: rec.mtime,
             ctime: rec.ctime,
             btime: rec.btime,
+            holes: match rec.content {
+                Content::Chunked => rec.holes.min(rec.size),
+                _ => 0,
+            },
         };
         if let Some(st) = self.staged_of(ino) {
             let mut st = st.lock();
@@ -627,6 +634,14 @@ impl Volume {
             a.size = st.size;
             a.mtime = st.mtime;
             a.ctime = a.ctime.max(st.ctime);
+            // A whole staging file's holes are the file's; ingest lists
+            // only those of HOLE_MIN and more, so smaller files skip the
+            // fstat. A file on a base keeps the base's count.
+            a.holes = if st.whole && st.size >= HOLE_MIN {
+                st.unallocated()
+            } else {
+                a.holes.min(st.size)
+            };
         }
         a
     }
@@ -718,6 +733,7 @@ impl Volume {
                 ctime: now,
                 btime: now,
                 content,
+                holes: 0,
                 parent,
                 name: name.to_vec(),
             };
@@ -1277,6 +1293,7 @@ impl Volume {
                 ctime: a.ctime,
                 btime: a.btime,
                 content: Content::Empty,
+                holes: 0,
                 parent: 0,
                 name: Vec::new(),
             },
@@ -2692,9 +2709,15 @@ fn commit_content(
         NewContent::Chunked(list) => {
             t.write_content(ino, Some(list))?;
             rec.content = Content::Chunked;
+            rec.holes = list
+                .iter()
+                .filter(|c| c.is_hole())
+                .map(|c| c.len as u64)
+                .sum();
         }
         NewContent::Inline(b) => {
             t.write_content(ino, None)?;
+            rec.holes = 0;
             rec.content = if b.is_empty() {
                 Content::Empty
             } else {
