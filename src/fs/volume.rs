@@ -254,6 +254,13 @@ pub struct Volume {
     lazy_commits: AtomicU64,
     durable_upto: AtomicU64,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Set at shutdown; wakes the flusher out of its wait. Why: it slept
+    /// two seconds between syncs and shutdown joins it, so every unmount
+    /// took a second more on average.
+    /// Shared with the flusher, which holds no strong reference while it
+    /// waits (the volume drops, and its store unlocks, when its owner lets
+    /// go).
+    flush_stop: Arc<(Mutex<bool>, Condvar)>,
     /// An ingest failed for want of space; the flusher queues idle staged
     /// files again (nothing else would before the next close or mount).
     retry_ingest: AtomicBool,
@@ -323,6 +330,7 @@ impl Volume {
             lazy_commits: AtomicU64::new(0),
             durable_upto: AtomicU64::new(0),
             workers: Mutex::new(Vec::new()),
+            flush_stop: Arc::new((Mutex::new(false), Condvar::new())),
             retry_ingest: AtomicBool::new(false),
             // Orphans a crash left are reaped at start.
             orphan_seq: AtomicU64::new(1),
@@ -344,9 +352,10 @@ impl Volume {
         }
         {
             let v = Arc::downgrade(&vol);
+            let stop = vol.flush_stop.clone();
             let h = std::thread::Builder::new()
                 .name("meta-flush".into())
-                .spawn(move || flush_loop(v))
+                .spawn(move || flush_loop(v, &stop))
                 .map_err(|e| io_err("starting flusher", e))?;
             vol.workers.lock().push(h);
         }
@@ -431,6 +440,8 @@ impl Volume {
                 let _ = q.send(Msg::Stop);
             }
         }
+        *self.flush_stop.0.lock() = true;
+        self.flush_stop.1.notify_all();
         let hs: Vec<_> = self.workers.lock().drain(..).collect();
         for h in hs {
             let _ = h.join();
@@ -3038,9 +3049,17 @@ fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
     }
 }
 
-fn flush_loop(vol: std::sync::Weak<Volume>) {
+fn flush_loop(vol: std::sync::Weak<Volume>, stop: &(Mutex<bool>, Condvar)) {
     loop {
-        std::thread::sleep(Duration::from_secs(2));
+        {
+            let mut stopped = stop.0.lock();
+            if !*stopped {
+                stop.1.wait_for(&mut stopped, Duration::from_secs(2));
+            }
+            if *stopped {
+                return;
+            }
+        }
         let Some(v) = vol.upgrade() else { return };
         if v.queue.lock().is_none() {
             return;
