@@ -188,8 +188,15 @@ fn decode_object(name: &str, v: &[u8]) -> Result<ObjectRec> {
     ObjectRec::decode(v).map_err(|e| Error::Db(format!("object {name}: {e}")))
 }
 
+/// An object's segment. Objects never hold holes (only the filesystem
+/// lists them), so one that does is damaged.
 fn decode_segment(id: ObjectId, seg: u32, v: &[u8]) -> Result<Vec<ChunkRef>> {
-    format::decode_chunk_list(v).map_err(|e| Error::Db(format!("{id} segment {seg}: {e}")))
+    let list =
+        format::decode_chunk_list(v).map_err(|e| Error::Db(format!("{id} segment {seg}: {e}")))?;
+    if list.iter().any(ChunkRef::is_hole) {
+        return Err(Error::Db(format!("{id} segment {seg}: holds a hole")));
+    }
+    Ok(list)
 }
 
 pub fn get_object(db: &Database, owner: OwnerId, name: &str) -> Result<Option<ObjectRec>> {

@@ -265,11 +265,7 @@ impl Repo {
         let mut n = 0u64;
         let found = meta::read_object(&self.meta, owner, name, |list| {
             for c in list {
-                let data = if c.is_hole() {
-                    vec![0; c.len as usize]
-                } else {
-                    self.store.read_chunk(&c.id)?
-                };
+                let data = self.store.read_chunk(&c.id)?;
                 out.write_all(&data)
                     .map_err(|e| Error::io("writing output", e))?;
                 n += data.len() as u64;

@@ -61,6 +61,15 @@ impl ChunkMap {
         }
     }
 
+    /// How many bytes below `end` are holes.
+    pub fn hole_bytes_below(&self, end: u64) -> u64 {
+        self.holes
+            .iter()
+            .take_while(|h| h.0 < end)
+            .map(|h| h.1.min(end) - h.0)
+            .sum()
+    }
+
     /// The first hole that ends after `off`, starting no earlier than it.
     pub fn hole_from(&self, off: u64) -> Option<(u64, u64)> {
         let i = self.holes.partition_point(|h| h.1 <= off);
@@ -145,17 +154,26 @@ impl RangeSet {
 
     /// The dirty parts of [start, end), in order.
     pub fn overlapping(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        if let Some((&s, &e)) = self.r.range(..start).next_back()
-            && e > start
-        {
-            out.push((start, e.min(end)));
-            let _ = s;
-        }
-        for (&s, &e) in self.r.range(start..end) {
-            out.push((s, e.min(end)));
-        }
-        out
+        self.overlapping_iter(start, end).collect()
+    }
+
+    /// `overlapping`, lazily (an lseek stops at the first hole); empty
+    /// when start >= end.
+    pub fn overlapping_iter(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let end = end.max(start);
+        let first = self
+            .r
+            .range(..start)
+            .next_back()
+            .map(|(_, &e)| (start, e.min(end)));
+        first
+            .into_iter()
+            .chain(
+                self.r
+                    .range(start..end)
+                    .map(move |(&s, &e)| (s, e.min(end))),
+            )
+            .filter(|(a, b)| a < b)
     }
 
     pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
@@ -453,7 +471,8 @@ impl Staged {
 
     /// Makes [off, end) (clipped to the size) read as zeros by punching the
     /// staging file, so nothing is written and ingest sees a hole. Where
-    /// the staging filesystem cannot punch, zeros are written instead.
+    /// the staging filesystem cannot punch (EOPNOTSUPP, ENOSYS, EINVAL),
+    /// zeros are written instead.
     pub fn punch(&mut self, off: u64, end: u64) -> io::Result<()> {
         use rustix::fs::{FallocateFlags, fallocate};
         let end = end.min(self.size);
@@ -467,7 +486,9 @@ impl Staged {
                 self.touch();
                 Ok(())
             }
-            Err(rustix::io::Errno::OPNOTSUPP) => {
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL,
+            ) => {
                 let zeros = vec![0u8; 1 << 20];
                 let mut pos = off;
                 while pos < end {
@@ -500,24 +521,27 @@ impl Staged {
         Ok(())
     }
 
-    /// Bytes of `size` the staging file does not hold (its holes), for a
-    /// whole staging file; 0 when it cannot be read.
-    pub fn unallocated(&self) -> u64 {
-        match self.file.metadata() {
-            Ok(m) => self.size.saturating_sub(m.blocks().saturating_mul(512)),
-            Err(_) => 0,
+    /// At most the bytes of the file that are holes, for st_blocks: it may
+    /// count too few (more blocks), never too many, or `tar --sparse`
+    /// would skip data as a hole. A whole staging file of HOLE_MIN or more:
+    /// what it does not hold (the holes ingest lists are at least that
+    /// long). On a base: the base's holes below `base_limit`, less every
+    /// dirty byte (a write may have filled them).
+    pub fn holes_bound(&self, hole_min: u64) -> u64 {
+        if self.whole {
+            if self.size < hole_min {
+                return 0;
+            }
+            return match self.file.metadata() {
+                Ok(m) => self.size.saturating_sub(m.blocks().saturating_mul(512)),
+                Err(_) => 0,
+            };
         }
-    }
-
-    /// The changed bytes that ingest may have to store: the dirty bytes,
-    /// but no more than the staging file holds (a hole of it is listed as
-    /// a hole, not stored: a `truncate -s 1T` stores nothing).
-    pub fn stored_dirty(&self) -> u64 {
+        let clean = self
+            .base
+            .hole_bytes_below(self.base_limit.min(self.base.len()));
         let dirty: u64 = self.dirty.ranges().map(|(a, b)| b - a).sum();
-        match self.file.metadata() {
-            Ok(m) => dirty.min(m.blocks().saturating_mul(512)),
-            Err(_) => dirty,
-        }
+        clean.saturating_sub(dirty).min(self.size)
     }
 
     pub fn sidecar(&self) -> Sidecar {
@@ -601,28 +625,50 @@ pub enum Piece {
 impl StagedView {
     /// Splits [start, end) (already clipped to size) by where bytes live.
     pub fn pieces(&self, start: u64, end: u64) -> Vec<Piece> {
-        let mut out = Vec::new();
+        self.pieces_iter(start, end).collect()
+    }
+
+    /// `pieces`, lazily.
+    pub fn pieces_iter(&self, start: u64, end: u64) -> impl Iterator<Item = Piece> + '_ {
         let clean_end = self.base_limit.min(self.base.len());
-        let mut pos = start;
-        let push_clean = |a: u64, b: u64, out: &mut Vec<Piece>| {
+        // Pushed in reverse: the stack pops them in order.
+        let clean = move |a: u64, b: u64, out: &mut Vec<Piece>| {
             if a >= b {
                 return;
             }
             let mid = clean_end.clamp(a, b);
-            if a < mid {
-                out.push(Piece::Base(a, mid));
-            }
             if mid < b {
                 out.push(Piece::Zero(mid, b));
             }
+            if a < mid {
+                out.push(Piece::Base(a, mid));
+            }
         };
-        for (s, e) in self.dirty.overlapping(start, end) {
-            push_clean(pos, s, &mut out);
-            out.push(Piece::Staged(s, e));
-            pos = e;
-        }
-        push_clean(pos, end, &mut out);
-        out
+        let mut dirty = self.dirty.overlapping_iter(start, end);
+        let mut pos = start;
+        let mut stack: Vec<Piece> = Vec::new();
+        let mut done = false;
+        std::iter::from_fn(move || {
+            loop {
+                if let Some(p) = stack.pop() {
+                    return Some(p);
+                }
+                if done {
+                    return None;
+                }
+                match dirty.next() {
+                    Some((s, e)) => {
+                        stack.push(Piece::Staged(s, e));
+                        clean(pos, s, &mut stack);
+                        pos = e;
+                    }
+                    None => {
+                        clean(pos, end, &mut stack);
+                        done = true;
+                    }
+                }
+            }
+        })
     }
 
     /// The first hole of at least `min` bytes in [from, end) (clipped to
@@ -630,8 +676,12 @@ impl StagedView {
     /// stretch past `base_limit`, a hole of the base's list or of the
     /// staging file, merged where they meet.
     pub fn first_hole(&self, from: u64, end: u64, min: u64) -> io::Result<Option<(u64, u64)>> {
+        let end = end.min(self.size);
+        if from >= end {
+            return Ok(None);
+        }
         let mut cur: Option<(u64, u64)> = None;
-        for p in self.pieces(from, end.min(self.size)) {
+        for p in self.pieces_iter(from, end) {
             let (a, b) = match p {
                 Piece::Staged(a, b) | Piece::Base(a, b) | Piece::Zero(a, b) => (a, b),
             };
@@ -665,6 +715,28 @@ impl StagedView {
             }
         }
         Ok(cur.filter(|c| c.1 - c.0 >= min))
+    }
+
+    /// The changed bytes ingest may have to store: every dirty byte but
+    /// those of the holes it will list (at least `hole_min` long), so a
+    /// `truncate -s 1T` stores nothing. Not the staging file's st_blocks:
+    /// a compressing filesystem under the store would make that too few.
+    pub fn dirty_to_store(&self, hole_min: u64) -> io::Result<u64> {
+        let dirty: u64 = self.dirty.ranges().map(|(a, b)| b - a).sum();
+        if dirty < hole_min {
+            return Ok(dirty);
+        }
+        let mut listed = 0u64;
+        let mut pos = 0;
+        while let Some((s, e)) = self.first_hole(pos, self.size, hole_min)? {
+            listed += self
+                .dirty
+                .overlapping_iter(s, e)
+                .map(|(a, b)| b - a)
+                .sum::<u64>();
+            pos = e;
+        }
+        Ok(dirty.saturating_sub(listed))
     }
 
     /// Whether the base's tail from `off` on is still the file's tail, so

@@ -645,14 +645,7 @@ impl Volume {
             a.size = st.size;
             a.mtime = st.mtime;
             a.ctime = a.ctime.max(st.ctime);
-            // A whole staging file's holes are the file's; ingest lists
-            // only those of HOLE_MIN and more, so smaller files skip the
-            // fstat. A file on a base keeps the base's count.
-            a.holes = if st.whole && st.size >= HOLE_MIN {
-                st.unallocated()
-            } else {
-                a.holes.min(st.size)
-            };
+            a.holes = st.holes_bound(HOLE_MIN);
         }
         a
     }
@@ -2084,28 +2077,37 @@ impl Volume {
         let size = self.getattr(ino)?.size as i64;
         let seek_hole = |whence| -> Result<i64> {
             let o = off as u64;
-            let hole = if let Some(st) = self.staged_of(ino) {
+            // The size and first hole from one look at the file (a
+            // truncate may have run since `getattr`).
+            let (size, hole) = if let Some(st) = self.staged_of(ino) {
                 let v = {
                     let mut st = st.lock();
                     refresh(&mut st);
                     st.view()
                 };
-                v.first_hole(o, v.size, 1)
-                    .map_err(|e| io_err("seeking staging", e))?
+                let h = v
+                    .first_hole(o, v.size, 1)
+                    .map_err(|e| io_err("seeking staging", e))?;
+                (v.size, h)
             } else if is_snap_ino(ino) {
-                None
+                (size as u64, None)
             } else {
-                match self.read_inode(ino)?.content {
+                let rec = self.read_inode(ino)?;
+                let h = match rec.content {
                     Content::Chunked => self.chunk_map(ino)?.hole_from(o),
-                    Content::Empty => Some((o, size as u64)),
+                    Content::Empty => Some((o, rec.size)),
                     Content::Inline(_) => None,
-                }
+                };
+                (rec.size, h)
             };
-            let (s, e) = hole.unwrap_or((size as u64, size as u64));
+            if o >= size {
+                return Err(Error::Errno(libc::ENXIO));
+            }
+            let (s, e) = hole.map_or((size, size), |(s, e)| (s.min(size), e.min(size)));
             Ok(match whence {
                 libc::SEEK_HOLE => s.max(o) as i64,
                 _ if s > o => off,
-                _ if e >= size as u64 => return Err(Error::Errno(libc::ENXIO)),
+                _ if e >= size => return Err(Error::Errno(libc::ENXIO)),
                 _ => e as i64,
             })
         };
@@ -2175,7 +2177,37 @@ impl Volume {
                 return Ok(st.size);
             }
         }
-        let n = len.min(src_size.saturating_sub(off_in)).min(16 << 20);
+        let mut n = len.min(src_size.saturating_sub(off_in)).min(16 << 20);
+        if n > 0 && !is_snap_ino(ino_in) {
+            // A hole of the source is punched, not copied as zeros; data
+            // is copied up to the next hole.
+            let hole = self.lseek(ino_in, off_in as i64, libc::SEEK_HOLE)? as u64;
+            if hole > off_in {
+                n = n.min(hole - off_in);
+            } else {
+                let data = match self.lseek(ino_in, off_in as i64, libc::SEEK_DATA) {
+                    Ok(d) => d as u64,
+                    Err(e) if e.errno() == libc::ENXIO => src_size,
+                    Err(e) => return Err(e),
+                };
+                let m = len.min(data.saturating_sub(off_in));
+                if m >= HOLE_MIN {
+                    self.check_writable()?;
+                    let st = self.staged_of(ino_out).ok_or(Error::Errno(libc::EBADF))?;
+                    let mut st = st.lock();
+                    refresh(&mut st);
+                    let end = off_out.checked_add(m).ok_or(Error::Errno(libc::EFBIG))?;
+                    let old = st.size;
+                    st.punch(off_out, end)
+                        .map_err(|e| io_err("punching staging", e))?;
+                    if end > old {
+                        st.set_size(end)
+                            .map_err(|e| io_err("extending staging", e))?;
+                    }
+                    return Ok(m);
+                }
+            }
+        }
         let data = self.read(ino_in, off_in, n as u32)?;
         let mut done = 0u64;
         while (done as usize) < data.len() {
@@ -2379,8 +2411,14 @@ impl Volume {
         // than fill the disk under the index commit (see `check_space`).
         let changed: u64 = inos
             .iter()
-            .filter_map(|i| self.staged_of(*i))
-            .map(|st| st.lock().stored_dirty())
+            .filter_map(|i| Some((*i, self.staged_of(*i)?)))
+            .map(|(ino, st)| {
+                let v = st.lock().view();
+                v.dirty_to_store(HOLE_MIN).unwrap_or_else(|e| {
+                    log::warn!("inode {ino}: finding holes in staging: {e}");
+                    v.dirty.ranges().map(|(a, b)| b - a).sum()
+                })
+            })
             .sum();
         self.check_space(Space::Data(changed))?;
         let store = self.repo.store();
