@@ -177,3 +177,267 @@ fn punched_range_is_a_hole() {
         t.umount();
     });
 }
+
+/// The bytes of a sparse file as runs of data; everything else is zeros.
+#[derive(Default)]
+struct Sparse {
+    size: u64,
+    runs: std::collections::BTreeMap<u64, Vec<u8>>,
+}
+
+impl Sparse {
+    /// Removes [a, b) from the runs, splitting those that straddle it.
+    fn cut(&mut self, a: u64, b: u64) {
+        let hit: Vec<u64> = self
+            .runs
+            .range(..b)
+            .filter(|(s, d)| **s + d.len() as u64 > a)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in hit {
+            let d = self.runs.remove(&s).unwrap();
+            let e = s + d.len() as u64;
+            if s < a {
+                self.runs.insert(s, d[..(a - s) as usize].to_vec());
+            }
+            if e > b {
+                self.runs.insert(b, d[(b - s) as usize..].to_vec());
+            }
+        }
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) {
+        self.cut(off, off + data.len() as u64);
+        self.runs.insert(off, data.to_vec());
+        self.size = self.size.max(off + data.len() as u64);
+    }
+
+    fn truncate(&mut self, len: u64) {
+        self.cut(len, u64::MAX);
+        self.size = len;
+    }
+
+    fn read(&self, off: u64, len: usize) -> Vec<u8> {
+        let end = (off + len as u64).min(self.size);
+        let mut out = vec![0u8; end.saturating_sub(off) as usize];
+        for (s, d) in &self.runs {
+            let e = s + d.len() as u64;
+            let (a, b) = ((*s).max(off), e.min(end));
+            if a < b {
+                out[(a - off) as usize..(b - off) as usize]
+                    .copy_from_slice(&d[(a - s) as usize..(b - s) as usize]);
+            }
+        }
+        out
+    }
+
+    fn data_bytes(&self) -> u64 {
+        self.runs.values().map(|d| d.len() as u64).sum()
+    }
+
+    /// Offsets worth reading around: every run's edges, the 2 GiB marks
+    /// where hole entries end, and the end.
+    fn edges(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .runs
+            .iter()
+            .flat_map(|(s, d)| [*s, s + d.len() as u64])
+            .collect();
+        v.extend((1..8).map(|i| i * 2 * GIB));
+        v.push(self.size);
+        v
+    }
+}
+
+/// Checks a file in the mount against the model: size, the bytes around
+/// every edge, that SEEK_DATA/SEEK_HOLE never call data a hole, and that
+/// st_blocks covers at least the data.
+fn check_model(t: &TestFs, name: &str, m: &Sparse, when: &str) {
+    let f = File::open(t.p(name)).unwrap();
+    let meta = f.metadata().unwrap();
+    assert_eq!(meta.len(), m.size, "{when}: size");
+    for e in m.edges() {
+        let a = e.saturating_sub(8192).min(m.size);
+        let got = {
+            let want_len = ((e + 8192).min(m.size) - a) as usize;
+            let mut b = vec![0xeeu8; want_len];
+            f.read_exact_at(&mut b, a).unwrap();
+            b
+        };
+        assert_bytes_eq(&got, &m.read(a, got.len()), &format!("{when}: around {e}"));
+    }
+    // Every hole SEEK_HOLE/SEEK_DATA report must hold no model data.
+    let mut pos = 0;
+    while pos < m.size {
+        let h = hole_from(&f, pos).unwrap();
+        let d = data_from(&f, h).unwrap_or(m.size);
+        assert!(h < d || h == m.size, "{when}: hole [{h}, {d})");
+        for (s, run) in &m.runs {
+            let e = s + run.len() as u64;
+            // A run may report zeros inside it as a hole only where the
+            // run's own bytes are zeros; the runs here are random.
+            assert!(
+                e <= h || *s >= d,
+                "{when}: data [{s}, {e}) inside reported hole [{h}, {d})"
+            );
+        }
+        pos = d;
+    }
+    assert!(
+        meta.blocks() * 512 >= m.data_bytes(),
+        "{when}: {} blocks for {} bytes of data",
+        meta.blocks(),
+        m.data_bytes()
+    );
+}
+
+/// Edits at the awkward places of a listed-as-holes file, each checked
+/// staged and again after a remount (re-chunked on a base with holes):
+/// truncating into a hole entry and extending past the old end, writes
+/// touching a hole's edges, a punch across a 2 GiB mark, and a
+/// copy_file_range of a sparse range.
+#[test]
+fn sparse_edits_match_a_model() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(13));
+        let mut m = Sparse::default();
+        let name = "img";
+        let open_rw = |t: &TestFs| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(t.p(name))
+                .unwrap()
+        };
+        let step = |t: &mut TestFs, m: &Sparse, what: &str| {
+            check_model(t, name, m, &format!("{what}, staged"));
+            t.remount();
+            check_model(t, name, m, &format!("{what}, chunked"));
+        };
+
+        // Holes crossing the 2 and 4 GiB marks.
+        {
+            let f = open_rw(t);
+            f.set_len(6 * GIB).unwrap();
+            for off in [GIB, 5 * GIB] {
+                let d = rng.bytes(64 << 10);
+                f.write_all_at(&d, off).unwrap();
+                m.write(off, &d);
+            }
+            m.truncate(6 * GIB);
+        }
+        step(t, &m, "laid out");
+
+        // Into the middle of a hole entry, then past the old end.
+        {
+            let f = open_rw(t);
+            f.set_len(3 * GIB).unwrap();
+            m.truncate(3 * GIB);
+            f.set_len(7 * GIB + 123).unwrap();
+            m.truncate(7 * GIB + 123);
+        }
+        step(t, &m, "truncated into a hole and extended");
+
+        // Writes touching a hole's edges, from either side.
+        {
+            let f = open_rw(t);
+            for off in [GIB + (64 << 10), GIB - 4096, 6 * GIB] {
+                let d = rng.bytes(4096);
+                f.write_all_at(&d, off).unwrap();
+                m.write(off, &d);
+            }
+        }
+        step(t, &m, "written at hole edges");
+
+        // Data across the 2 GiB mark, then a punch across the mark.
+        {
+            let f = open_rw(t);
+            let d = rng.bytes(3 * MIB as usize);
+            f.write_all_at(&d, 2 * GIB - 3 * MIB / 2).unwrap();
+            m.write(2 * GIB - 3 * MIB / 2, &d);
+        }
+        step(t, &m, "data across 2 GiB");
+        {
+            let f = open_rw(t);
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let at = 2 * GIB - MIB;
+            // SAFETY: fallocate on a descriptor we own.
+            let r = unsafe { libc::fallocate(f.as_raw_fd(), punch, at as i64, 2 * MIB as i64) };
+            assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+            m.write(at, &vec![0u8; 2 * MIB as usize]);
+            // The model keeps the zeros as a run; drop it so SEEK_HOLE may
+            // report the punched range as a hole.
+            m.cut(at, at + 2 * MIB);
+        }
+        step(t, &m, "punched across 2 GiB");
+
+        // copy_file_range of everything past 1 MiB into a new file.
+        {
+            let src = File::open(t.p(name)).unwrap();
+            let dst = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(t.p("copy"))
+                .unwrap();
+            let (mut off_in, mut off_out) = (MIB as i64, MIB as i64);
+            let end = m.size as i64;
+            while off_in < end {
+                // SAFETY: copy_file_range between descriptors we own.
+                let n = unsafe {
+                    libc::copy_file_range(
+                        src.as_raw_fd(),
+                        &mut off_in,
+                        dst.as_raw_fd(),
+                        &mut off_out,
+                        (end - off_in) as usize,
+                        0,
+                    )
+                };
+                assert!(
+                    n > 0,
+                    "copy_file_range: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        let mut c = Sparse::default();
+        for (s, d) in &m.runs {
+            if *s >= MIB {
+                c.write(*s, d);
+            }
+        }
+        c.truncate(m.size);
+        check_model(t, "copy", &c, "copy, staged");
+        t.remount();
+        check_model(t, "copy", &c, "copy, chunked");
+
+        // st_blocks of a file rewritten on a base that was all holes.
+        {
+            let f = open_rw(t);
+            f.set_len(0).unwrap();
+            f.set_len(GIB).unwrap();
+        }
+        m = Sparse::default();
+        m.truncate(GIB);
+        step(t, &m, "1 GiB of hole");
+        {
+            let f = open_rw(t);
+            let d = rng.bytes(8 * MIB as usize);
+            f.write_all_at(&d, 100 * MIB).unwrap();
+            m.write(100 * MIB, &d);
+            // Still open: staged on a base that is all hole.
+            check_model(t, name, &m, "written on a hole, open");
+        }
+        step(t, &m, "written on a hole");
+
+        let ino = fs::metadata(t.p(name)).unwrap().ino();
+        t.umount();
+        let total: u64 = chunks_of(&t.store, ino).iter().map(|c| c.len as u64).sum();
+        assert_eq!(total, m.size, "the list adds up to the size");
+        t.assert_fsck_clean();
+    });
+}
