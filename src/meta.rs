@@ -1067,8 +1067,8 @@ pub fn chunks_of_ino(
     t: &impl ReadableTable<(u64, u64), &'static [u8]>,
     ino: u64,
     skip: &[u64],
-) -> Result<std::collections::HashSet<format::ChunkId>> {
-    let mut out = std::collections::HashSet::new();
+) -> Result<format::ChunkIdSet> {
+    let mut out = format::ChunkIdSet::default();
     for row in t.range((ino, 0)..=(ino, u64::MAX))? {
         let (k, v) = row?;
         if skip.contains(&k.value().1) {

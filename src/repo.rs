@@ -357,7 +357,7 @@ impl Repo {
         // The filesystem holds one reference per chunk per inode that any of
         // the inode's content versions contains (rows come in ino order).
         let mut cur: Option<u64> = None;
-        let mut seen: HashSet<ChunkId> = HashSet::new();
+        let mut seen = format::ChunkIdSet::default();
         meta::for_each_content(meta_db, |ino, list| {
             if cur != Some(ino) {
                 cur = Some(ino);

@@ -2736,8 +2736,8 @@ impl Volume {
 /// see `meta::chunks_of_ino`).
 fn queue_union_change(
     batch: &mut Batch<'_>,
-    before: &std::collections::HashSet<ChunkId>,
-    after: &std::collections::HashSet<ChunkId>,
+    before: &format::ChunkIdSet,
+    after: &format::ChunkIdSet,
 ) {
     batch.add_refs(OwnerId::LOCAL, after.difference(before).copied());
     batch.drop_refs(OwnerId::LOCAL, before.difference(after).copied());

@@ -1141,7 +1141,7 @@ impl Volume {
             if let Some(l) = &it.chunks
                 && counted.insert(it.src)
             {
-                let distinct: std::collections::HashSet<ChunkId> = format::chunk_ids(l).collect();
+                let distinct: format::ChunkIdSet = format::chunk_ids(l).collect();
                 batch.add_refs(OwnerId::LOCAL, distinct);
             }
         }
