@@ -240,6 +240,12 @@ pub struct Volume {
     map_epoch: AtomicU64,
     chunks: Mutex<LruCache<ChunkId, Arc<Vec<u8>>>>,
     content_lock: Mutex<()>,
+    /// Files whose staging state is being built (`Claim`). `stage_new_file`
+    /// does not take `content_lock`, so without this an open of a name
+    /// between its CREATE's commit and reply could build a second state
+    /// on the same staging file, and the map kept whichever came last:
+    /// the creator's writes then went to an entry ingest never saw.
+    building: Mutex<std::collections::HashSet<u64>>,
     queue: Mutex<Option<SyncSender<Msg>>>,
     /// Files queued for ingest and not yet committed, with a condvar that
     /// fires when the count drops.
@@ -324,6 +330,7 @@ impl Volume {
             map_epoch: AtomicU64::new(0),
             chunks: Mutex::new(LruCache::new(cap(512))),
             content_lock: Mutex::new(()),
+            building: Mutex::new(std::collections::HashSet::new()),
             queue: Mutex::new(Some(tx)),
             pending: Mutex::new(0),
             pending_cv: Condvar::new(),
@@ -1576,10 +1583,16 @@ impl Volume {
                 }
                 continue;
             }
-            let _c = self.content_lock.lock();
+            let c = self.content_lock.lock();
             if self.staged.lock().contains_key(&ino) {
                 continue;
             }
+            let Some(_claim) = Claim::new(&self.building, ino) else {
+                // `stage_new_file` is building it (microseconds).
+                drop(c);
+                std::thread::yield_now();
+                continue;
+            };
             let rec = self.read_inode(ino)?;
             let mut st = self.new_staged(ino, &rec)?;
             st.writers = 1;
@@ -1597,7 +1610,11 @@ impl Volume {
     /// first (a concurrent open of the new name), the ordinary path runs.
     fn stage_new_file(&self, ino: u64, a: &Attr) -> Result<Arc<Mutex<Staged>>> {
         let path = self.staging_dir.join(ino.to_string());
+        let Some(_claim) = Claim::new(&self.building, ino) else {
+            return self.stage_writer(ino);
+        };
         if self.staged.lock().contains_key(&ino) || self.pt.lock().contains_key(&ino) {
+            drop(_claim);
             return self.stage_writer(ino);
         }
         let (file, tagged) = match self.take_spare(&path) {
@@ -1638,15 +1655,8 @@ impl Volume {
         // made and later deleted: on an ext4 without a journal, finding a
         // free inode among many recently deleted ones is a scan).
         st.lock().make_new_whole();
-        {
-            let mut map = self.staged.lock();
-            if map.contains_key(&ino) {
-                // Someone staged it meanwhile (and owns the file now).
-                drop(map);
-                return self.stage_writer(ino);
-            }
-            map.insert(ino, st.clone());
-        }
+        // The claim kept every other builder out; nothing staged it since.
+        self.staged.lock().insert(ino, st.clone());
         Ok(st)
     }
 
@@ -2789,6 +2799,25 @@ enum RechunkStop {
 impl From<io::Error> for RechunkStop {
     fn from(e: io::Error) -> Self {
         RechunkStop::Io(e)
+    }
+}
+
+/// The right to build a file's staging state, released on drop.
+struct Claim<'a> {
+    set: &'a Mutex<std::collections::HashSet<u64>>,
+    ino: u64,
+}
+
+impl<'a> Claim<'a> {
+    /// None if someone else is building it.
+    fn new(set: &'a Mutex<std::collections::HashSet<u64>>, ino: u64) -> Option<Claim<'a>> {
+        set.lock().insert(ino).then_some(Claim { set, ino })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.ino);
     }
 }
 
