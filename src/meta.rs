@@ -1080,6 +1080,19 @@ pub fn chunks_of_ino(
     Ok(out)
 }
 
+/// How many content versions `ino` has (live and those snapshots keep).
+pub fn content_versions(
+    t: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    ino: u64,
+) -> Result<usize> {
+    let mut n = 0;
+    for row in t.range((ino, 0)..=(ino, u64::MAX))? {
+        row?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Every chunk reference the filesystem's content versions hold.
 pub fn for_each_content(
     db: &Database,
