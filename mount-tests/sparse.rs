@@ -174,6 +174,21 @@ fn punched_range_is_a_hole() {
         check(t, "chunked");
         let blocks = fs::metadata(t.p("f")).unwrap().blocks();
         assert_eq!(blocks * 512, 4 * MIB, "st_blocks leaves the hole out");
+        // The same file inside a snapshot shows the same hole.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapctl"))
+            .args(["-m", t.mnt.to_str().unwrap(), "create", "s1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "snapctl: {out:?}");
+        let f = File::open(t.p(".snapshots/s1/f")).unwrap();
+        assert_eq!(hole_from(&f, 0), Ok(2 * MIB), "snapshot: SEEK_HOLE 0");
+        assert_eq!(data_from(&f, 2 * MIB), Ok(6 * MIB), "snapshot: SEEK_DATA");
+        assert_eq!(
+            f.metadata().unwrap().blocks() * 512,
+            4 * MIB,
+            "snapshot st_blocks"
+        );
+        drop(f);
         t.umount();
     });
 }

@@ -2080,9 +2080,9 @@ impl Volume {
     }
 
     /// SEEK_DATA / SEEK_HOLE. Holes are what reads as zeros without being
-    /// stored: holes of a file's chunk list (and of its staging file while
-    /// it is staged), and the implicit hole at its end. A file in a
-    /// snapshot counts as all data.
+    /// stored: holes of a file's chunk list (live or in a snapshot, and of
+    /// its staging file while it is staged), and the implicit hole at its
+    /// end.
     pub fn lseek(&self, ino: u64, off: i64, whence: i32) -> Result<i64> {
         let size = self.getattr(ino)?.size as i64;
         let seek_hole = |whence| -> Result<i64> {
@@ -2099,11 +2099,15 @@ impl Volume {
                     .first_hole(o, v.size, 1)
                     .map_err(|e| io_err("seeking staging", e))?;
                 (v.size, h)
-            } else if is_snap_ino(ino) {
-                (size as u64, None)
             } else {
-                let rec = self.read_inode(ino)?;
+                let snap = is_snap_ino(ino);
+                let rec = if snap {
+                    self.snap_inode(ino)?.3
+                } else {
+                    self.read_inode(ino)?
+                };
                 let h = match rec.content {
+                    Content::Chunked if snap => self.snap_chunk_map(ino)?.hole_from(o),
                     Content::Chunked => self.chunk_map(ino)?.hole_from(o),
                     Content::Empty => Some((o, rec.size)),
                     Content::Inline(_) => None,
@@ -2188,7 +2192,7 @@ impl Volume {
             }
         }
         let mut n = len.min(src_size.saturating_sub(off_in)).min(16 << 20);
-        if n > 0 && !is_snap_ino(ino_in) {
+        if n > 0 {
             // A hole of the source is punched, not copied as zeros; data
             // is copied up to the next hole.
             let hole = self.lseek(ino_in, off_in as i64, libc::SEEK_HOLE)? as u64;
