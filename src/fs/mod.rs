@@ -129,7 +129,7 @@ fn fattr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
-        blocks: (a.size - a.holes.min(a.size)).div_ceil(4096) * 8,
+        blocks: a.size.saturating_sub(a.holes).div_ceil(4096) * 8,
         atime: time(a.atime),
         mtime: time(a.mtime),
         ctime: time(a.ctime),

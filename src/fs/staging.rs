@@ -176,6 +176,11 @@ impl RangeSet {
             .filter(|(a, b)| a < b)
     }
 
+    /// How many bytes the ranges cover.
+    pub fn total(&self) -> u64 {
+        self.ranges().map(|(a, b)| b - a).sum()
+    }
+
     pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.r.iter().map(|(s, e)| (*s, *e))
     }
@@ -540,8 +545,7 @@ impl Staged {
         let clean = self
             .base
             .hole_bytes_below(self.base_limit.min(self.base.len()));
-        let dirty: u64 = self.dirty.ranges().map(|(a, b)| b - a).sum();
-        clean.saturating_sub(dirty).min(self.size)
+        clean.saturating_sub(self.dirty.total()).min(self.size)
     }
 
     pub fn sidecar(&self) -> Sidecar {
@@ -572,7 +576,7 @@ impl Staged {
 /// The first hole of a staging file in [pos, end), clipped to it; past the
 /// file's end counts as a hole (it reads as zeros). A filesystem without
 /// SEEK_HOLE shows none.
-fn file_hole(f: &File, pos: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+pub fn file_hole(f: &File, pos: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
     use rustix::fs::{SeekFrom, seek};
     use rustix::io::Errno;
     let start = match seek(f, SeekFrom::Hole(pos)) {
@@ -722,7 +726,7 @@ impl StagedView {
     /// `truncate -s 1T` stores nothing. Not the staging file's st_blocks:
     /// a compressing filesystem under the store would make that too few.
     pub fn dirty_to_store(&self, hole_min: u64) -> io::Result<u64> {
-        let dirty: u64 = self.dirty.ranges().map(|(a, b)| b - a).sum();
+        let dirty = self.dirty.total();
         if dirty < hole_min {
             return Ok(dirty);
         }

@@ -260,12 +260,11 @@ pub struct Volume {
     lazy_commits: AtomicU64,
     durable_upto: AtomicU64,
     workers: Mutex<Vec<JoinHandle<()>>>,
-    /// Set at shutdown; wakes the flusher out of its wait. Why: it slept
+    /// Set at shutdown, waking the flusher out of its wait. Why: it slept
     /// two seconds between syncs and shutdown joins it, so every unmount
-    /// took a second more on average.
-    /// Shared with the flusher, which holds no strong reference while it
-    /// waits (the volume drops, and its store unlocks, when its owner lets
-    /// go).
+    /// took a second more on average. Shared, so the flusher holds no
+    /// strong reference while it waits (the volume drops, and its store
+    /// unlocks, when its owner lets go).
     flush_stop: Arc<(Mutex<bool>, Condvar)>,
     /// An ingest failed for want of space; the flusher queues idle staged
     /// files again (nothing else would before the next close or mount).
@@ -2084,55 +2083,59 @@ impl Volume {
     /// its staging file while it is staged), and the implicit hole at its
     /// end.
     pub fn lseek(&self, ino: u64, off: i64, whence: i32) -> Result<i64> {
-        let size = self.getattr(ino)?.size as i64;
-        let seek_hole = |whence| -> Result<i64> {
-            let o = off as u64;
-            // The size and first hole from one look at the file (a
-            // truncate may have run since `getattr`).
-            let (size, hole) = if let Some(st) = self.staged_of(ino) {
-                let v = {
-                    let mut st = st.lock();
-                    refresh(&mut st);
-                    st.view()
-                };
-                let h = v
-                    .first_hole(o, v.size, 1)
-                    .map_err(|e| io_err("seeking staging", e))?;
-                (v.size, h)
-            } else {
-                let snap = is_snap_ino(ino);
-                let rec = if snap {
-                    self.snap_inode(ino)?.3
-                } else {
-                    self.read_inode(ino)?
-                };
-                let h = match rec.content {
-                    Content::Chunked if snap => self.snap_chunk_map(ino)?.hole_from(o),
-                    Content::Chunked => self.chunk_map(ino)?.hole_from(o),
-                    Content::Empty => Some((o, rec.size)),
-                    Content::Inline(_) => None,
-                };
-                (rec.size, h)
-            };
-            if o >= size {
-                return Err(Error::Errno(libc::ENXIO));
-            }
-            let (s, e) = hole.map_or((size, size), |(s, e)| (s.min(size), e.min(size)));
-            Ok(match whence {
-                libc::SEEK_HOLE => s.max(o) as i64,
-                _ if s > o => off,
-                _ if e >= size => return Err(Error::Errno(libc::ENXIO)),
-                _ => e as i64,
-            })
-        };
         match whence {
-            libc::SEEK_DATA | libc::SEEK_HOLE if off < 0 => Err(Error::Errno(libc::ENXIO)),
-            libc::SEEK_DATA | libc::SEEK_HOLE if off < size => seek_hole(whence),
-            libc::SEEK_DATA | libc::SEEK_HOLE => Err(Error::Errno(libc::ENXIO)),
+            libc::SEEK_DATA | libc::SEEK_HOLE => {
+                let o = u64::try_from(off).map_err(|_| Error::Errno(libc::ENXIO))?;
+                let (size, hole) = self.hole_from(ino, o)?;
+                if o >= size {
+                    return Err(Error::Errno(libc::ENXIO));
+                }
+                let (s, e) = hole.unwrap_or((size, size));
+                match whence {
+                    libc::SEEK_HOLE => Ok(s as i64),
+                    _ if s > o => Ok(off),
+                    _ if e >= size => Err(Error::Errno(libc::ENXIO)),
+                    _ => Ok(e as i64),
+                }
+            }
             libc::SEEK_SET => Ok(off),
-            libc::SEEK_END => Ok(size + off),
+            libc::SEEK_END => Ok(self.getattr(ino)?.size as i64 + off),
             _ => Err(Error::Errno(libc::EINVAL)),
         }
+    }
+
+    /// A file's size and its first hole that ends after `off` (starting no
+    /// earlier than it, clipped to the size), from one look at the file.
+    fn hole_from(&self, ino: u64, off: u64) -> Result<(u64, Option<(u64, u64)>)> {
+        let (size, hole) = if let Some(st) = self.staged_of(ino) {
+            let v = {
+                let mut st = st.lock();
+                refresh(&mut st);
+                st.view()
+            };
+            let h = v
+                .first_hole(off, v.size, 1)
+                .map_err(|e| io_err("seeking staging", e))?;
+            (v.size, h)
+        } else {
+            let snap = is_snap_ino(ino);
+            let rec = if snap {
+                self.snap_inode(ino)?.3
+            } else {
+                self.read_inode(ino)?
+            };
+            let h = match rec.content {
+                Content::Chunked if snap => self.snap_chunk_map(ino)?.hole_from(off),
+                Content::Chunked => self.chunk_map(ino)?.hole_from(off),
+                Content::Empty => Some((off, rec.size)),
+                Content::Inline(_) => None,
+            };
+            (rec.size, h)
+        };
+        let hole = hole
+            .map(|(s, e)| (s.min(size), e.min(size)))
+            .filter(|(s, e)| s < e);
+        Ok((size, hole))
     }
 
     /// copy_file_range. A whole-file copy into an empty file shares the
@@ -2195,31 +2198,14 @@ impl Volume {
         if n > 0 {
             // A hole of the source is punched, not copied as zeros; data
             // is copied up to the next hole.
-            let hole = self.lseek(ino_in, off_in as i64, libc::SEEK_HOLE)? as u64;
-            if hole > off_in {
-                n = n.min(hole - off_in);
-            } else {
-                let data = match self.lseek(ino_in, off_in as i64, libc::SEEK_DATA) {
-                    Ok(d) => d as u64,
-                    Err(e) if e.errno() == libc::ENXIO => src_size,
-                    Err(e) => return Err(e),
-                };
-                let m = len.min(data.saturating_sub(off_in));
-                if m >= HOLE_MIN {
-                    self.check_writable()?;
-                    let st = self.staged_of(ino_out).ok_or(Error::Errno(libc::EBADF))?;
-                    let mut st = st.lock();
-                    refresh(&mut st);
-                    let end = off_out.checked_add(m).ok_or(Error::Errno(libc::EFBIG))?;
-                    let old = st.size;
-                    st.punch(off_out, end)
-                        .map_err(|e| io_err("punching staging", e))?;
-                    if end > old {
-                        st.set_size(end)
-                            .map_err(|e| io_err("extending staging", e))?;
-                    }
+            match self.hole_from(ino_in, off_in)?.1 {
+                Some((s, _)) if s > off_in => n = n.min(s - off_in),
+                Some((_, e)) if len.min(e - off_in) >= HOLE_MIN => {
+                    let m = len.min(e - off_in);
+                    self.fallocate(fh_out, off_out, m, libc::FALLOC_FL_ZERO_RANGE)?;
                     return Ok(m);
                 }
+                _ => {}
             }
         }
         let data = self.read(ino_in, off_in, n as u32)?;
@@ -2430,7 +2416,7 @@ impl Volume {
                 let v = st.lock().view();
                 v.dirty_to_store(HOLE_MIN).unwrap_or_else(|e| {
                     log::warn!("inode {ino}: finding holes in staging: {e}");
-                    v.dirty.ranges().map(|(a, b)| b - a).sum()
+                    v.dirty.total()
                 })
             })
             .sum();
@@ -2910,32 +2896,17 @@ fn count_close(open: &mut HashMap<u64, u32>, ino: u64) -> bool {
 /// this VM that ran at about 100 MB/s: a 10 GiB `truncate -s` took 99 s
 /// to ingest, 85 % of it in the kernel's memset.
 fn read_sparse_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
-    use rustix::fs::{SeekFrom, seek};
     if buf.len() < (1 << 20) {
         return read_full_at(f, buf, off);
     }
     let end = off + buf.len() as u64;
     let mut pos = off;
     while pos < end {
-        let data = match seek(f, SeekFrom::Data(pos)) {
-            Ok(d) => d.min(end),
-            // No data at or after pos: the rest is a hole.
-            Err(rustix::io::Errno::NXIO) => end,
-            // A filesystem without SEEK_DATA: read it all.
-            Err(_) => return read_full_at(f, &mut buf[(pos - off) as usize..], pos),
-        };
-        buf[(pos - off) as usize..(data - off) as usize].fill(0);
-        if data >= end {
-            break;
-        }
-        let hole = seek(f, SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
-        let hole = hole.max(data + 1);
-        read_full_at(
-            f,
-            &mut buf[(data - off) as usize..(hole - off) as usize],
-            data,
-        )?;
-        pos = hole;
+        let (hs, he) = staging::file_hole(f, pos, end)?.unwrap_or((end, end));
+        let at = |o: u64| (o - off) as usize;
+        read_full_at(f, &mut buf[at(pos)..at(hs)], pos)?;
+        buf[at(hs)..at(he)].fill(0);
+        pos = he;
     }
     Ok(())
 }
