@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::harness::*;
 
 /// What the writer tells the checker, in order.
-enum Event {
+pub(crate) enum Event {
     /// The file's state is no longer known (a change began).
     Touch(String),
     /// The file's last change is durable: this is its content.
@@ -25,7 +25,7 @@ enum Event {
 }
 
 /// The expected state of a name: present with content, or absent.
-type Expect = BTreeMap<String, Option<Vec<u8>>>;
+pub(crate) type Expect = BTreeMap<String, Option<Vec<u8>>>;
 
 const ROUNDS: usize = 20;
 
@@ -104,7 +104,7 @@ fn kill_9_loses_nothing_fsynced() {
 }
 
 /// Every content a name was ever synced with, oldest first.
-type History = BTreeMap<String, Vec<Vec<u8>>>;
+pub(crate) type History = BTreeMap<String, Vec<Vec<u8>>>;
 
 /// What wrong bytes look like, to tell lost data (zeros, an older
 /// version) from crossed files (another name's content) in a CI log.
@@ -177,7 +177,7 @@ fn explain_mismatch(
     )
 }
 
-fn verify(t: &TestFs, expect: &Expect, history: &History, ctx: &str) {
+pub(crate) fn verify(t: &TestFs, expect: &Expect, history: &History, ctx: &str) {
     let mnt = &t.p("w");
     let ctx = &format!("{ctx}\n{}", t.log());
     for (name, want) in expect {

@@ -6,6 +6,7 @@
 mod big;
 mod corrupt;
 mod crash;
+mod crashways;
 mod diskfull;
 mod harness;
 mod many;

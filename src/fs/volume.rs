@@ -2169,6 +2169,10 @@ impl Volume {
             && ino_in != ino_out
             && let Some(st) = self.staged_of(ino_out)
         {
+            // Lock order: content_lock, then the staged file. Under
+            // content_lock no ingest or reap commit can change the
+            // source's list or drop its chunks before we hold them.
+            let _c = self.content_lock.lock();
             let mut st = st.lock();
             // A whole staged file is read and written by the kernel in
             // its staging file, which must hold the bytes: copy them. An
@@ -2181,17 +2185,13 @@ impl Volume {
             {
                 log::debug!("inode {ino_out}: stays whole ({e}); copying bytes");
             }
-            if st.size == 0 && !st.whole {
-                st.base = if is_snap_ino(ino_in) {
+            if st.size == 0 && !st.whole && !self.staged.lock().contains_key(&ino_in) {
+                let base = if is_snap_ino(ino_in) {
                     self.snap_chunk_map(ino_in)?
                 } else {
                     self.chunk_map(ino_in)?
                 };
-                st.base_limit = st.base.len();
-                st.size = st.base.len();
-                st.dirty = RangeSet::default();
-                st.touch();
-                return Ok(st.size);
+                return self.share_chunks(ino_out, &mut st, base);
             }
         }
         let mut n = len.min(src_size.saturating_sub(off_in)).min(16 << 20);
@@ -2214,6 +2214,66 @@ impl Volume {
             done += self.write(fh_out, off_out + done, &data[done as usize..])? as u64;
         }
         Ok(done)
+    }
+
+    /// Makes an empty staged file a copy of `base` by sharing its chunks,
+    /// and commits that at once (with `content_lock` held), so the file's
+    /// record holds the list the staged layout is built on.
+    ///
+    /// Why commit now: a staged file's layout (and its sidecar) says which
+    /// bytes come from its base, and a replay after a crash takes the base
+    /// from the committed record. A base set only in memory replayed
+    /// against the empty record of a new file: `cp` inside the mount, then
+    /// fsync and kill -9, gave a file of zeros. Holding the references from
+    /// the copy on also keeps the chunks alive if the source goes first.
+    fn share_chunks(&self, ino: u64, st: &mut Staged, base: Arc<ChunkMap>) -> Result<u64> {
+        self.check_writable()?;
+        self.check_space(Space::Grows)?;
+        let new = NewContent::Chunked(base.chunks.clone());
+        let saved = (
+            st.base.clone(),
+            st.base_limit,
+            st.size,
+            st.dirty.clone(),
+            st.mtime,
+            st.ctime,
+        );
+        st.base = base;
+        st.base_limit = st.base.len();
+        st.size = st.base.len();
+        st.dirty = RangeSet::default();
+        st.touch();
+        let view = st.view();
+        let committed = (|| {
+            let mut batch = self.repo.store().batch()?;
+            let live = self.queue_content_refs(&mut batch, &[(ino, &new)])?;
+            if !live.first().copied().unwrap_or(false) {
+                return Err(Error::Errno(libc::ENOENT));
+            }
+            self.commit_with_meta(batch, |tx, g| {
+                let mut t = meta::Versioned::open(tx, g)?;
+                commit_content(&mut t, ino, &view, &new)
+            })
+        })();
+        if let Err(e) = committed {
+            (
+                st.base,
+                st.base_limit,
+                st.size,
+                st.dirty,
+                st.mtime,
+                st.ctime,
+            ) = saved;
+            return Err(e);
+        }
+        self.maps.lock().pop(&ino);
+        // A layout written before the copy describes the file it replaced.
+        if sidecar_path(&st.path).exists()
+            && let Err(e) = write_sidecar(st, false)
+        {
+            log::error!("inode {ino}: rewriting the staged layout after a copy: {e}");
+        }
+        Ok(st.size)
     }
 
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
