@@ -13,6 +13,7 @@ mod many;
 mod model;
 mod passthrough;
 mod posix;
+mod races;
 mod snap;
 mod snapfault;
 mod snapmodel;

@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
@@ -184,6 +185,104 @@ pub struct DedupFs {
     /// turns it off).
     want_passthrough: bool,
     backing: Mutex<Backings>,
+    gate: LinkGate,
+}
+
+/// Orders replies that carry a link count after the removals that change
+/// it.
+///
+/// Why: the kernel drops its cached link count by one when an UNLINK (or
+/// a RENAME over a name, or RMDIR) reply is handled, trusting that what it
+/// had did not yet count the removal. An attribute reply that counts the
+/// removal but is applied first makes the removal count twice: a file
+/// with one name read nlink 0 in the kernel, and link(2) on it failed with
+/// ENOENT (a rewrite loop beside two link/unlink loops: 99% of links
+/// failed). LINK replies are applied whatever their age, and the
+/// removal's reply is applied by the task that asked for it, whenever it
+/// next runs, so the daemon cannot order the two exactly. What it does:
+/// a removal holds its victim's shard exclusively from before its commit
+/// until its reply is written; a reply carrying attributes takes the
+/// shard shared once it has read them (so it waits for any removal it may
+/// have seen), and if a removal of the shard replied less than `SETTLE`
+/// ago, it waits out the rest so the removal's task runs first.
+struct LinkGate {
+    shards: Vec<Shard>,
+    /// Removals begun, for reporters that learn the inode by reading.
+    removals: AtomicU64,
+    epoch: Instant,
+}
+
+#[derive(Default)]
+struct Shard {
+    lock: parking_lot::RwLock<()>,
+    /// When a removal in this shard last replied, in ns since `epoch`
+    /// (0: never).
+    replied: AtomicU64,
+}
+
+/// A removal's hold on its shard; dropped after the reply is written.
+struct Removing<'a> {
+    gate: &'a LinkGate,
+    shard: &'a Shard,
+    _w: parking_lot::RwLockWriteGuard<'a, ()>,
+}
+
+impl Drop for Removing<'_> {
+    fn drop(&mut self) {
+        let now = self.gate.epoch.elapsed().as_nanos() as u64;
+        self.shard.replied.store(now.max(1), Ordering::SeqCst);
+    }
+}
+
+impl LinkGate {
+    const SHARDS: u64 = 64;
+    /// Long enough for a woken task to run on a busy two-core machine,
+    /// short enough that only replies racing a removal of the same shard
+    /// ever wait it.
+    const SETTLE: Duration = Duration::from_millis(2);
+
+    fn new() -> LinkGate {
+        LinkGate {
+            shards: (0..Self::SHARDS).map(|_| Shard::default()).collect(),
+            removals: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn shard(&self, ino: u64) -> &Shard {
+        &self.shards[(ino % Self::SHARDS) as usize]
+    }
+
+    /// Held across a removal of a name of `ino` and its reply.
+    fn removing(&self, ino: Option<u64>) -> Option<Removing<'_>> {
+        let r = ino.map(|i| {
+            let shard = self.shard(i);
+            Removing {
+                gate: self,
+                shard,
+                _w: shard.lock.write(),
+            }
+        });
+        self.removals.fetch_add(1, Ordering::SeqCst);
+        r
+    }
+
+    /// Held across the reply of `ino`'s attributes, taken once they are
+    /// read.
+    fn reporting(&self, ino: u64) -> parking_lot::RwLockReadGuard<'_, ()> {
+        let shard = self.shard(ino);
+        let g = shard.lock.read();
+        let replied = shard.replied.load(Ordering::SeqCst);
+        if replied != 0 {
+            let since = Duration::from_nanos(
+                (self.epoch.elapsed().as_nanos() as u64).saturating_sub(replied),
+            );
+            if since < Self::SETTLE {
+                std::thread::sleep(Self::SETTLE - since);
+            }
+        }
+        g
+    }
 }
 
 /// The kernel's ids for staging files of passthrough handles. All
@@ -204,6 +303,7 @@ impl DedupFs {
             vol,
             want_passthrough: true,
             backing: Mutex::new(Backings::default()),
+            gate: LinkGate::new(),
         }
     }
 
@@ -320,7 +420,9 @@ impl Filesystem for DedupFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.vol.lookup(parent.0, name.as_bytes()) {
+        let r = self.vol.lookup(parent.0, name.as_bytes());
+        let _g = r.as_ref().ok().map(|a| self.gate.reporting(a.ino));
+        match r {
             // A miss the kernel may remember for TTL (node id 0): builds,
             // shells and `git status` probe many names that do not exist,
             // and each probe was a round trip. Every change that can add a
@@ -336,7 +438,10 @@ impl Filesystem for DedupFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.vol.getattr(ino.0) {
-            Ok(a) => reply.attr(ttl(a.ino), &fattr(&a)),
+            Ok(a) => {
+                let _g = self.gate.reporting(a.ino);
+                reply.attr(ttl(a.ino), &fattr(&a))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -375,7 +480,10 @@ impl Filesystem for DedupFs {
             ctime: ctime.map(timespec),
         };
         match self.vol.setattr(caller(req), ino.0, &s) {
-            Ok(a) => reply.attr(ttl(a.ino), &fattr(&a)),
+            Ok(a) => {
+                let _g = self.gate.reporting(a.ino);
+                reply.attr(ttl(a.ino), &fattr(&a))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -437,10 +545,16 @@ impl Filesystem for DedupFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self
+            .gate
+            .removing(self.vol.child_ino(parent.0, name.as_bytes()));
         reply_empty(reply, self.vol.unlink(parent.0, name.as_bytes()));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _g = self
+            .gate
+            .removing(self.vol.child_ino(parent.0, name.as_bytes()));
         reply_empty(reply, self.vol.rmdir(parent.0, name.as_bytes()));
     }
 
@@ -474,6 +588,13 @@ impl Filesystem for DedupFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        // The name replaced loses a link; an exchange keeps both.
+        let replaced = if flags.bits() & libc::RENAME_EXCHANGE == 0 {
+            self.vol.child_ino(newparent.0, newname.as_bytes())
+        } else {
+            None
+        };
+        let _g = self.gate.removing(replaced);
         reply_empty(
             reply,
             self.vol.rename(
@@ -494,7 +615,9 @@ impl Filesystem for DedupFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.vol.link(ino.0, newparent.0, newname.as_bytes()));
+        let r = self.vol.link(ino.0, newparent.0, newname.as_bytes());
+        let _g = self.gate.reporting(ino.0);
+        reply_entry(reply, r);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {

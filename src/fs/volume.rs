@@ -626,7 +626,34 @@ impl Volume {
             .ok_or(Error::Errno(libc::ENOENT))
     }
 
+    /// The attributes of a live inode whose record `rec` was read (or
+    /// written) after `epoch` was loaded from `map_epoch`.
+    ///
+    /// Why the epoch: a staged file's size and times are the staged
+    /// state's until ingest commits them and drops the entry. A record read
+    /// before that commit, with the entry gone by the time we looked for
+    /// it, gave a size from many writes ago; the kernel kept it for the
+    /// attribute TTL (fsx with close/reopen saw "Size error"). Every such
+    /// commit bumps `map_epoch` before the entry goes, so a record read
+    /// under an unchanged epoch is at least as new as any commit whose
+    /// entry we missed; otherwise read it again.
+    fn attr_settled(&self, ino: u64, epoch: u64, rec: InodeRec) -> Result<Attr> {
+        let st = self.staged_of(ino);
+        if st.is_none() && self.map_epoch.load(Ordering::SeqCst) != epoch {
+            let epoch = self.map_epoch.load(Ordering::SeqCst);
+            let rec = self.read_inode(ino)?;
+            return self.attr_settled(ino, epoch, rec);
+        }
+        Ok(self.attr_with(ino, &rec, st))
+    }
+
+    /// The attributes of a record no staged state can change (inside a
+    /// snapshot).
     fn attr_of(&self, ino: u64, rec: &InodeRec) -> Attr {
+        self.attr_with(ino, rec, None)
+    }
+
+    fn attr_with(&self, ino: u64, rec: &InodeRec, st: Option<Arc<Mutex<Staged>>>) -> Attr {
         let mut a = Attr {
             ino,
             kind: rec.kind,
@@ -645,7 +672,7 @@ impl Volume {
                 _ => 0,
             },
         };
-        if let Some(st) = self.staged_of(ino) {
+        if let Some(st) = st {
             let mut st = st.lock();
             refresh(&mut st);
             a.size = st.size;
@@ -662,8 +689,9 @@ impl Volume {
         if is_snap_ino(ino) {
             return self.snap_getattr(ino);
         }
+        let epoch = self.map_epoch.load(Ordering::SeqCst);
         let rec = self.read_inode(ino)?;
-        Ok(self.attr_of(ino, &rec))
+        self.attr_settled(ino, epoch, rec)
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
@@ -674,12 +702,25 @@ impl Volume {
             return self.snapdir_attr();
         }
         check_name(name)?;
+        let epoch = self.map_epoch.load(Ordering::SeqCst);
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
         let (_, ent) = meta::lookup_dirent(&d, parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
         let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
         let (_, rec) = meta::live_inode(&t, ent.ino)?.ok_or(Error::Errno(libc::ENOENT))?;
-        Ok(self.attr_of(ent.ino, &rec))
+        self.attr_settled(ent.ino, epoch, rec)
+    }
+
+    /// The inode a live name points at, if any (no attributes read).
+    pub fn child_ino(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        if is_snap_ino(parent) || check_name(name).is_err() {
+            return None;
+        }
+        let rt = self.repo.meta().begin_read().ok()?;
+        let d = rt.open_table(meta::DIRENTS).ok()?;
+        meta::lookup_dirent(&d, parent, name)
+            .ok()?
+            .map(|(_, e)| e.ino)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -709,6 +750,7 @@ impl Volume {
     ) -> Result<Attr> {
         check_name(name)?;
         refuse_snap_name(parent, name, libc::EEXIST)?;
+        let epoch = self.map_epoch.load(Ordering::SeqCst);
         let (ino, rec) = self.meta_write(Space::Grows, |m| {
             let mut p = m.dir(parent)?;
             if meta::lookup_dirent(&*m.t.dirents.get()?, parent, name)?.is_some() {
@@ -757,13 +799,14 @@ impl Volume {
             m.t.write_inode(parent, &p)?;
             Ok((ino, rec))
         })?;
-        Ok(self.attr_of(ino, &rec))
+        self.attr_settled(ino, epoch, rec)
     }
 
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr> {
         refuse_snap(ino)?;
         refuse_snap_name(parent, name, libc::EEXIST)?;
         check_name(name)?;
+        let epoch = self.map_epoch.load(Ordering::SeqCst);
         let rec = self.meta_write(Space::Grows, |m| {
             let mut p = m.dir(parent)?;
             let mut rec = m.inode(ino)?;
@@ -783,7 +826,7 @@ impl Volume {
             m.t.write_inode(parent, &p)?;
             Ok(rec)
         })?;
-        Ok(self.attr_of(ino, &rec))
+        self.attr_settled(ino, epoch, rec)
     }
 
     // ------------------------------------------------------------ removal
@@ -982,6 +1025,7 @@ impl Volume {
         {
             guard = None;
         }
+        let epoch = self.map_epoch.load(Ordering::SeqCst);
         let rec = self.meta_write(space, |m| {
             let mut rec = m.inode(ino)?;
             let now = Timespec::now();
@@ -1028,7 +1072,7 @@ impl Volume {
             st.ctime = st.ctime.max(rec.ctime);
         }
         drop(guard);
-        Ok(self.attr_of(ino, &rec))
+        self.attr_settled(ino, epoch, rec)
     }
 
     // ------------------------------------------------------------ xattrs

@@ -1,0 +1,179 @@
+//! Races between an application and the daemon's own background work
+//! (ingest committing a file that was just closed): what the application
+//! sees must never go back in time.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+fn drop_caches() {
+    // Only root may; the kernel's attribute and page caches go, so the
+    // next stat and read ask the daemon.
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// fsx with close/reopen (`-c`): after a close and a reopen the size the
+/// kernel reports (and reads) must be the file's, while ingest commits the
+/// closed file in the background. Two files are kept busy at once so the
+/// daemon commits one while the other is being stat'ed.
+#[test]
+fn size_after_close_and_reopen_is_current() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(31));
+        let names = ["a", "b"];
+        let mut models: Vec<Vec<u8>> = vec![Vec::new(); names.len()];
+        for n in names {
+            write_file(&t.p(n), b"");
+        }
+        let start = Instant::now();
+        let mut i = 0u64;
+        while i < 4000 && start.elapsed() < Duration::from_secs(60) {
+            let k = rng.below(names.len() as u64) as usize;
+            let p = t.p(names[k]);
+            let m = &mut models[k];
+            {
+                let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+                for _ in 0..1 + rng.below(3) {
+                    if rng.chance(20) {
+                        let n = rng.below(300_000);
+                        f.set_len(n).unwrap();
+                        m.resize(n as usize, 0);
+                    } else {
+                        let off = rng.below(m.len() as u64 + 20_000) as usize;
+                        let data = {
+                            let n = 1 + rng.below(40_000) as usize;
+                            rng.bytes(n)
+                        };
+                        f.write_all_at(&data, off as u64).unwrap();
+                        if m.len() < off + data.len() {
+                            m.resize(off + data.len(), 0);
+                        }
+                        m[off..off + data.len()].copy_from_slice(&data);
+                    }
+                }
+                let got = f.metadata().unwrap().len();
+                assert_eq!(
+                    got,
+                    m.len() as u64,
+                    "op {i}: fstat before close\n{}",
+                    t.log()
+                );
+            }
+            // Give ingest a moment, sometimes, to land inside our stats.
+            if rng.chance(30) {
+                std::thread::sleep(Duration::from_micros(rng.below(3000)));
+            }
+            if i % 50 == 0 {
+                drop_caches();
+            }
+            let got = fs::metadata(&p).unwrap().len();
+            assert_eq!(got, m.len() as u64, "op {i}: size after close\n{}", t.log());
+            let f = OpenOptions::new().read(true).open(&p).unwrap();
+            let got = f.metadata().unwrap().len();
+            assert_eq!(
+                got,
+                m.len() as u64,
+                "op {i}: size after reopen\n{}",
+                t.log()
+            );
+            if i % 25 == 0 {
+                let mut buf = vec![0u8; m.len() + 10];
+                let mut n = 0;
+                while n < buf.len() {
+                    let r = f.read_at(&mut buf[n..], n as u64).unwrap();
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                }
+                assert_bytes_eq(&buf[..n], m, &format!("op {i}: content after reopen"));
+            }
+            i += 1;
+        }
+        eprintln!("{i} close/reopen cycles");
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}
+
+/// One process rewrites a file in a loop (open write-only, write at the
+/// end, close) while two others link it to a fresh name, stat and unlink
+/// that name: link must never fail with ENOENT (ext4 and bindfs: never).
+fn link_while_rewritten(options: &[&str]) {
+    with_fs(|t| {
+        t.options = options.iter().map(|s| s.to_string()).collect();
+        t.mount();
+        let f = t.p("f");
+        write_file(&f, b"start\n");
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (f, stop) = (f.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let h = OpenOptions::new().write(true).open(&f).unwrap();
+                    let end = h.metadata().unwrap().len();
+                    h.write_all_at(b"more bytes\n", end).unwrap();
+                    drop(h);
+                    n += 1;
+                }
+                n
+            })
+        };
+        let fails = Arc::new(AtomicU64::new(0));
+        let linkers: Vec<_> = (0..2)
+            .map(|k| {
+                let (dir, f, fails) = (t.mnt.clone(), f.clone(), fails.clone());
+                std::thread::spawn(move || {
+                    let mut calls = 0u64;
+                    let mut first = None;
+                    for j in 0..3000 {
+                        let name = dir.join(format!("l{k}_{j}"));
+                        calls += 1;
+                        match fs::hard_link(&f, &name) {
+                            Ok(()) => {
+                                let m = fs::metadata(&name).unwrap();
+                                assert!(m.nlink() >= 2, "nlink {} after link", m.nlink());
+                                fs::remove_file(&name).unwrap();
+                            }
+                            Err(e) => {
+                                fails.fetch_add(1, Ordering::Relaxed);
+                                first.get_or_insert(format!("link {j}: {e}"));
+                            }
+                        }
+                    }
+                    (calls, first)
+                })
+            })
+            .collect();
+        let mut calls = 0;
+        let mut first = Vec::new();
+        for l in linkers {
+            let (c, f) = l.join().unwrap();
+            calls += c;
+            first.extend(f);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let rewrites = writer.join().unwrap();
+        let fails = fails.load(Ordering::Relaxed);
+        eprintln!("{calls} links, {rewrites} rewrites, {fails} failed");
+        assert_eq!(fails, 0, "links failed: {first:?}\n{}", t.log());
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}
+
+#[test]
+fn link_while_rewritten_through_passthrough() {
+    link_while_rewritten(&[]);
+}
+
+#[test]
+fn link_while_rewritten_through_the_daemon() {
+    link_while_rewritten(&["nopassthrough"]);
+}
