@@ -68,7 +68,7 @@ fn size_after_close_and_reopen_is_current() {
             if rng.chance(30) {
                 std::thread::sleep(Duration::from_micros(rng.below(3000)));
             }
-            if i % 50 == 0 {
+            if i.is_multiple_of(50) {
                 drop_caches();
             }
             let got = fs::metadata(&p).unwrap().len();
@@ -81,7 +81,7 @@ fn size_after_close_and_reopen_is_current() {
                 "op {i}: size after reopen\n{}",
                 t.log()
             );
-            if i % 25 == 0 {
+            if i.is_multiple_of(25) {
                 let mut buf = vec![0u8; m.len() + 10];
                 let mut n = 0;
                 while n < buf.len() {
