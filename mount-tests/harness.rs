@@ -57,7 +57,7 @@ pub struct TestFs {
     _dir: Option<tempfile::TempDir>,
     pub store: PathBuf,
     pub mnt: PathBuf,
-    mounted: bool,
+    pub mounted: bool,
     pub options: Vec<String>,
 }
 

@@ -7,6 +7,7 @@ mod big;
 mod corrupt;
 mod crash;
 mod crashways;
+mod dbdamage;
 mod diskfull;
 mod harness;
 mod many;

@@ -13,6 +13,7 @@ pub mod chunker;
 pub mod ctl;
 pub mod format;
 pub mod fs;
+pub mod guard;
 pub mod meta;
 pub mod repo;
 pub mod snapcmd;

@@ -272,9 +272,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
-            let r: dedupfs::repo::FsckReport = match Repo::open(&store) {
-                Ok(repo) => repo.fsck(&Bar::new("checking"))?,
+            let r: dedupfs::repo::FsckReport = match Repo::open(&store)
+                .and_then(|repo| repo.fsck(&Bar::new("checking")))
+            {
+                Ok(r) => r,
                 Err(dedupfs::store::Error::Locked(_)) if !repair => via_daemon(&store, "fsck")?,
+                // Damage found is fsck's finding, not a failure to run.
+                Err(
+                    e @ (dedupfs::store::Error::IndexDamaged { .. }
+                    | dedupfs::store::Error::MetaDamaged { .. }),
+                ) => {
+                    if json {
+                        print_json(&serde_json::json!({"clean": false, "damaged": e.to_string()}))?;
+                    } else {
+                        println!("{e}");
+                    }
+                    return Ok(ExitCode::from(1));
+                }
                 Err(e) => return Err(e.into()),
             };
             if json {
@@ -736,11 +750,31 @@ fn main() -> ExitCode {
     if !is_mount {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     }
-    let cli = Cli::parse_from(args());
-    match run(cli) {
-        Ok(code) => code,
-        Err(e) => {
+    dedupfs::guard::install_hook(if is_mount {
+        log::Level::Error
+    } else {
+        log::Level::Debug
+    });
+    let argv = args();
+    let cli = Cli::parse_from(argv.clone());
+    match dedupfs::guard::catch(|| run(cli)) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             eprintln!("dedupfs: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(p) => {
+            // Most likely a database damaged outside redb: say which, and
+            // what repairs it, in one line.
+            let store = argv
+                .iter()
+                .skip(1)
+                .map(PathBuf::from)
+                .find(|p| p.join(dedupfs::meta::META_FILE).is_file());
+            match store.and_then(|s| Repo::diagnose(&s)) {
+                Some(e) => eprintln!("dedupfs: {e}"),
+                None => eprintln!("dedupfs: {p}"),
+            }
             ExitCode::from(2)
         }
     }

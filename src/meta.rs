@@ -71,7 +71,68 @@ pub fn create(dir: &Path) -> Result<Database> {
 /// database to format 2 on the way.
 pub fn open(dir: &Path, cache_bytes: usize) -> Result<Database> {
     let path = dir.join(META_FILE);
-    let damaged = |why: String| Error::Db(format!("{} is unusable: {why}", path.display()));
+    crate::guard::catch(|| open_unguarded(&path, cache_bytes)).unwrap_or_else(|p| {
+        Err(Error::MetaDamaged {
+            path: path.clone(),
+            why: p.0,
+        })
+    })
+}
+
+/// Every table of meta.redb, for [`check_tables`].
+fn walk_all(rt: &ReadTransaction, table: &std::cell::Cell<&'static str>) -> Result<u64> {
+    use crate::store::walk_table;
+    let mut rows = 0;
+    macro_rules! walk {
+        ($($def:expr => $name:literal),* $(,)?) => {$(
+            table.set($name);
+            rows += walk_table(rt, $def)?;
+        )*};
+    }
+    walk!(
+        STATE => "state",
+        OBJECTS => "objects",
+        OBJECT_SEGMENTS => "object_segments",
+        PENDING_OBJECTS => "pending_objects",
+        INODES => "inodes",
+        DIRENTS => "dirents",
+        XATTRS => "xattrs",
+        CONTENTS => "contents",
+        ORPHANS => "orphans",
+        CHANGES => "changes",
+        SNAPS => "snapshots",
+        SETTINGS => "settings",
+    );
+    Ok(rows)
+}
+
+/// Reads every row of every table, so damage anywhere in meta.redb's live
+/// pages is an [`Error::MetaDamaged`] naming the table, not a panic in
+/// whatever reads it first. Costs a pass over the database.
+pub fn check_tables(db: &Database, dir: &Path) -> Result<u64> {
+    let path = dir.join(META_FILE);
+    let table = std::cell::Cell::new("");
+    let r = crate::guard::catch(|| -> Result<u64> {
+        let rt = db.begin_read()?;
+        walk_all(&rt, &table)
+    });
+    let why = match r {
+        Ok(Ok(n)) => return Ok(n),
+        Ok(Err(e)) => e.to_string(),
+        Err(p) => p.0,
+    };
+    Err(Error::MetaDamaged {
+        path,
+        why: format!("{why} (table {})", table.get()),
+    })
+}
+
+fn open_unguarded(path: &Path, cache_bytes: usize) -> Result<Database> {
+    let path = path.to_path_buf();
+    let damaged = |why: String| Error::MetaDamaged {
+        path: path.clone(),
+        why,
+    };
     if !path.is_file() {
         return Err(damaged("the file is missing".into()));
     }

@@ -382,6 +382,11 @@ impl Repo {
 
     /// Verifies every blob, every reference count, and the accounting.
     pub fn fsck(&self, progress: &dyn Progress) -> Result<FsckReport> {
+        // Every table first: damage would otherwise surface as a panic in
+        // whatever read it, or not at all (a clean report on a store whose
+        // lookups fail).
+        meta::check_tables(&self.meta, self.store.dir())?;
+        self.store.check_index()?;
         let (refs, objects) = Self::expected_refs(&self.meta)?;
         let report = maint::verify(&self.store, &refs, progress)?;
         let bad: HashSet<String> = report
@@ -410,6 +415,25 @@ impl Repo {
             damaged_objects,
             clean,
         })
+    }
+
+    /// After a command failed in a way it did not expect (a panic): which
+    /// database of the store at `dir`, if any, is damaged. Opens and reads
+    /// both whole, so it costs a pass over each.
+    pub fn diagnose(dir: &Path) -> Option<Error> {
+        let meta_db = match meta::open(dir, meta::CACHE_BYTES) {
+            Ok(db) => db,
+            Err(e) => return Some(e),
+        };
+        if let Err(e) = meta::check_tables(&meta_db, dir) {
+            return Some(e);
+        }
+        drop(meta_db);
+        match Store::open(dir) {
+            Ok(store) => store.check_index().err(),
+            Err(Error::Locked(_)) => None,
+            Err(e) => Some(e),
+        }
     }
 
     /// Rebuilds the chunk index of the store at `dir` from its packs and the

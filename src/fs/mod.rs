@@ -178,6 +178,10 @@ fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// Looking this name up panics in debug builds (see `lookup`).
+#[cfg(debug_assertions)]
+pub const TEST_PANIC_NAME: &[u8] = b".dedupfs-test-panic";
+
 /// The filesystem as fuser sees it.
 pub struct DedupFs {
     vol: Arc<Volume>,
@@ -307,6 +311,15 @@ impl DedupFs {
         }
     }
 
+    /// Runs a request's handler; a panic in it (ours, or redb's on a
+    /// damaged page) answers that request with EIO, through the reply the
+    /// unwinding drops, and is logged, instead of taking the mount down.
+    fn guarded(&self, op: &str, f: impl FnOnce()) {
+        if let Err(p) = crate::guard::catch(f) {
+            log::error!("{op}: {p}; answered with EIO");
+        }
+    }
+
     /// Whether to ask the kernel for FUSE passthrough at init.
     pub fn with_passthrough(mut self, on: bool) -> DedupFs {
         self.want_passthrough = on;
@@ -420,30 +433,38 @@ impl Filesystem for DedupFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.vol.lookup(parent.0, name.as_bytes());
-        let _g = r.as_ref().ok().map(|a| self.gate.reporting(a.ino));
-        match r {
-            // A miss the kernel may remember for TTL (node id 0): builds,
-            // shells and `git status` probe many names that do not exist,
-            // and each probe was a round trip. Every change that can add a
-            // name reaches the kernel through it (creates) or through an
-            // entry invalidation (restore, rollback). Not inside snapshots:
-            // `snapctl create` adds names there without either.
-            Err(e) if e.errno() == libc::ENOENT && !is_snap_ino(parent.0) => {
-                reply.entry(&TTL, &negative_attr(), Generation(0))
+        self.guarded("lookup", || {
+            // Debug builds only: a name that panics, so the mount tests can
+            // check that a panic under a request stays in that request.
+            #[cfg(debug_assertions)]
+            if name.as_bytes() == TEST_PANIC_NAME {
+                panic!("test panic under a request");
             }
-            r => reply_entry(reply, r),
-        }
+            let r = self.vol.lookup(parent.0, name.as_bytes());
+            let _g = r.as_ref().ok().map(|a| self.gate.reporting(a.ino));
+            match r {
+                // A miss the kernel may remember for TTL (node id 0): builds,
+                // shells and `git status` probe many names that do not exist,
+                // and each probe was a round trip. Every change that can add a
+                // name reaches the kernel through it (creates) or through an
+                // entry invalidation (restore, rollback). Not inside snapshots:
+                // `snapctl create` adds names there without either.
+                Err(e) if e.errno() == libc::ENOENT && !is_snap_ino(parent.0) => {
+                    reply.entry(&TTL, &negative_attr(), Generation(0))
+                }
+                r => reply_entry(reply, r),
+            }
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.vol.getattr(ino.0) {
+        self.guarded("getattr", || match self.vol.getattr(ino.0) {
             Ok(a) => {
                 let _g = self.gate.reporting(a.ino);
                 reply.attr(ttl(a.ino), &fattr(&a))
             }
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn setattr(
@@ -464,35 +485,37 @@ impl Filesystem for DedupFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let t = |x: Option<TimeOrNow>| {
-            x.map(|x| match x {
-                TimeOrNow::SpecificTime(t) => timespec(t),
-                TimeOrNow::Now => Timespec::now(),
-            })
-        };
-        let s = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: t(atime),
-            mtime: t(mtime),
-            ctime: ctime.map(timespec),
-        };
-        match self.vol.setattr(caller(req), ino.0, &s) {
-            Ok(a) => {
-                let _g = self.gate.reporting(a.ino);
-                reply.attr(ttl(a.ino), &fattr(&a))
+        self.guarded("setattr", || {
+            let t = |x: Option<TimeOrNow>| {
+                x.map(|x| match x {
+                    TimeOrNow::SpecificTime(t) => timespec(t),
+                    TimeOrNow::Now => Timespec::now(),
+                })
+            };
+            let s = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: t(atime),
+                mtime: t(mtime),
+                ctime: ctime.map(timespec),
+            };
+            match self.vol.setattr(caller(req), ino.0, &s) {
+                Ok(a) => {
+                    let _g = self.gate.reporting(a.ino);
+                    reply.attr(ttl(a.ino), &fattr(&a))
+                }
+                Err(e) => reply.error(errno(&e)),
             }
-            Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.vol.readlink(ino.0) {
+        self.guarded("readlink", || match self.vol.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn mknod(
@@ -505,22 +528,24 @@ impl Filesystem for DedupFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let Some(kind) = Kind::from_mode(mode) else {
-            return reply.error(Errno::EINVAL);
-        };
-        if kind == Kind::Dir || kind == Kind::Symlink {
-            return reply.error(Errno::EINVAL);
-        }
-        let r = self.vol.make_node(
-            caller(req),
-            parent.0,
-            name.as_bytes(),
-            kind,
-            mode & !umask,
-            rdev,
-            None,
-        );
-        reply_entry(reply, r);
+        self.guarded("mknod", || {
+            let Some(kind) = Kind::from_mode(mode) else {
+                return reply.error(Errno::EINVAL);
+            };
+            if kind == Kind::Dir || kind == Kind::Symlink {
+                return reply.error(Errno::EINVAL);
+            }
+            let r = self.vol.make_node(
+                caller(req),
+                parent.0,
+                name.as_bytes(),
+                kind,
+                mode & !umask,
+                rdev,
+                None,
+            );
+            reply_entry(reply, r);
+        })
     }
 
     fn mkdir(
@@ -532,30 +557,36 @@ impl Filesystem for DedupFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.vol.make_node(
-            caller(req),
-            parent.0,
-            name.as_bytes(),
-            Kind::Dir,
-            mode & !umask,
-            0,
-            None,
-        );
-        reply_entry(reply, r);
+        self.guarded("mkdir", || {
+            let r = self.vol.make_node(
+                caller(req),
+                parent.0,
+                name.as_bytes(),
+                Kind::Dir,
+                mode & !umask,
+                0,
+                None,
+            );
+            reply_entry(reply, r);
+        })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _g = self
-            .gate
-            .removing(self.vol.child_ino(parent.0, name.as_bytes()));
-        reply_empty(reply, self.vol.unlink(parent.0, name.as_bytes()));
+        self.guarded("unlink", || {
+            let _g = self
+                .gate
+                .removing(self.vol.child_ino(parent.0, name.as_bytes()));
+            reply_empty(reply, self.vol.unlink(parent.0, name.as_bytes()));
+        })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _g = self
-            .gate
-            .removing(self.vol.child_ino(parent.0, name.as_bytes()));
-        reply_empty(reply, self.vol.rmdir(parent.0, name.as_bytes()));
+        self.guarded("rmdir", || {
+            let _g = self
+                .gate
+                .removing(self.vol.child_ino(parent.0, name.as_bytes()));
+            reply_empty(reply, self.vol.rmdir(parent.0, name.as_bytes()));
+        })
     }
 
     fn symlink(
@@ -566,16 +597,18 @@ impl Filesystem for DedupFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.vol.make_node(
-            caller(req),
-            parent.0,
-            link_name.as_bytes(),
-            Kind::Symlink,
-            0o777,
-            0,
-            Some(target.as_os_str().as_bytes()),
-        );
-        reply_entry(reply, r);
+        self.guarded("symlink", || {
+            let r = self.vol.make_node(
+                caller(req),
+                parent.0,
+                link_name.as_bytes(),
+                Kind::Symlink,
+                0o777,
+                0,
+                Some(target.as_os_str().as_bytes()),
+            );
+            reply_entry(reply, r);
+        })
     }
 
     fn rename(
@@ -588,23 +621,25 @@ impl Filesystem for DedupFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        // The name replaced loses a link; an exchange keeps both.
-        let replaced = if flags.bits() & libc::RENAME_EXCHANGE == 0 {
-            self.vol.child_ino(newparent.0, newname.as_bytes())
-        } else {
-            None
-        };
-        let _g = self.gate.removing(replaced);
-        reply_empty(
-            reply,
-            self.vol.rename(
-                parent.0,
-                name.as_bytes(),
-                newparent.0,
-                newname.as_bytes(),
-                flags.bits(),
-            ),
-        );
+        self.guarded("rename", || {
+            // The name replaced loses a link; an exchange keeps both.
+            let replaced = if flags.bits() & libc::RENAME_EXCHANGE == 0 {
+                self.vol.child_ino(newparent.0, newname.as_bytes())
+            } else {
+                None
+            };
+            let _g = self.gate.removing(replaced);
+            reply_empty(
+                reply,
+                self.vol.rename(
+                    parent.0,
+                    name.as_bytes(),
+                    newparent.0,
+                    newname.as_bytes(),
+                    flags.bits(),
+                ),
+            );
+        })
     }
 
     fn link(
@@ -615,22 +650,28 @@ impl Filesystem for DedupFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let r = self.vol.link(ino.0, newparent.0, newname.as_bytes());
-        let _g = self.gate.reporting(ino.0);
-        reply_entry(reply, r);
+        self.guarded("link", || {
+            let r = self.vol.link(ino.0, newparent.0, newname.as_bytes());
+            let _g = self.gate.reporting(ino.0);
+            reply_entry(reply, r);
+        })
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.vol.open_file_by(caller(req), ino.0, flags.0, true) {
-            Ok(o) => match self.backing_for(ino.0, &o, |f| reply.open_backing(f)) {
-                Some(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id),
-                None if o.keep_cache => {
-                    reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_KEEP_CACHE)
-                }
-                None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
-            },
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.guarded("open", || {
+            match self.vol.open_file_by(caller(req), ino.0, flags.0, true) {
+                Ok(o) => match self.backing_for(ino.0, &o, |f| reply.open_backing(f)) {
+                    Some(id) => {
+                        reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id)
+                    }
+                    None if o.keep_cache => {
+                        reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_KEEP_CACHE)
+                    }
+                    None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
+                },
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn read(
@@ -644,10 +685,10 @@ impl Filesystem for DedupFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.vol.read(ino.0, offset, size) {
+        self.guarded("read", || match self.vol.read(ino.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn write(
@@ -662,10 +703,10 @@ impl Filesystem for DedupFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.vol.write(fh.0, offset, data) {
+        self.guarded("write", || match self.vol.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     /// Nothing is held back for close to report (writes reach the staging
@@ -679,7 +720,9 @@ impl Filesystem for DedupFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        self.guarded("flush", || {
+            reply.error(Errno::ENOSYS);
+        })
     }
 
     fn release(
@@ -692,9 +735,11 @@ impl Filesystem for DedupFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.vol.release(fh.0);
-        self.forget_backing(fh.0);
-        reply_empty(reply, r);
+        self.guarded("release", || {
+            let r = self.vol.release(fh.0);
+            self.forget_backing(fh.0);
+            reply_empty(reply, r);
+        })
     }
 
     fn fsync(
@@ -705,7 +750,9 @@ impl Filesystem for DedupFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.fsync(ino.0));
+        self.guarded("fsync", || {
+            reply_empty(reply, self.vol.fsync(ino.0));
+        })
     }
 
     /// Directories are not opened. ENOSYS here tells the kernel so, once
@@ -719,7 +766,9 @@ impl Filesystem for DedupFs {
     /// (default_permissions); a readdir names its listing by offset, see
     /// `volume::Listing`.
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.error(Errno::ENOSYS);
+        self.guarded("opendir", || {
+            reply.error(Errno::ENOSYS);
+        })
     }
 
     fn readdir(
@@ -730,26 +779,28 @@ impl Filesystem for DedupFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let l = match self.vol.listing(ino.0, offset) {
-            Ok(l) => l,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        for (i, e) in l.entries.iter().enumerate().skip(l.start) {
-            if reply.add(
-                INodeNo(e.ino),
-                l.offset_after(i),
-                file_type(e.kind),
-                OsStr::from_bytes(&e.name),
-            ) {
-                break;
+        self.guarded("readdir", || {
+            let l = match self.vol.listing(ino.0, offset) {
+                Ok(l) => l,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            for (i, e) in l.entries.iter().enumerate().skip(l.start) {
+                if reply.add(
+                    INodeNo(e.ino),
+                    l.offset_after(i),
+                    file_type(e.kind),
+                    OsStr::from_bytes(&e.name),
+                ) {
+                    break;
+                }
             }
-        }
-        // The kernel reads until a reply comes back empty; only then is
-        // the listing no longer needed.
-        if l.start >= l.entries.len() {
-            self.vol.listing_done(l.id);
-        }
-        reply.ok();
+            // The kernel reads until a reply comes back empty; only then is
+            // the listing no longer needed.
+            if l.start >= l.entries.len() {
+                self.vol.listing_done(l.id);
+            }
+            reply.ok();
+        })
     }
     fn fsyncdir(
         &self,
@@ -759,11 +810,13 @@ impl Filesystem for DedupFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.sync_meta());
+        self.guarded("fsyncdir", || {
+            reply_empty(reply, self.vol.sync_meta());
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.vol.statfs() {
+        self.guarded("statfs", || match self.vol.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -775,7 +828,7 @@ impl Filesystem for DedupFs {
                 s.f_frsize as u32,
             ),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn setxattr(
@@ -788,27 +841,37 @@ impl Filesystem for DedupFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.vol.setxattr(ino.0, name.as_bytes(), value, flags),
-        );
+        self.guarded("setxattr", || {
+            reply_empty(
+                reply,
+                self.vol.setxattr(ino.0, name.as_bytes(), value, flags),
+            );
+        })
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.vol.getxattr(ino.0, name.as_bytes()));
+        self.guarded("getxattr", || {
+            reply_xattr(reply, size, self.vol.getxattr(ino.0, name.as_bytes()));
+        })
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.vol.listxattr(ino.0));
+        self.guarded("listxattr", || {
+            reply_xattr(reply, size, self.vol.listxattr(ino.0));
+        })
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.vol.removexattr(ino.0, name.as_bytes()));
+        self.guarded("removexattr", || {
+            reply_empty(reply, self.vol.removexattr(ino.0, name.as_bytes()));
+        })
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // default_permissions: the kernel checks mode bits itself.
-        reply_empty(reply, self.vol.getattr(ino.0).map(|_| ()));
+        self.guarded("access", || {
+            // default_permissions: the kernel checks mode bits itself.
+            reply_empty(reply, self.vol.getattr(ino.0).map(|_| ()));
+        })
     }
 
     fn create(
@@ -821,50 +884,52 @@ impl Filesystem for DedupFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self
-            .vol
-            .make_node(
-                caller(req),
-                parent.0,
-                name.as_bytes(),
-                Kind::File,
-                mode & !umask,
-                0,
-                None,
-            )
-            .and_then(|a| {
-                // The new file is opened for writing whatever the access mode
-                // says about the caller: it may write to what it just made.
-                // O_EXCL creates (cp, tar) stay off passthrough: a
-                // copy_file_range into a passthrough file has to copy the
-                // bytes into its staging file, where through the daemon it
-                // shares the source's chunks (metadata only). Plain
-                // creates (O_TRUNC: dd, editors, compilers) get the
-                // kernel's write path.
-                let pt = flags & libc::O_EXCL == 0;
-                let o = self.vol.open_created(a.ino, &a, flags, pt)?;
-                Ok((a, o))
-            });
-        match r {
-            Ok((a, o)) => match self.backing_for(a.ino, &o, |f| reply.open_backing(f)) {
-                Some(id) => reply.created_passthrough(
-                    &TTL,
-                    &fattr(&a),
-                    Generation(0),
-                    FileHandle(o.fh),
-                    FopenFlags::empty(),
-                    &id,
-                ),
-                None => reply.created(
-                    &TTL,
-                    &fattr(&a),
-                    Generation(0),
-                    FileHandle(o.fh),
-                    FopenFlags::empty(),
-                ),
-            },
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.guarded("create", || {
+            let r = self
+                .vol
+                .make_node(
+                    caller(req),
+                    parent.0,
+                    name.as_bytes(),
+                    Kind::File,
+                    mode & !umask,
+                    0,
+                    None,
+                )
+                .and_then(|a| {
+                    // The new file is opened for writing whatever the access mode
+                    // says about the caller: it may write to what it just made.
+                    // O_EXCL creates (cp, tar) stay off passthrough: a
+                    // copy_file_range into a passthrough file has to copy the
+                    // bytes into its staging file, where through the daemon it
+                    // shares the source's chunks (metadata only). Plain
+                    // creates (O_TRUNC: dd, editors, compilers) get the
+                    // kernel's write path.
+                    let pt = flags & libc::O_EXCL == 0;
+                    let o = self.vol.open_created(a.ino, &a, flags, pt)?;
+                    Ok((a, o))
+                });
+            match r {
+                Ok((a, o)) => match self.backing_for(a.ino, &o, |f| reply.open_backing(f)) {
+                    Some(id) => reply.created_passthrough(
+                        &TTL,
+                        &fattr(&a),
+                        Generation(0),
+                        FileHandle(o.fh),
+                        FopenFlags::empty(),
+                        &id,
+                    ),
+                    None => reply.created(
+                        &TTL,
+                        &fattr(&a),
+                        Generation(0),
+                        FileHandle(o.fh),
+                        FopenFlags::empty(),
+                    ),
+                },
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn fallocate(
@@ -877,7 +942,9 @@ impl Filesystem for DedupFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.fallocate(fh.0, offset, length, mode));
+        self.guarded("fallocate", || {
+            reply_empty(reply, self.vol.fallocate(fh.0, offset, length, mode));
+        })
     }
 
     fn lseek(
@@ -889,10 +956,10 @@ impl Filesystem for DedupFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.vol.lseek(ino.0, offset, whence) {
+        self.guarded("lseek", || match self.vol.lseek(ino.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(&e)),
-        }
+        })
     }
 
     fn copy_file_range(
@@ -908,13 +975,15 @@ impl Filesystem for DedupFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self
-            .vol
-            .copy_range(ino_in.0, offset_in, fh_out.0, offset_out, len)
-        {
-            Ok(n) => reply.written(n.min(u32::MAX as u64) as u32),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.guarded("copy_file_range", || {
+            match self
+                .vol
+                .copy_range(ino_in.0, offset_in, fh_out.0, offset_out, len)
+            {
+                Ok(n) => reply.written(n.min(u32::MAX as u64) as u32),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 }
 

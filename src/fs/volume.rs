@@ -2458,7 +2458,14 @@ impl Volume {
         // them again (a truncate or utimensat without an open writer), go
         // round again here; before, they stayed staged and unsynced.
         while !todo.is_empty() {
-            match self.try_ingest_group(&todo) {
+            // A panic (redb's, on a damaged page) fails this round like
+            // an error would, and `pending` still drops: unmount and sync
+            // waited on it forever.
+            let r = crate::guard::catch(|| self.try_ingest_group(&todo)).unwrap_or_else(|p| {
+                log::error!("ingest: {p}");
+                Err(Error::Errno(libc::EIO))
+            });
+            match r {
                 Ok(again) => todo = again,
                 Err(e) => {
                     log::error!("ingest of {} files failed: {e}", todo.len());
@@ -2757,8 +2764,10 @@ impl Volume {
         if self.read_only {
             return;
         }
-        if let Err(e) = self.try_reap() {
-            log::error!("reaping unlinked files failed: {e}");
+        match crate::guard::catch(|| self.try_reap()) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("reaping unlinked files failed: {e}"),
+            Err(p) => log::error!("reaping unlinked files: {p}"),
         }
     }
 
@@ -3254,8 +3263,10 @@ fn flush_loop(vol: std::sync::Weak<Volume>, stop: &(Mutex<bool>, Condvar)) {
         if v.queue.lock().is_none() {
             return;
         }
-        if let Err(e) = v.sync_meta() {
-            log::error!("periodic metadata sync failed: {e}");
+        match crate::guard::catch(|| v.sync_meta()) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("periodic metadata sync failed: {e}"),
+            Err(p) => log::error!("periodic metadata sync: {p}"),
         }
         if v.retry_ingest.swap(false, Ordering::SeqCst) {
             v.queue_idle_staged();

@@ -73,6 +73,11 @@ pub enum Error {
     Locked(PathBuf),
     #[error("index {path} is unusable: {why}; `dedupfs fsck --repair` rebuilds it from the packs")]
     IndexDamaged { path: PathBuf, why: String },
+    #[error(
+        "metadata {path} is damaged: {why}; the packs are intact, but the files it lists \
+         cannot all be read: restore meta.redb from a copy, then run `dedupfs fsck`"
+    )]
+    MetaDamaged { path: PathBuf, why: String },
     #[error("chunk {chunk} in {pack} at offset {offset} is corrupt: {why}")]
     Corrupt {
         chunk: ChunkId,
@@ -86,7 +91,7 @@ pub enum Error {
     RefUnderflow { chunk: ChunkId, owner: OwnerId },
     #[error("{context}: {err}")]
     Io { context: String, err: io::Error },
-    #[error("index database: {0}")]
+    #[error("database: {0}")]
     Db(String),
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -365,6 +370,46 @@ impl Store {
     /// one clear error.
     fn open_index(dir: &Path) -> Result<Database> {
         let path = dir.join(INDEX_FILE);
+        crate::guard::catch(|| Self::open_index_unguarded(&path)).unwrap_or_else(|p| {
+            Err(Error::IndexDamaged {
+                path: path.clone(),
+                why: p.0,
+            })
+        })
+    }
+
+    /// Reads every row of every table of the index, so damage anywhere in
+    /// its live pages is an [`Error::IndexDamaged`] now rather than a panic
+    /// later. Costs a pass over the index; fsck and diagnosis use it.
+    pub fn check_index(&self) -> Result<u64> {
+        let path = self.dir.join(INDEX_FILE);
+        let damaged = |why: String| Error::IndexDamaged {
+            path: path.clone(),
+            why,
+        };
+        let table = std::cell::Cell::new("");
+        let walk = || -> std::result::Result<u64, redb::Error> {
+            let rt = self.db.begin_read()?;
+            let mut rows = 0;
+            table.set("chunks");
+            rows += walk_table(&rt, CHUNKS)?;
+            table.set("packs");
+            rows += walk_table(&rt, PACKS)?;
+            table.set("state");
+            rows += walk_table(&rt, STATE)?;
+            table.set("undo");
+            rows += walk_table(&rt, UNDO)?;
+            Ok(rows)
+        };
+        match crate::guard::catch(walk) {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(damaged(format!("{e} (table {})", table.get()))),
+            Err(p) => Err(damaged(format!("{} (table {})", p.0, table.get()))),
+        }
+    }
+
+    fn open_index_unguarded(path: &Path) -> Result<Database> {
+        let path = path.to_path_buf();
         let damaged = |why: String| Error::IndexDamaged {
             path: path.clone(),
             why,
@@ -441,10 +486,15 @@ impl Store {
             next_batch: AtomicU64::new(1),
             gc_lock: Mutex::new(()),
         };
-        if recover {
-            store.recover_packs()?;
-        }
-        store.rebuild_negcache()?;
+        // Both read the whole index: a damaged page panics inside redb.
+        let path = dir.join(INDEX_FILE);
+        crate::guard::catch(|| -> Result<()> {
+            if recover {
+                store.recover_packs()?;
+            }
+            store.rebuild_negcache()
+        })
+        .unwrap_or_else(|p| Err(Error::IndexDamaged { path, why: p.0 }))?;
         Ok(store)
     }
 
@@ -1274,4 +1324,24 @@ impl Drop for Batch<'_> {
             self.store.return_writer(w, clean);
         }
     }
+}
+
+/// Reads every row of `def` (keys and values), returning how many; a
+/// damaged page fails here (or panics inside redb, for callers to catch).
+pub fn walk_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    rt: &redb::ReadTransaction,
+    def: TableDefinition<K, V>,
+) -> std::result::Result<u64, redb::Error> {
+    let t = match rt.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut n = 0;
+    for row in t.iter()? {
+        let (k, v) = row?;
+        std::hint::black_box((k.value(), v.value()));
+        n += 1;
+    }
+    Ok(n)
 }
