@@ -3,7 +3,8 @@
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use dedupfs::Progress;
@@ -633,7 +634,23 @@ fn mount(
     config.clone_fd = true;
     let vol = dedupfs::fs::volume::Volume::start(repo, read_only, 2)?;
     vol.show_snapdir(show_snapdir);
-    let fs = dedupfs::fs::DedupFs::new(vol.clone()).with_passthrough(passthrough);
+    let shutdown = dedupfs::fs::Shutdown::new(vol.clone());
+    // fuser unmounts again when the session ends; after `fusermount3 -u`
+    // (or our lazy detach) that failed with EINVAL and a warning on every
+    // clean unmount. The handle is taken here at the session's end instead.
+    let mount_handle: Arc<parking_lot::Mutex<Option<fuser::SessionUnmounter>>> =
+        Arc::new(parking_lot::Mutex::new(None));
+    let taken = mount_handle.clone();
+    let fs = dedupfs::fs::DedupFs::new(vol.clone())
+        .with_passthrough(passthrough)
+        .with_shutdown(shutdown.clone())
+        .at_destroy(Box::new(move || {
+            if let Some(mut m) = taken.lock().take()
+                && let Err(e) = m.unmount()
+            {
+                log::debug!("the mount was already gone: {e}");
+            }
+        }));
     // Before the mount: resolving the path afterwards would ask the
     // daemon, which is not serving yet.
     let canonical = std::fs::canonicalize(mountpoint)?;
@@ -690,28 +707,138 @@ fn mount(
         });
     let _ctl = dedupfs::ctl::Server::start(store, handler)?;
     let _timer = dedupfs::snapcmd::start_policy_timer(&vol)?;
-    let mut unmounter = session.unmount_callable();
+    *mount_handle.lock() = Some(session.unmount_callable());
+    let ended = Arc::new(Ended::default());
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
     ])?;
     let handle = signals.handle();
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            log::info!("signal {sig}: unmounting");
-            if let Err(e) = unmounter.unmount() {
-                log::error!("unmount on signal failed: {e}");
+    {
+        let (vol, shutdown, ended) = (vol.clone(), shutdown.clone(), ended.clone());
+        std::thread::spawn(move || {
+            let mut stopping = false;
+            for sig in signals.forever() {
+                if stopping {
+                    log::info!("signal {sig}: already stopping");
+                    continue;
+                }
+                stopping = true;
+                log::info!("signal {sig}: stopping");
+                let (vol, shutdown, ended) = (vol.clone(), shutdown.clone(), ended.clone());
+                let mnt = canonical.clone();
+                let _ = std::thread::Builder::new()
+                    .name("stop".into())
+                    .spawn(move || stop_daemon(&vol, &shutdown, &mnt, &ended));
             }
-        }
-    });
+        });
+    }
     log::info!("mounted {} on {}", store.display(), mountpoint.display());
     let res = session.run();
     handle.close();
-    vol.shutdown();
+    shutdown.run();
+    ended.set();
     log::info!("unmounted {}", mountpoint.display());
     res?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Set once the session has ended and the volume is shut down.
+#[derive(Default)]
+struct Ended {
+    done: parking_lot::Mutex<bool>,
+    cv: parking_lot::Condvar,
+}
+
+impl Ended {
+    fn set(&self) {
+        *self.done.lock() = true;
+        self.cv.notify_all();
+    }
+
+    /// Whether it ended within `limit`.
+    fn wait(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut d = self.done.lock();
+        while !*d {
+            if self.cv.wait_until(&mut d, deadline).timed_out() {
+                return *d;
+            }
+        }
+        true
+    }
+}
+
+/// A stop on SIGTERM (or INT, HUP) that ends in bounded time whatever is
+/// open: a plain unmount fails with EBUSY while any file in the mount is
+/// open, and systemd then waited for SIGKILL. Commits what is pending,
+/// detaches the mount lazily (the kernel sends no DESTROY while files stay
+/// open), then ends the connection through fusectl, or failing that shuts
+/// the volume down and exits (the kernel aborts the connection when the
+/// process goes; open handles then get ENOTCONN).
+fn stop_daemon(
+    vol: &dedupfs::fs::volume::Volume,
+    shutdown: &dedupfs::fs::Shutdown,
+    mnt: &Path,
+    ended: &Ended,
+) {
+    vol.wait_ingest_idle();
+    if let Err(e) = vol.sync_meta() {
+        log::error!("stopping: metadata sync failed: {e}");
+    }
+    log::info!("stopping: pending ingest committed and metadata durable");
+    let conn = fuse_connection_of(mnt);
+    let detached = ["fusermount3 -u -z", "umount -l"].iter().any(|cmd| {
+        let mut parts = cmd.split(' ');
+        let Some(prog) = parts.next() else {
+            return false;
+        };
+        std::process::Command::new(prog)
+            .args(parts)
+            .arg(mnt)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if detached {
+        log::info!("stopping: detached {} (lazy unmount)", mnt.display());
+    } else {
+        log::error!("stopping: could not detach {}", mnt.display());
+    }
+    if ended.wait(Duration::from_secs(2)) {
+        return;
+    }
+    if let Some(conn) = conn {
+        let abort = format!("/sys/fs/fuse/connections/{conn}/abort");
+        if std::fs::write(&abort, "1").is_ok() {
+            log::info!("stopping: files are still open; ended FUSE connection {conn}");
+            if ended.wait(Duration::from_secs(10)) {
+                return;
+            }
+        }
+    }
+    log::info!("stopping: files are still open; closing them and exiting");
+    shutdown.run();
+    log::info!("unmounted {}", mnt.display());
+    std::process::exit(0);
+}
+
+/// The FUSE connection number of the mount at `mnt` (the minor of its
+/// device), from /proc/self/mountinfo: a stat of the mountpoint would ask
+/// the daemon.
+fn fuse_connection_of(mnt: &Path) -> Option<u32> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mnt.to_string_lossy().replace(' ', "\\040");
+    info.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let dev = f.nth(2)?;
+        let point = f.nth(1)?;
+        if point != want {
+            return None;
+        }
+        dev.split_once(':')?.1.parse().ok()
+    })
 }
 
 /// `mount -t fuse.dedupfs STORE MNT -o OPTS` runs `dedupfs STORE MNT -o OPTS`:

@@ -125,6 +125,7 @@ fn find_target(cli: &Cli) -> anyhow::Result<Target> {
         });
     }
     if let Some(m) = &cli.mountpoint {
+        refuse_dead_mount(m)?;
         let store = dedupfs::ctl::store_of_mount(m)
             .ok_or_else(|| anyhow::anyhow!("{} is not a mounted dedupfs store", m.display()))?;
         return Ok(Target {
@@ -194,11 +195,30 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
+/// Fails with what to do when `mp` is a mount whose daemon is gone: the
+/// kernel answers ENOTCONN there. Opening the store directly would then
+/// work on it behind the dead mount's back and hold off the remount.
+fn refuse_dead_mount(mp: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(mp) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => anyhow::bail!(
+            "the mount at {0} is dead (its daemon is gone); run `fusermount3 -u {0}` \
+             (or `umount -l {0}`) and mount the store again",
+            mp.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Runs one operation: through the daemon when the store is mounted,
 /// directly otherwise.
-fn run_op(store: &Path, args: Value) -> anyhow::Result<Value> {
+fn run_op(store: &Path, mountpoint: Option<&Path>, args: Value) -> anyhow::Result<Value> {
     match Repo::open(store) {
         Ok(repo) => {
+            // Nobody holds the store, yet the mount table names a mount
+            // of it: that mount is dead.
+            if let Some(mp) = mountpoint {
+                refuse_dead_mount(mp)?;
+            }
             let vol = dedupfs::fs::volume::Volume::start(repo, false, 1)?;
             let r = snapcmd::handle(&vol, &args);
             vol.shutdown();
@@ -318,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             include_manual,
         } => json!({"op": "prune", "dry_run": dry_run, "include_manual": include_manual}),
     };
-    let out = run_op(&target.store, args)?;
+    let out = run_op(&target.store, mp, args)?;
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);

@@ -184,6 +184,32 @@ pub struct DedupFs {
     /// turns it off).
     want_passthrough: bool,
     backing: Mutex<Backings>,
+    shutdown: Arc<Shutdown>,
+    /// Run when the session ends, before the volume shuts down (the
+    /// daemon takes fuser's mount handle here; see `main.rs`).
+    at_destroy: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+/// The volume's shutdown, run once by whoever gets there first: the end
+/// of the session, or a stop that could not end it (files held open with
+/// no fusectl to abort the connection). A second caller waits for the
+/// first to finish.
+pub struct Shutdown {
+    vol: Arc<Volume>,
+    once: std::sync::Once,
+}
+
+impl Shutdown {
+    pub fn new(vol: Arc<Volume>) -> Arc<Shutdown> {
+        Arc::new(Shutdown {
+            vol,
+            once: std::sync::Once::new(),
+        })
+    }
+
+    pub fn run(&self) {
+        self.once.call_once(|| self.vol.shutdown());
+    }
 }
 
 /// The kernel's ids for staging files of passthrough handles. All
@@ -201,10 +227,24 @@ struct Backings {
 impl DedupFs {
     pub fn new(vol: Arc<Volume>) -> DedupFs {
         DedupFs {
+            shutdown: Shutdown::new(vol.clone()),
             vol,
             want_passthrough: true,
             backing: Mutex::new(Backings::default()),
+            at_destroy: Mutex::new(None),
         }
+    }
+
+    /// Shares the volume's shutdown with whoever else may have to run it.
+    pub fn with_shutdown(mut self, shutdown: Arc<Shutdown>) -> DedupFs {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// Something to run when the session ends, before the shutdown.
+    pub fn at_destroy(self, f: Box<dyn FnOnce() + Send>) -> DedupFs {
+        *self.at_destroy.lock() = Some(f);
+        self
     }
 
     /// Whether to ask the kernel for FUSE passthrough at init.
@@ -316,7 +356,10 @@ impl Filesystem for DedupFs {
     }
 
     fn destroy(&mut self) {
-        self.vol.shutdown();
+        if let Some(f) = self.at_destroy.lock().take() {
+            f();
+        }
+        self.shutdown.run();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
