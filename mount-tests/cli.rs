@@ -110,3 +110,105 @@ fn snapctl_on_a_dead_mount_says_so_and_fails() {
         t.umount();
     });
 }
+
+/// The log lines at WARN or ERROR.
+fn warnings(t: &TestFs) -> Vec<String> {
+    full_log(t)
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_closed_pipe_ends_commands_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let files = dir.path().join("files");
+    fs::create_dir(&files).unwrap();
+    for i in 0..3000 {
+        fs::write(
+            files.join(format!("object-with-a-longish-name-{i:05}")),
+            b"x",
+        )
+        .unwrap();
+    }
+    let s = store.to_str().unwrap();
+    assert!(run(BIN, &["init", s]).status.success());
+    let put = run(BIN, &["object", "put", s, files.to_str().unwrap()]);
+    assert!(put.status.success(), "{:?}", text(&put));
+    for args in [vec!["object", "ls", s], vec!["object", "ls", s, "--json"]] {
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read one line, then close the pipe (what `| head -1` does).
+        let mut line = String::new();
+        let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+        drop(r);
+        let out = child.wait_with_output().unwrap();
+        let (_, e) = text(&out);
+        assert!(
+            !e.contains("panicked") && !e.contains("Broken pipe") && e.is_empty(),
+            "{args:?} on a closed pipe: {e}"
+        );
+        assert!(out.status.success(), "{args:?}: {:?}", out.status);
+    }
+}
+
+#[test]
+fn ioctls_and_unmount_log_no_warnings() {
+    with_fs(|t| {
+        t.mount();
+        fs::create_dir(t.p("d")).unwrap();
+        write_file(&t.p("d/f"), b"hello\n");
+        let f = t.p("d/f");
+        let f = f.to_str().unwrap();
+        let py = Command::new("python3")
+            .arg("-c")
+            .arg(
+                r#"
+import fcntl, struct, sys, errno
+p = sys.argv[1]
+assert open(p).read() == "hello\n"
+with open(p, "rb") as fh:
+    flags = fcntl.ioctl(fh, 0x80086601, b"\0" * 8)   # FS_IOC_GETFLAGS
+    assert flags == b"\0" * 8, flags
+    x = fcntl.ioctl(fh, 0x801c581f, b"\0" * 28)      # FS_IOC_FSGETXATTR
+    assert x == b"\0" * 28, x
+    try:
+        fcntl.ioctl(fh, 0x5401, b"\0" * 60)            # TCGETS
+        raise SystemExit("TCGETS succeeded")
+    except OSError as e:
+        assert e.errno == errno.ENOTTY, e
+"#,
+            )
+            .arg(f)
+            .output()
+            .unwrap();
+        assert!(py.status.success(), "python: {:?}", text(&py));
+        let ls = run("lsattr", &[f]);
+        let (o, e) = text(&ls);
+        assert!(ls.status.success(), "lsattr: {e}");
+        assert!(o.starts_with("----"), "lsattr: {o}");
+        assert!(
+            run("lsattr", &["-d", t.p("d").to_str().unwrap()])
+                .status
+                .success()
+        );
+        // Setting no flags is fine; setting one we do not keep is refused.
+        assert!(run("chattr", &["=", f]).status.success());
+        let ch = run("chattr", &["+A", f]);
+        let (_, e) = text(&ch);
+        assert!(
+            !ch.status.success() && e.contains("not supported"),
+            "chattr +A: {e}"
+        );
+        t.umount();
+        let w = warnings(t);
+        assert!(w.is_empty(), "warnings in the log:\n{}", w.join("\n"));
+    });
+}

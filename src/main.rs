@@ -13,6 +13,40 @@ use dedupfs::repo::Repo;
 use dedupfs::store::InitOptions;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// `println!` that ends the process quietly when stdout is a closed pipe
+/// (`dedupfs object ls | head`), where `println!` panics.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            output_failed(&e)
+        }
+    }};
+}
+
+/// Stdout is gone: a closed pipe ends the command quietly (what a
+/// reader that stopped reading wants); anything else is an error.
+fn output_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("dedupfs: writing output: {e}");
+    std::process::exit(2);
+}
+
+/// Whether an error is a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let kind = match c.downcast_ref::<std::io::Error>() {
+            Some(io) => Some(io.kind()),
+            None => c
+                .downcast_ref::<serde_json::Error>()
+                .and_then(|j| j.io_error_kind()),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 #[derive(Parser)]
 #[command(
     name = "dedupfs",
@@ -232,28 +266,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&s)?;
             } else {
-                println!(
+                outln!(
                     "logical bytes:  {} ({})",
                     s.logical_bytes,
                     human(s.logical_bytes)
                 );
-                println!(
+                outln!(
                     "unique bytes:   {} ({})",
                     s.unique_bytes,
                     human(s.unique_bytes)
                 );
-                println!(
+                outln!(
                     "stored bytes:   {} ({})",
                     s.stored_bytes,
                     human(s.stored_bytes)
                 );
-                println!("pack bytes:     {} ({})", s.pack_bytes, human(s.pack_bytes));
-                println!("chunks:         {} ({} live)", s.chunks, s.live_chunks);
-                println!("dedup ratio:    {:.3}", s.dedup_ratio);
-                println!("compression:    {:.3}", s.compression_ratio);
-                println!("packs:          {}", s.pack_count);
-                println!("dead fraction:  {:.3}", s.dead_fraction);
-                println!("objects:        {}", s.objects);
+                outln!("pack bytes:     {} ({})", s.pack_bytes, human(s.pack_bytes));
+                outln!("chunks:         {} ({} live)", s.chunks, s.live_chunks);
+                outln!("dedup ratio:    {:.3}", s.dedup_ratio);
+                outln!("compression:    {:.3}", s.compression_ratio);
+                outln!("packs:          {}", s.pack_count);
+                outln!("dead fraction:  {:.3}", s.dead_fraction);
+                outln!("objects:        {}", s.objects);
             }
         }
         Cmd::Fsck {
@@ -264,7 +298,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if repair {
                 let r = Repo::repair(&store, &Bar::new("rebuilding"))?;
                 if !json {
-                    println!(
+                    outln!(
                         "rebuilt index: {} packs, {} chunks, {} damaged records, {} referenced chunks missing",
                         r.packs_scanned,
                         r.chunks_found,
@@ -281,34 +315,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&r)?;
             } else {
-                println!(
+                outln!(
                     "checked {} chunks ({}) in {} objects",
                     r.store.chunks_checked,
                     human(r.store.bytes_checked),
                     r.objects_checked
                 );
                 for b in &r.store.corrupt {
-                    println!(
+                    outln!(
                         "corrupt chunk {} in pack {:012x} at offset {}: {}",
-                        b.chunk, b.pack, b.offset, b.why
+                        b.chunk,
+                        b.pack,
+                        b.offset,
+                        b.why
                     );
                 }
                 for m in &r.store.missing {
-                    println!("missing chunk {m}");
+                    outln!("missing chunk {m}");
                 }
                 for m in &r.store.refcount_mismatches {
-                    println!(
+                    outln!(
                         "reference count of chunk {}: index has {:?}, metadata holds {:?}",
-                        m.chunk, m.found, m.expected
+                        m.chunk,
+                        m.found,
+                        m.expected
                     );
                 }
                 for p in &r.store.problems {
-                    println!("problem: {p}");
+                    outln!("problem: {p}");
                 }
                 for o in &r.damaged_objects {
-                    println!("damaged object: {o}");
+                    outln!("damaged object: {o}");
                 }
-                println!("{}", if r.clean { "clean" } else { "NOT clean" });
+                outln!("{}", if r.clean { "clean" } else { "NOT clean" });
             }
             if !r.clean {
                 return Ok(ExitCode::from(1));
@@ -324,7 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&r)?;
             } else {
-                println!(
+                outln!(
                     "compacted {} packs: {} -> {}, {} chunks moved, {} dropped",
                     r.packs_compacted,
                     human(r.bytes_before),
@@ -446,7 +485,7 @@ fn object(cmd: ObjectCmd) -> anyhow::Result<ExitCode> {
                     "bytes_per_sec": bytes as f64 / secs
                 }))?;
             } else {
-                println!(
+                outln!(
                     "stored {} objects, {} in {secs:.2}s",
                     infos.len(),
                     human(bytes)
@@ -481,7 +520,7 @@ fn object(cmd: ObjectCmd) -> anyhow::Result<ExitCode> {
                 print_json(&list)?;
             } else {
                 for o in list {
-                    println!("{:>14} {:>8} {}", o.size, o.chunks, o.name);
+                    outln!("{:>14} {:>8} {}", o.size, o.chunks, o.name);
                 }
             }
         }
@@ -866,6 +905,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(args());
     match run(cli) {
         Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dedupfs: {e:#}");
             ExitCode::from(2)

@@ -14,6 +14,40 @@ use serde_json::{Value, json};
 use dedupfs::repo::Repo;
 use dedupfs::snapcmd::{self, Policy};
 
+/// `println!` that ends the process quietly when stdout is a closed pipe
+/// (`snapctl list | head`), where `println!` panics.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            output_failed(&e)
+        }
+    }};
+}
+
+/// Stdout is gone: a closed pipe ends the command quietly (what a
+/// reader that stopped reading wants); anything else is an error.
+fn output_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("snapctl: writing output: {e}");
+    std::process::exit(2);
+}
+
+/// Whether an error is a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let kind = match c.downcast_ref::<std::io::Error>() {
+            Some(io) => Some(io.kind()),
+            None => c
+                .downcast_ref::<serde_json::Error>()
+                .and_then(|j| j.io_error_kind()),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 #[derive(Parser)]
 #[command(
     name = "snapctl",
@@ -251,9 +285,13 @@ fn bytes_json(p: &[u8]) -> Value {
 }
 
 fn print_snaps(v: &Value) {
-    println!(
+    outln!(
         "{:<28} {:<25} {:>8} {:>8} {:>8}  LABELS",
-        "NAME", "CREATED", "USED", "REFER", "FILES"
+        "NAME",
+        "CREATED",
+        "USED",
+        "REFER",
+        "FILES"
     );
     for s in v.as_array().into_iter().flatten() {
         let opt = |k: &str| s[k].as_u64().map(human).unwrap_or_else(|| "-".into());
@@ -263,7 +301,7 @@ fn print_snaps(v: &Value) {
             .flatten()
             .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
             .collect();
-        println!(
+        outln!(
             "{:<28} {:<25} {:>8} {:>8} {:>8}  {}",
             s["name"].as_str().unwrap_or(""),
             s["created"].as_str().unwrap_or(""),
@@ -340,11 +378,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let out = run_op(&target.store, mp, args)?;
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     match &cli.cmd {
-        Cmd::Create { .. } => println!(
+        Cmd::Create { .. } => outln!(
             "created snapshot {} (generation {})",
             out["name"].as_str().unwrap_or(""),
             out["generation"]
@@ -353,7 +391,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Show { .. } => print_snaps(&Value::Array(vec![out])),
         Cmd::Delete { .. } => {
             for d in out.as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "deleted {} ({} versions freed)",
                     d["name"].as_str().unwrap_or(""),
                     d["versions_freed"]
@@ -365,14 +403,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let path = e["path"].as_str().unwrap_or("");
                 let size = e["size"].as_u64().unwrap_or(0);
                 match e["change"].as_str().unwrap_or("") {
-                    "added" => println!("+ {path} ({})", human(size)),
-                    "removed" => println!("- {path} ({})", human(size)),
-                    "renamed" => println!(
+                    "added" => outln!("+ {path} ({})", human(size)),
+                    "removed" => outln!("- {path} ({})", human(size)),
+                    "renamed" => outln!(
                         "R {} -> {path} ({})",
                         e["from"].as_str().unwrap_or(""),
                         human(size)
                     ),
-                    _ => println!(
+                    _ => outln!(
                         "M {path} ({} -> {})",
                         human(e["size_before"].as_u64().unwrap_or(0)),
                         human(size)
@@ -380,7 +418,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Cmd::Restore { .. } => println!(
+        Cmd::Restore { .. } => outln!(
             "restored {} to {}: {} files, {} directories, {} ({}replaced what was there)",
             out["path"].as_str().unwrap_or(""),
             out["to"].as_str().unwrap_or(""),
@@ -393,12 +431,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "nothing "
             }
         ),
-        Cmd::Rollback { .. } => println!(
+        Cmd::Rollback { .. } => outln!(
             "rolled back to {}: {} records reverted",
             out["snapshot"].as_str().unwrap_or(""),
             out["records_reverted"]
         ),
-        Cmd::Policy { .. } => println!("{}", serde_json::to_string_pretty(&out)?),
+        Cmd::Policy { .. } => outln!("{}", serde_json::to_string_pretty(&out)?),
         Cmd::Prune { dry_run, .. } => {
             let key = if *dry_run { "would_delete" } else { "deleted" };
             let names: Vec<&str> = out[key]
@@ -409,9 +447,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect();
             let verb = if *dry_run { "would delete" } else { "deleted" };
             if names.is_empty() {
-                println!("nothing to prune");
+                outln!("nothing to prune");
             } else {
-                println!("{verb}: {}", names.join(" "));
+                outln!("{verb}: {}", names.join(" "));
             }
         }
     }
@@ -423,6 +461,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(c) => c,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("snapctl: {e:#}");
             ExitCode::from(2)
