@@ -212,3 +212,34 @@ with open(p, "rb") as fh:
         assert!(w.is_empty(), "warnings in the log:\n{}", w.join("\n"));
     });
 }
+
+#[test]
+fn stats_logical_bytes_are_the_apparent_size_of_the_tree() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(12));
+        let mut sum = 0u64;
+        fs::create_dir(t.p("small")).unwrap();
+        for i in 0..50 {
+            let data = rng.bytes(10 + i * 37);
+            sum += data.len() as u64;
+            write_file(&t.p(format!("small/{i}")), &data);
+        }
+        // One block four times over: its chunks repeat inside the file.
+        let block = rng.bytes(300_000);
+        let mut rep = Vec::new();
+        for _ in 0..4 {
+            rep.extend_from_slice(&block);
+        }
+        sum += rep.len() as u64;
+        write_file(&t.p("repeated"), &rep);
+        // A hard link counts once, as du counts it.
+        fs::hard_link(t.p("repeated"), t.p("link")).unwrap();
+        let big = rng.bytes(1_000_000);
+        sum += big.len() as u64;
+        write_file(&t.p("big"), &big);
+        t.umount();
+        let s = t.stats();
+        assert_eq!(s["logical_bytes"].as_u64(), Some(sum), "stats: {s}");
+    });
+}

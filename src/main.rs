@@ -272,6 +272,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     human(s.logical_bytes)
                 );
                 outln!(
+                    "referenced:     {} ({})",
+                    s.referenced_bytes,
+                    human(s.referenced_bytes)
+                );
+                outln!(
                     "unique bytes:   {} ({})",
                     s.unique_bytes,
                     human(s.unique_bytes)
@@ -287,6 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outln!("compression:    {:.3}", s.compression_ratio);
                 outln!("packs:          {}", s.pack_count);
                 outln!("dead fraction:  {:.3}", s.dead_fraction);
+                outln!("files:          {}", s.files);
                 outln!("objects:        {}", s.objects);
             }
         }
