@@ -243,3 +243,63 @@ fn stats_logical_bytes_are_the_apparent_size_of_the_tree() {
         assert_eq!(s["logical_bytes"].as_u64(), Some(sum), "stats: {s}");
     });
 }
+
+fn diff_json(t: &TestFs, snap: &str) -> Vec<serde_json::Value> {
+    let out = snapctl_ok(t, &["--json", "diff", snap]);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .expect("diff json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn diff_after_rollback_is_empty() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(21));
+        fs::create_dir(t.p("dir")).unwrap();
+        write_file(&t.p("dir/big"), &rng.bytes(400_000));
+        write_file(&t.p("small"), b"inline\n");
+        write_file(&t.p("gone"), &rng.bytes(100_000));
+        sys::setxattr(&t.p("small"), b"user.k", b"v1", 0).unwrap();
+        snapctl_ok(t, &["create", "s"]);
+        let mut more = read_file(&t.p("dir/big"));
+        more.extend_from_slice(&rng.bytes(50_000));
+        write_file(&t.p("dir/big"), &more);
+        write_file(&t.p("small"), b"changed\n");
+        sys::setxattr(&t.p("small"), b"user.k", b"v2", 0).unwrap();
+        fs::remove_file(t.p("gone")).unwrap();
+        write_file(&t.p("new"), b"new\n");
+        assert!(!diff_json(t, "s").is_empty());
+        snapctl_ok(t, &["rollback", "s"]);
+        let d = diff_json(t, "s");
+        assert!(d.is_empty(), "diff after rollback: {d:?}");
+        t.umount();
+    });
+}
+
+#[test]
+fn a_file_replaced_by_rename_shows_as_modified() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(22));
+        write_file(&t.p("edited"), &rng.bytes(30_000));
+        write_file(&t.p("same"), b"unchanged\n");
+        snapctl_ok(t, &["create", "s"]);
+        // How editors and git save: write a new file, rename it over.
+        write_file(&t.p(".edited.swp"), &rng.bytes(31_000));
+        fs::rename(t.p(".edited.swp"), t.p("edited")).unwrap();
+        write_file(&t.p(".same.tmp"), b"unchanged\n");
+        fs::rename(t.p(".same.tmp"), t.p("same")).unwrap();
+        let d = diff_json(t, "s");
+        assert_eq!(d.len(), 1, "diff: {d:?}");
+        assert_eq!(d[0]["change"], "modified", "diff: {d:?}");
+        assert_eq!(d[0]["path"], "/edited", "diff: {d:?}");
+        assert_eq!(d[0]["size_before"], 30_000, "diff: {d:?}");
+        assert_eq!(d[0]["size"], 31_000, "diff: {d:?}");
+        let text = snapctl_ok(t, &["diff", "s"]);
+        assert!(text.starts_with("M /edited"), "{text}");
+        t.umount();
+    });
+}
