@@ -303,3 +303,83 @@ fn a_file_replaced_by_rename_shows_as_modified() {
         t.umount();
     });
 }
+
+#[test]
+fn restore_to_a_path_outside_the_mount_copies_out() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(23));
+        fs::create_dir_all(t.p("dir/sub")).unwrap();
+        let big = rng.bytes(500_000);
+        write_file(&t.p("dir/big"), &big);
+        write_file(&t.p("dir/sub/small"), b"small\n");
+        std::os::unix::fs::symlink("sub/small", t.p("dir/link")).unwrap();
+        sys::setxattr(&t.p("dir/big"), b"user.tag", b"blue", 0).unwrap();
+        fs::set_permissions(
+            t.p("dir/big"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o640),
+        )
+        .unwrap();
+        sys::utimens(&t.p("dir/sub/small"), (1_000_000, 0), (1_500_000_000, 7)).unwrap();
+        snapctl_ok(t, &["create", "s"]);
+        write_file(&t.p("dir/big"), b"overwritten");
+        fs::remove_file(t.p("dir/sub/small")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("copy");
+        let said = snapctl_ok(
+            t,
+            &[
+                "restore",
+                "s",
+                t.p("dir").to_str().unwrap(),
+                "--to",
+                dest.to_str().unwrap(),
+            ],
+        );
+        assert!(said.contains("2 files"), "{said}");
+        assert_eq!(read_file(&dest.join("big")), big);
+        assert_eq!(read_file(&dest.join("sub/small")), b"small\n");
+        assert_eq!(
+            fs::read_link(dest.join("link")).unwrap(),
+            Path::new("sub/small")
+        );
+        assert_eq!(
+            fs::metadata(dest.join("big")).unwrap().mode() & 0o7777,
+            0o640
+        );
+        assert_eq!(
+            sys::getxattr(&dest.join("big"), b"user.tag").unwrap(),
+            b"blue"
+        );
+        let m = fs::metadata(dest.join("sub/small")).unwrap();
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 7));
+        // One file, and a destination that exists is refused.
+        let one = out.path().join("one");
+        snapctl_ok(
+            t,
+            &[
+                "restore",
+                "s",
+                "/dir/sub/small",
+                "--to",
+                one.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(read_file(&one), b"small\n");
+        let again = snapctl(
+            t,
+            &[
+                "restore",
+                "s",
+                "/dir/sub/small",
+                "--to",
+                one.to_str().unwrap(),
+            ],
+        );
+        let (_, e) = text(&again);
+        assert!(!again.status.success() && e.contains("exists"), "{e}");
+        // The live tree is untouched.
+        assert_eq!(read_file(&t.p("dir/big")), b"overwritten");
+        t.umount();
+    });
+}

@@ -89,11 +89,16 @@ enum Cmd {
     },
     /// What changed from snapshot A to snapshot B (default: the live tree).
     Diff { a: String, b: Option<String> },
-    /// Copy a file or directory back from a snapshot (metadata only).
+    /// Copy a file or directory back from a snapshot. Inside the tree it
+    /// shares chunks (metadata only) and replaces what is at the
+    /// destination; with --to outside the mount it writes a plain copy
+    /// (modes, times, ownership when root, xattrs) to a destination that
+    /// must not exist yet.
     Restore {
         snap: String,
         path: PathBuf,
-        /// Where to put it (default: where it was).
+        /// Where to put it (default: where it was); a path outside the
+        /// mount copies out.
         #[arg(long)]
         to: Option<PathBuf>,
     },
@@ -316,9 +321,294 @@ fn print_snaps(v: &Value) {
     }
 }
 
+fn print_restored(out: &Value) {
+    outln!(
+        "restored {} to {}: {}, {}, {}{}",
+        out["path"].as_str().unwrap_or(""),
+        out["to"].as_str().unwrap_or(""),
+        count(out["files"].as_u64().unwrap_or(0), "file"),
+        count(out["dirs"].as_u64().unwrap_or(0), "directory"),
+        human(out["bytes"].as_u64().unwrap_or(0)),
+        if out["replaced"].as_bool() == Some(true) {
+            " (replaced what was there)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// "1 file", "2 files", "1 directory", "3 directories".
+fn count(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else if let Some(stem) = what.strip_suffix('y') {
+        format!("{n} {stem}ies")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// A `--to` destination outside the mounted tree, made absolute; None
+/// when it names a place in the tree (or nothing is mounted, where paths
+/// are tree paths).
+fn outside_the_tree(to: &Path, mountpoint: Option<&Path>) -> Option<PathBuf> {
+    let mp = mountpoint?;
+    let abs = normalize(&std::env::current_dir().ok()?.join(to));
+    (!abs.starts_with(mp)).then_some(abs)
+}
+
+/// `restore --to DEST` outside the mount: a plain copy of what the
+/// snapshot holds at `tree` (read through `MNT/.snapshots/SNAP`) written
+/// to `dest`, which must not exist.
+fn copy_out(mp: &Path, snap: &str, tree: &[u8], dest: &Path) -> anyhow::Result<Value> {
+    let root = mp.join(".snapshots").join(snap);
+    if let Err(e) = std::fs::symlink_metadata(&root) {
+        anyhow::bail!("snapshot {snap} is not readable at {}: {e}", root.display());
+    }
+    let rel = std::ffi::OsStr::from_bytes(tree.strip_prefix(b"/").unwrap_or(tree));
+    let src = root.join(rel);
+    let shown = String::from_utf8_lossy(tree).into_owned();
+    if std::fs::symlink_metadata(&src).is_err() {
+        anyhow::bail!("snapshot {snap} has no {shown}");
+    }
+    if std::fs::symlink_metadata(dest).is_ok() {
+        anyhow::bail!(
+            "{} exists; copying out never replaces anything: remove it or name another destination",
+            dest.display()
+        );
+    }
+    let total = copyout::tree_bytes(&src);
+    let bar = copyout::bar(total);
+    let mut c = copyout::Copier::new(&bar);
+    c.copy(&src, dest)?;
+    bar.finish_and_clear();
+    Ok(json!({
+        "path": shown,
+        "to": dest.display().to_string(),
+        "files": c.files,
+        "dirs": c.dirs,
+        "bytes": c.bytes,
+        "replaced": false,
+        "copied_out": true,
+        "skipped": c.skipped,
+    }))
+}
+
+/// Writing a plain copy of a tree read from a snapshot.
+mod copyout {
+    use std::collections::HashMap;
+    use std::fs;
+    use std::io::{self, IsTerminal, Read, Write};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+
+    use anyhow::Context;
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+    /// Bytes of the regular files under `p` (for the progress bar).
+    pub fn tree_bytes(p: &Path) -> u64 {
+        let Ok(m) = fs::symlink_metadata(p) else {
+            return 0;
+        };
+        if m.is_dir() {
+            fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| tree_bytes(&e.path()))
+                .sum()
+        } else if m.is_file() {
+            m.len()
+        } else {
+            0
+        }
+    }
+
+    /// A bar on a terminal, nothing otherwise.
+    pub fn bar(total: u64) -> ProgressBar {
+        if !io::stderr().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "copying out [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb
+    }
+
+    pub struct Copier<'a> {
+        bar: &'a ProgressBar,
+        /// Hard links stay hard links: (dev, ino) to the first copy.
+        links: HashMap<(u64, u64), PathBuf>,
+        pub files: u64,
+        pub dirs: u64,
+        pub bytes: u64,
+        /// Devices and sockets, which a copy cannot make.
+        pub skipped: Vec<String>,
+    }
+
+    impl<'a> Copier<'a> {
+        pub fn new(bar: &'a ProgressBar) -> Copier<'a> {
+            Copier {
+                bar,
+                links: HashMap::new(),
+                files: 0,
+                dirs: 0,
+                bytes: 0,
+                skipped: Vec::new(),
+            }
+        }
+
+        pub fn copy(&mut self, src: &Path, dst: &Path) -> anyhow::Result<()> {
+            let m = fs::symlink_metadata(src).with_context(|| format!("{}", src.display()))?;
+            let ft = m.file_type();
+            let made = |r: io::Result<()>| r.with_context(|| format!("writing {}", dst.display()));
+            if ft.is_dir() {
+                made(fs::create_dir(dst))?;
+                self.dirs += 1;
+                let mut entries: Vec<_> = fs::read_dir(src)
+                    .with_context(|| format!("{}", src.display()))?
+                    .collect::<io::Result<_>>()?;
+                entries.sort_by_key(|e| e.file_name());
+                for e in entries {
+                    self.copy(&e.path(), &dst.join(e.file_name()))?;
+                }
+            } else if ft.is_file() {
+                if m.nlink() > 1 {
+                    if let Some(first) = self.links.get(&(m.dev(), m.ino())) {
+                        made(fs::hard_link(first, dst))?;
+                        return Ok(());
+                    }
+                    self.links.insert((m.dev(), m.ino()), dst.to_path_buf());
+                }
+                let mut from = fs::File::open(src).with_context(|| format!("{}", src.display()))?;
+                let mut to =
+                    fs::File::create(dst).with_context(|| format!("writing {}", dst.display()))?;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = from
+                        .read(&mut buf)
+                        .with_context(|| format!("{}", src.display()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    made(to.write_all(&buf[..n]))?;
+                    self.bar.inc(n as u64);
+                    self.bytes += n as u64;
+                }
+                made(to.sync_all())?;
+                self.files += 1;
+            } else if ft.is_symlink() {
+                made(std::os::unix::fs::symlink(fs::read_link(src)?, dst))?;
+            } else if ft.is_fifo() {
+                made(
+                    rustix::fs::mknodat(
+                        rustix::fs::CWD,
+                        dst,
+                        rustix::fs::FileType::Fifo,
+                        rustix::fs::Mode::from_raw_mode(m.mode() & 0o7777),
+                        0,
+                    )
+                    .map_err(io::Error::from),
+                )?;
+            } else {
+                self.skipped.push(src.display().to_string());
+                return Ok(());
+            }
+            self.attributes(src, dst, &m)
+        }
+
+        /// Xattrs, ownership (root only), mode, then times last (the
+        /// others move ctime, not mtime, but a directory's mtime moved
+        /// with every entry made in it).
+        fn attributes(&self, src: &Path, dst: &Path, m: &fs::Metadata) -> anyhow::Result<()> {
+            let ctx = || format!("setting attributes of {}", dst.display());
+            copy_xattrs(src, dst).with_context(ctx)?;
+            // Ownership as in the snapshot when we may (root); a user's
+            // copy is the user's.
+            if let Err(e) = std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid()))
+                && e.kind() != io::ErrorKind::PermissionDenied
+            {
+                return Err(e).with_context(ctx);
+            }
+            if !m.file_type().is_symlink() {
+                fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))
+                    .with_context(ctx)?;
+            }
+            let ts = |s: i64, ns: i64| rustix::fs::Timespec {
+                tv_sec: s,
+                tv_nsec: ns as _,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                dst,
+                &rustix::fs::Timestamps {
+                    last_access: ts(m.atime(), m.atime_nsec()),
+                    last_modification: ts(m.mtime(), m.mtime_nsec()),
+                },
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(io::Error::from)
+            .with_context(ctx)?;
+            Ok(())
+        }
+    }
+
+    fn copy_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
+        let n = rustix::fs::llistxattr_query(src)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut names = vec![0u8; n];
+        let n = rustix::fs::llistxattr(src, &mut names[..])?;
+        for name in names[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+            let name = std::ffi::OsStr::from_bytes(name);
+            let len = rustix::fs::lgetxattr_query(src, name)?;
+            let mut value = vec![0u8; len];
+            let len = rustix::fs::lgetxattr(src, name, &mut value[..])?;
+            match rustix::fs::lsetxattr(dst, name, &value[..len], rustix::fs::XattrFlags::empty()) {
+                Ok(()) => {}
+                // A namespace the destination does not take (trusted.*
+                // as a user, user.* on a symlink): the copy goes on.
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::PERM => {
+                    log::warn!(
+                        "{}: xattr {} not copied: {e}",
+                        dst.display(),
+                        name.to_string_lossy()
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    use std::os::unix::ffi::OsStrExt;
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let target = find_target(&cli)?;
     let mp = target.mountpoint.as_deref();
+    if let Cmd::Restore {
+        snap,
+        path,
+        to: Some(to),
+    } = &cli.cmd
+        && let Some(dest) = outside_the_tree(to, mp)
+    {
+        let Some(mp) = mp else {
+            anyhow::bail!("copying out of a snapshot needs the store mounted");
+        };
+        let out = copy_out(mp, snap, &tree_path(path, Some(mp)), &dest)?;
+        if cli.json {
+            outln!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            print_restored(&out);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let args = match &cli.cmd {
         Cmd::Create { name, labels } => {
             let mut map = BTreeMap::new();
@@ -418,19 +708,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Cmd::Restore { .. } => outln!(
-            "restored {} to {}: {} files, {} directories, {} ({}replaced what was there)",
-            out["path"].as_str().unwrap_or(""),
-            out["to"].as_str().unwrap_or(""),
-            out["files"],
-            out["dirs"],
-            human(out["bytes"].as_u64().unwrap_or(0)),
-            if out["replaced"].as_bool() == Some(true) {
-                ""
-            } else {
-                "nothing "
-            }
-        ),
+        Cmd::Restore { .. } => print_restored(&out),
         Cmd::Rollback { .. } => outln!(
             "rolled back to {}: {} records reverted",
             out["snapshot"].as_str().unwrap_or(""),

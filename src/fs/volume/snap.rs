@@ -1226,7 +1226,8 @@ impl Volume {
                     let (_, d) =
                         meta::lookup_dirent(&*m.t.dirents.get()?, dir, c)?.ok_or_else(|| {
                             snap_err(format!(
-                                "restore from {snap}: {} does not exist in the live tree",
+                                "restore from {snap}: {} does not exist in the live tree \
+                                 (a --to outside the mount copies out; that needs the store mounted)",
                                 show_path(c)
                             ))
                         })?;
