@@ -383,3 +383,96 @@ fn restore_to_a_path_outside_the_mount_copies_out() {
         t.umount();
     });
 }
+
+#[test]
+fn messages_read_well() {
+    with_fs(|t| {
+        t.mount();
+        write_file(&t.p("one"), b"1\n");
+        // A store given by a relative path, in use: named once, as given
+        // or in full, not "store store".
+        let parent = t.store.parent().unwrap();
+        let canonical = fs::canonicalize(&t.store).unwrap();
+        let out = Command::new(BIN)
+            .current_dir(parent)
+            .args(["gc", "store"])
+            .output()
+            .unwrap();
+        let (_, e) = text(&out);
+        assert!(!out.status.success());
+        assert!(!e.contains("store store"), "{e}");
+        assert_eq!(e.matches(canonical.to_str().unwrap()).count(), 1, "{e}");
+        let mnt2 = parent.join("mnt2");
+        fs::create_dir(&mnt2).unwrap();
+        let out = Command::new(BIN)
+            .current_dir(parent)
+            .args(["mount", "store", "mnt2"])
+            .output()
+            .unwrap();
+        let (_, e) = text(&out);
+        assert!(!out.status.success());
+        assert_eq!(e.matches("dedupfs:").count(), 1, "{e}");
+        // Mounting again where it is mounted says so (it said nothing and
+        // succeeded: the mount it waited for was already there).
+        let out = run(
+            BIN,
+            &["mount", t.store.to_str().unwrap(), t.mnt.to_str().unwrap()],
+        );
+        let (_, e) = text(&out);
+        assert!(!out.status.success() && e.contains("already"), "{e}");
+        // Plurals.
+        snapctl_ok(t, &["create", "s", "--label", "why=test"]);
+        let two = t.p("two");
+        let said = snapctl_ok(t, &["restore", "s", "/one", "--to", two.to_str().unwrap()]);
+        assert!(said.contains(" 1 file,"), "{said}");
+        let said = snapctl_ok(t, &["rollback", "s"]);
+        assert!(!said.contains(" 1 records"), "{said}");
+        // policy show: a table by default, JSON with --json.
+        let said = snapctl_ok(t, &["policy", "show"]);
+        assert!(!said.trim_start().starts_with('{'), "{said}");
+        assert!(said.contains("every") && said.contains("keep"), "{said}");
+        let js = snapctl_ok(t, &["--json", "policy", "show"]);
+        serde_json::from_str::<serde_json::Value>(&js).expect("policy json");
+        // show: the whole record.
+        let said = snapctl_ok(t, &["show", "s"]);
+        for want in [
+            "generation",
+            "why=test",
+            "created",
+            "used",
+            "refer",
+            "files",
+        ] {
+            assert!(
+                said.to_lowercase().contains(want),
+                "show lacks {want}: {said}"
+            );
+        }
+        t.umount();
+        // object ls: a header unless --json.
+        let s = t.store.to_str().unwrap();
+        let ls = run(BIN, &["object", "ls", s]);
+        let (o, _) = text(&ls);
+        assert!(
+            o.starts_with("SIZE") || o.contains("NAME"),
+            "object ls: {o}"
+        );
+        let fsck = run(BIN, &["fsck", s]);
+        let (o, _) = text(&fsck);
+        assert!(!o.contains(" 1 chunks") && !o.contains(" 1 objects"), "{o}");
+        // Real help on every subcommand.
+        for sub in ["init", "stats", "fsck", "gc", "mount", "umount", "object"] {
+            let h = run(BIN, &[sub, "--help"]);
+            let (o, _) = text(&h);
+            assert!(
+                o.contains("Example"),
+                "dedupfs {sub} --help has no example:\n{o}"
+            );
+        }
+        for sub in ["put", "get", "rm", "ls"] {
+            let h = run(BIN, &["object", sub, "--help"]);
+            let (o, _) = text(&h);
+            assert!(o.contains("Example"), "dedupfs object {sub} --help:\n{o}");
+        }
+    });
+}

@@ -61,12 +61,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a store.
+    ///
+    /// Makes an empty store directory: pack files, the chunk index and the
+    /// metadata database. The chunker sizes and the compression are fixed
+    /// for the store's life. `dedupfs mount` creates a store with the
+    /// defaults on its own when STORE is missing or empty.
+    #[command(after_help = "Example:\n  dedupfs init ~/store --compression lz4 --chunk-avg 32768")]
     Init {
+        /// Directory to create the store in (missing or empty).
         store: PathBuf,
+        /// Smallest chunk, in bytes.
         #[arg(long, default_value_t = ChunkerParams::default().min)]
         chunk_min: u32,
+        /// Average chunk the content-defined chunker aims at, in bytes.
         #[arg(long, default_value_t = ChunkerParams::default().avg)]
         chunk_avg: u32,
+        /// Largest chunk, in bytes.
         #[arg(long, default_value_t = ChunkerParams::default().max)]
         chunk_max: u32,
         /// zstd, lz4 or none.
@@ -74,35 +84,74 @@ enum Cmd {
         compression: Compression,
     },
     /// Space used, dedup and compression ratios.
+    ///
+    /// Logical bytes are the apparent size of the live tree (what `du -sb
+    /// --apparent-size` says) plus named objects; unique bytes are the
+    /// chunks they need once each; stored bytes are those chunks
+    /// compressed; the dead fraction is pack space no chunk uses (gc
+    /// reclaims it). Works on a mounted store too (asks the daemon).
+    #[command(
+        after_help = "Example:\n  dedupfs stats ~/store\n  dedupfs stats ~/store --json | jq .dedup_ratio"
+    )]
     Stats {
+        /// The store directory.
         store: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Verify every blob, reference count and pack; --repair rebuilds the index.
+    /// Verify every blob, reference count and pack.
+    ///
+    /// Reads every chunk back and checks it against its SHA-1, recomputes
+    /// every reference count from the metadata and compares, and checks the
+    /// packs. Exits 1 when something is wrong. --repair first rebuilds the
+    /// chunk index from the packs alone (the store must not be mounted).
+    #[command(after_help = "Example:\n  dedupfs fsck ~/store\n  dedupfs fsck ~/store --repair")]
     Fsck {
+        /// The store directory.
         store: PathBuf,
+        /// Rebuild the chunk index from the packs first.
         #[arg(long)]
         repair: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Compact packs whose dead fraction is at least the threshold.
+    ///
+    /// Copies the live chunks of mostly dead packs into new packs and
+    /// deletes the old ones, giving back the space of deleted files and
+    /// snapshots. The store must not be mounted.
+    #[command(after_help = "Example:\n  dedupfs gc ~/store --threshold 0.1")]
     Gc {
+        /// The store directory.
         store: PathBuf,
+        /// Compact a pack when at least this fraction of it is dead (0-1).
         #[arg(long, default_value_t = 0.2)]
         threshold: f64,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Mount a store (created with defaults if the path is empty).
+    ///
+    /// Starts the daemon that serves the store at MOUNTPOINT and returns
+    /// once the mount is up (-f stays in the foreground). The daemon logs
+    /// to STORE/dedupfs.log. SIGTERM commits pending writes, makes them
+    /// durable and detaches the mount even while files are open.
+    #[command(
+        after_help = "Examples:\n  dedupfs mount ~/store ~/dedupfs\n  dedupfs mount ~/store ~/dedupfs -o allow_other,snapdir=visible\n  mount -t fuse.dedupfs ~/store ~/dedupfs"
+    )]
     Mount {
+        /// The store directory (created when missing or empty).
         store: PathBuf,
+        /// An existing directory to mount on.
         mountpoint: PathBuf,
         /// Stay in the foreground and log to stderr too.
         #[arg(short = 'f', long)]
         foreground: bool,
-        /// Mount options: allow_other, allow_root, ro, rw, default_permissions, ...
+        /// Mount options: allow_other, allow_root, ro, rw, noatime, nodev,
+        /// nosuid, noexec, snapdir=visible|hidden, nopassthrough.
         #[arg(short = 'o', value_delimiter = ',')]
         options: Vec<String>,
         /// FUSE request threads.
@@ -110,9 +159,24 @@ enum Cmd {
         threads: usize,
     },
     /// Unmount a mounted store (pending ingest finishes first).
-    Umount { mountpoint: PathBuf },
+    ///
+    /// Unmounts MOUNTPOINT and waits until the daemon has committed what
+    /// was pending and released the store. Fails while files in the mount
+    /// are open (then close them, or send the daemon SIGTERM).
+    #[command(after_help = "Example:\n  dedupfs umount ~/dedupfs")]
+    Umount {
+        /// Where the store is mounted.
+        mountpoint: PathBuf,
+    },
     /// Named objects: byte streams kept as chunk lists (tools, tests, bench).
-    #[command(subcommand)]
+    ///
+    /// The chunk store without the filesystem: put files or stdin under a
+    /// name, get them back, list and remove them. The store must not be
+    /// mounted.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  dedupfs object put ~/store ~/Downloads\n  dedupfs object ls ~/store"
+    )]
     Object(ObjectCmd),
     /// Internal measurements used by scripts/bench.
     #[command(subcommand, hide = true)]
@@ -122,29 +186,58 @@ enum Cmd {
 #[derive(Subcommand)]
 enum ObjectCmd {
     /// Store files (directories are walked) or stdin ("-", needs --name).
+    ///
+    /// Each file becomes an object named by its path as given (a directory
+    /// adds each file's path under it); an object of the same name is
+    /// replaced.
+    #[command(
+        after_help = "Examples:\n  dedupfs object put ~/store ~/Downloads/x.iso\n  tar c src | dedupfs object put ~/store - --name src.tar"
+    )]
     Put {
+        /// The store directory.
         store: PathBuf,
+        /// Files or directories to store, or "-" for stdin.
         paths: Vec<PathBuf>,
         /// Object name for a single file or stdin.
         #[arg(long)]
         name: Option<String>,
+        /// Files chunked at once.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Write an object's bytes to stdout or a file.
+    #[command(
+        after_help = "Example:\n  dedupfs object get ~/store ~/Downloads/x.iso -o /tmp/x.iso"
+    )]
     Get {
+        /// The store directory.
         store: PathBuf,
+        /// The object's name (as `object ls` prints it).
         name: String,
+        /// Write here instead of stdout.
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
     /// Remove objects.
-    Rm { store: PathBuf, names: Vec<String> },
-    /// List objects.
-    Ls {
+    ///
+    /// Drops the objects' references; chunks nothing else holds become
+    /// dead and `dedupfs gc` reclaims their space.
+    #[command(after_help = "Example:\n  dedupfs object rm ~/store ~/Downloads/x.iso")]
+    Rm {
+        /// The store directory.
         store: PathBuf,
+        /// Names of the objects to remove.
+        names: Vec<String>,
+    },
+    /// List objects: size in bytes, chunk count and name.
+    #[command(after_help = "Example:\n  dedupfs object ls ~/store | sort -n | tail")]
+    Ls {
+        /// The store directory.
+        store: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -204,6 +297,15 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// "1 chunk", "2 chunks".
+fn count(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 fn human(n: u64) -> String {
@@ -305,11 +407,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let r = Repo::repair(&store, &Bar::new("rebuilding"))?;
                 if !json {
                     outln!(
-                        "rebuilt index: {} packs, {} chunks, {} damaged records, {} referenced chunks missing",
-                        r.packs_scanned,
-                        r.chunks_found,
-                        r.damaged_records,
-                        r.missing.len()
+                        "rebuilt index: {}, {}, {}, {} missing",
+                        count(r.packs_scanned, "pack"),
+                        count(r.chunks_found, "chunk"),
+                        count(r.damaged_records, "damaged record"),
+                        count(r.missing.len() as u64, "referenced chunk")
                     );
                 }
             }
@@ -322,10 +424,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&r)?;
             } else {
                 outln!(
-                    "checked {} chunks ({}) in {} objects",
-                    r.store.chunks_checked,
+                    "checked {} ({}) in {}",
+                    count(r.store.chunks_checked, "chunk"),
                     human(r.store.bytes_checked),
-                    r.objects_checked
+                    count(r.objects_checked, "object")
                 );
                 for b in &r.store.corrupt {
                     outln!(
@@ -370,11 +472,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&r)?;
             } else {
                 outln!(
-                    "compacted {} packs: {} -> {}, {} chunks moved, {} dropped",
-                    r.packs_compacted,
+                    "compacted {}: {} -> {}, {} moved, {} dropped",
+                    count(r.packs_compacted, "pack"),
                     human(r.bytes_before),
                     human(r.bytes_after),
-                    r.chunks_moved,
+                    count(r.chunks_moved, "chunk"),
                     r.chunks_dropped
                 );
             }
@@ -492,8 +594,8 @@ fn object(cmd: ObjectCmd) -> anyhow::Result<ExitCode> {
                 }))?;
             } else {
                 outln!(
-                    "stored {} objects, {} in {secs:.2}s",
-                    infos.len(),
+                    "stored {}, {} in {secs:.2}s",
+                    count(infos.len() as u64, "object"),
                     human(bytes)
                 );
             }
@@ -525,6 +627,7 @@ fn object(cmd: ObjectCmd) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&list)?;
             } else {
+                outln!("{:>14} {:>8} NAME", "SIZE", "CHUNKS");
                 for o in list {
                     outln!("{:>14} {:>8} {}", o.size, o.chunks, o.name);
                 }
@@ -587,6 +690,10 @@ fn mount(
     if !mountpoint.is_dir() {
         anyhow::bail!("mountpoint {} is not a directory", mountpoint.display());
     }
+    if is_mounted(mountpoint) {
+        // The wait below would take the existing mount for ours.
+        anyhow::bail!("{} is already mounted", mountpoint.display());
+    }
     if !foreground {
         // Daemonize by running ourselves in the foreground, detached, and
         // returning once the mount is up (or the child has failed).
@@ -610,13 +717,14 @@ fn mount(
                 if let Some(mut e) = child.stderr.take() {
                     let _ = io::Read::read_to_string(&mut e, &mut err);
                 }
-                anyhow::bail!(
-                    "mount failed ({status}): {}",
-                    err.trim()
-                        .lines()
-                        .last()
-                        .unwrap_or("see the store's dedupfs.log")
-                );
+                let why = err
+                    .trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("see the store's dedupfs.log");
+                // The child's error already carries our "dedupfs: ".
+                let why = why.strip_prefix("dedupfs: ").unwrap_or(why);
+                anyhow::bail!("mount failed ({status}): {why}");
             }
             if is_mounted(mountpoint) {
                 return Ok(ExitCode::SUCCESS);

@@ -97,8 +97,10 @@ enum Cmd {
     Restore {
         snap: String,
         path: PathBuf,
-        /// Where to put it (default: where it was); a path outside the
-        /// mount copies out.
+        /// Where to put it (default: where it was). A path under the
+        /// mountpoint (or relative, from inside the mount) is a place in
+        /// the tree; any other path, while the store is mounted, gets a
+        /// plain copy. With the store unmounted, a path in the tree.
         #[arg(long)]
         to: Option<PathBuf>,
     },
@@ -319,6 +321,93 @@ fn print_snaps(v: &Value) {
             labels.join(",")
         );
     }
+}
+
+/// One snapshot, a field a line.
+fn print_show(s: &Value) {
+    let opt = |k: &str| {
+        s[k].as_u64()
+            .map(|b| format!("{} ({b} bytes)", human(b)))
+            .unwrap_or_else(|| "-".into())
+    };
+    outln!("name:        {}", s["name"].as_str().unwrap_or(""));
+    outln!("generation:  {}", s["generation"]);
+    outln!("id:          {}", s["id"]);
+    outln!("created:     {}", s["created"].as_str().unwrap_or(""));
+    outln!(
+        "taken by:    {}",
+        if s["auto"].as_bool() == Some(true) {
+            "the retention policy (pruned by it)"
+        } else {
+            "hand (kept until deleted)"
+        }
+    );
+    outln!("used:        {}  (freed by deleting it)", opt("used_bytes"));
+    outln!("refer:       {}  (what it sees)", opt("refer_bytes"));
+    outln!(
+        "files:       {}",
+        s["files"]
+            .as_u64()
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    let labels: Vec<String> = s["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    outln!(
+        "labels:      {}",
+        if labels.is_empty() {
+            "-".to_string()
+        } else {
+            labels.join(", ")
+        }
+    );
+}
+
+/// The retention policy as a small table.
+fn print_policy(p: &Value) {
+    let every = p["every_secs"]
+        .as_u64()
+        .map(interval)
+        .unwrap_or_else(|| "- (no automatic snapshots)".into());
+    outln!("{:<14} {every}", "every");
+    let rules = [
+        ("keep_last", "keep last"),
+        ("keep_hourly", "keep hourly"),
+        ("keep_daily", "keep daily"),
+        ("keep_weekly", "keep weekly"),
+        ("keep_monthly", "keep monthly"),
+        ("keep_yearly", "keep yearly"),
+    ];
+    let mut any = false;
+    for (k, label) in rules {
+        let n = p[k].as_u64().unwrap_or(0);
+        any |= n > 0;
+        outln!(
+            "{label:<14} {}",
+            if n == 0 {
+                "-".to_string()
+            } else {
+                n.to_string()
+            }
+        );
+    }
+    if !any {
+        outln!("(no keep rule: prune deletes nothing)");
+    }
+}
+
+/// Seconds as the largest whole unit: "1h", "90s", "2d".
+fn interval(secs: u64) -> String {
+    for (unit, n) in [("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)] {
+        if secs >= n && secs.is_multiple_of(n) {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
 }
 
 fn print_restored(out: &Value) {
@@ -678,13 +767,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out["generation"]
         ),
         Cmd::List => print_snaps(&out),
-        Cmd::Show { .. } => print_snaps(&Value::Array(vec![out])),
+        Cmd::Show { .. } => print_show(&out),
         Cmd::Delete { .. } => {
             for d in out.as_array().into_iter().flatten() {
                 outln!(
-                    "deleted {} ({} versions freed)",
+                    "deleted {} ({} freed)",
                     d["name"].as_str().unwrap_or(""),
-                    d["versions_freed"]
+                    count(d["versions_freed"].as_u64().unwrap_or(0), "version")
                 );
             }
         }
@@ -710,11 +799,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Restore { .. } => print_restored(&out),
         Cmd::Rollback { .. } => outln!(
-            "rolled back to {}: {} records reverted",
+            "rolled back to {}: {} reverted",
             out["snapshot"].as_str().unwrap_or(""),
-            out["records_reverted"]
+            count(out["records_reverted"].as_u64().unwrap_or(0), "record")
         ),
-        Cmd::Policy { .. } => outln!("{}", serde_json::to_string_pretty(&out)?),
+        Cmd::Policy { .. } => print_policy(&out),
         Cmd::Prune { dry_run, .. } => {
             let key = if *dry_run { "would_delete" } else { "deleted" };
             let names: Vec<&str> = out[key]
