@@ -157,6 +157,24 @@ fn a_closed_pipe_ends_commands_quietly() {
         );
         assert!(out.status.success(), "{args:?}: {:?}", out.status);
     }
+    // snapctl too: a reader gone before anything is written.
+    assert!(run(SNAPCTL, &["-s", s, "create", "one"]).status.success());
+    for args in [
+        vec!["-s", s, "list"],
+        vec!["-s", s, "--json", "show", "one"],
+    ] {
+        let mut child = Command::new(SNAPCTL)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let (_, e) = text(&out);
+        assert!(e.is_empty(), "snapctl {args:?} on a closed pipe: {e}");
+        assert!(out.status.success(), "snapctl {args:?}: {:?}", out.status);
+    }
 }
 
 #[test]
