@@ -59,7 +59,11 @@ fn sigterm_with_a_file_open_stops_in_bounded_time_and_keeps_data() {
             .unwrap();
         held.write_all(&vec![9u8; 200_000]).unwrap();
         held.sync_all().unwrap();
-        t.signal_daemon(libc::SIGTERM);
+        let pid = t.signal_daemon(libc::SIGTERM);
+        std::thread::sleep(Duration::from_millis(300));
+        // A second signal is answered, not dropped silently.
+        // SAFETY: kill(2) of the daemon of our own store.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
         let start = Instant::now();
         while t.daemon_pid().is_some() {
             assert!(
@@ -74,6 +78,9 @@ fn sigterm_with_a_file_open_stops_in_bounded_time_and_keeps_data() {
         assert!(!is_mounted(&t.mnt), "mount still there after SIGTERM");
         let log = full_log(t);
         assert!(log.contains("detached"), "the stop is not logged:\n{log}");
+        assert!(log.contains("already stopping"), "second signal:\n{log}");
+        let w = warnings(t);
+        assert!(w.is_empty(), "warnings in the log:\n{}", w.join("\n"));
         t.wait_store_unlocked(Duration::from_secs(30));
         t.assert_fsck_clean();
         t.mount();
