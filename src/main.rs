@@ -503,7 +503,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map(|s| s.success())
                     .unwrap_or(false);
             if !ok {
-                anyhow::bail!("could not unmount {}", mountpoint.display());
+                anyhow::bail!(
+                    "could not unmount {0} (if files in it are open, close them, or stop \
+                     the daemon with SIGTERM, which detaches it lazily)",
+                    mountpoint.display()
+                );
             }
             // The daemon finishes pending ingest after the kernel lets go;
             // wait until it has released the store.
