@@ -184,6 +184,16 @@ impl TestFs {
         None
     }
 
+    /// Sends `sig` to the daemon and leaves the rest to the test (the
+    /// mount may stay dead); the guard still cleans up. Returns its pid.
+    pub fn signal_daemon(&mut self, sig: i32) -> i32 {
+        let pid = self.daemon_pid().expect("no daemon to signal");
+        // SAFETY: plain kill(2) on a pid we just found.
+        unsafe { libc::kill(pid, sig) };
+        self.mounted = false;
+        pid
+    }
+
     /// kill -9 the daemon and clear the dead mount.
     pub fn crash(&mut self) {
         let pid = self.daemon_pid().expect("no daemon to kill");

@@ -4,6 +4,7 @@
 //! fusermount3 is missing.
 
 mod big;
+mod cli;
 mod corrupt;
 mod crash;
 mod crashways;

@@ -603,12 +603,12 @@ fn unlinked_open_file_is_reaped_at_last_close() {
         // A plain file made and closed first: the reaps so far found no
         // orphan, so closes have stopped asking for one.
         fs::write(t.p("keep"), rng.bytes(100_000)).unwrap();
-        assert_eq!(wait_live_stat(t, "logical_bytes", 100_000), 100_000);
+        assert_eq!(wait_live_stat(t, "referenced_bytes", 100_000), 100_000);
         for round in 0..2 {
             let data = rng.bytes(300_000);
             fs::write(t.p("doomed"), &data).unwrap();
             assert_eq!(
-                wait_live_stat(t, "logical_bytes", 400_000),
+                wait_live_stat(t, "referenced_bytes", 400_000),
                 400_000,
                 "round {round}"
             );
@@ -616,13 +616,13 @@ fn unlinked_open_file_is_reaped_at_last_close() {
             fs::remove_file(t.p("doomed")).unwrap();
             // Held while open: the unlink's reap found it open.
             std::thread::sleep(std::time::Duration::from_millis(300));
-            assert_eq!(t.live_stat("logical_bytes"), 400_000, "round {round}");
+            assert_eq!(t.live_stat("referenced_bytes"), 400_000, "round {round}");
             let mut got = Vec::new();
             f.read_to_end(&mut got).unwrap();
             assert_bytes_eq(&got, &data, "unlinked file through its handle");
             drop(f);
             assert_eq!(
-                wait_live_stat(t, "logical_bytes", 100_000),
+                wait_live_stat(t, "referenced_bytes", 100_000),
                 100_000,
                 "round {round}: the orphan was not reaped at its close\n{}",
                 t.log()

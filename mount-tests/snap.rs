@@ -184,7 +184,13 @@ fn diff_restore_rollback_delete() {
         // rollback must invalidate them, or the names stay hidden.
         assert!(fs::symlink_metadata(t.p("dir-back")).is_err());
         assert!(fs::symlink_metadata(t.p("dir/mid")).is_err());
-        ok(t, &["restore", "s1", "/dir", "--to", "/dir-back"]);
+        // A destination in the tree is named by its path under the mount
+        // (a path outside the mount copies out).
+        let back = t.p("dir-back");
+        ok(
+            t,
+            &["restore", "s1", "/dir", "--to", back.to_str().unwrap()],
+        );
         // A relative path from inside the mount, to its old place.
         let out = Command::new(SNAPCTL)
             .current_dir(&t.mnt)

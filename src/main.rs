@@ -3,7 +3,8 @@
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use dedupfs::Progress;
@@ -11,6 +12,40 @@ use dedupfs::format::{ChunkerParams, Compression, OwnerId};
 use dedupfs::repo::Repo;
 use dedupfs::store::InitOptions;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// `println!` that ends the process quietly when stdout is a closed pipe
+/// (`dedupfs object ls | head`), where `println!` panics.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            output_failed(&e)
+        }
+    }};
+}
+
+/// Stdout is gone: a closed pipe ends the command quietly (what a
+/// reader that stopped reading wants); anything else is an error.
+fn output_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("dedupfs: writing output: {e}");
+    std::process::exit(2);
+}
+
+/// Whether an error is a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let kind = match c.downcast_ref::<std::io::Error>() {
+            Some(io) => Some(io.kind()),
+            None => c
+                .downcast_ref::<serde_json::Error>()
+                .and_then(|j| j.io_error_kind()),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
 
 #[derive(Parser)]
 #[command(
@@ -26,12 +61,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a store.
+    ///
+    /// Makes an empty store directory: pack files, the chunk index and the
+    /// metadata database. The chunker sizes and the compression are fixed
+    /// for the store's life. `dedupfs mount` creates a store with the
+    /// defaults on its own when STORE is missing or empty.
+    #[command(after_help = "Example:\n  dedupfs init ~/store --compression lz4 --chunk-avg 32768")]
     Init {
+        /// Directory to create the store in (missing or empty).
         store: PathBuf,
+        /// Smallest chunk, in bytes.
         #[arg(long, default_value_t = ChunkerParams::default().min)]
         chunk_min: u32,
+        /// Average chunk the content-defined chunker aims at, in bytes.
         #[arg(long, default_value_t = ChunkerParams::default().avg)]
         chunk_avg: u32,
+        /// Largest chunk, in bytes.
         #[arg(long, default_value_t = ChunkerParams::default().max)]
         chunk_max: u32,
         /// zstd, lz4 or none.
@@ -39,35 +84,74 @@ enum Cmd {
         compression: Compression,
     },
     /// Space used, dedup and compression ratios.
+    ///
+    /// Logical bytes are the apparent size of the live tree (what `du -sb
+    /// --apparent-size` says) plus named objects; unique bytes are the
+    /// chunks they need once each; stored bytes are those chunks
+    /// compressed; the dead fraction is pack space no chunk uses (gc
+    /// reclaims it). Works on a mounted store too (asks the daemon).
+    #[command(
+        after_help = "Example:\n  dedupfs stats ~/store\n  dedupfs stats ~/store --json | jq .dedup_ratio"
+    )]
     Stats {
+        /// The store directory.
         store: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Verify every blob, reference count and pack; --repair rebuilds the index.
+    /// Verify every blob, reference count and pack.
+    ///
+    /// Reads every chunk back and checks it against its SHA-1, recomputes
+    /// every reference count from the metadata and compares, and checks the
+    /// packs. Exits 1 when something is wrong. --repair first rebuilds the
+    /// chunk index from the packs alone (the store must not be mounted).
+    #[command(after_help = "Example:\n  dedupfs fsck ~/store\n  dedupfs fsck ~/store --repair")]
     Fsck {
+        /// The store directory.
         store: PathBuf,
+        /// Rebuild the chunk index from the packs first.
         #[arg(long)]
         repair: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Compact packs whose dead fraction is at least the threshold.
+    ///
+    /// Copies the live chunks of mostly dead packs into new packs and
+    /// deletes the old ones, giving back the space of deleted files and
+    /// snapshots. The store must not be mounted.
+    #[command(after_help = "Example:\n  dedupfs gc ~/store --threshold 0.1")]
     Gc {
+        /// The store directory.
         store: PathBuf,
+        /// Compact a pack when at least this fraction of it is dead (0-1).
         #[arg(long, default_value_t = 0.2)]
         threshold: f64,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Mount a store (created with defaults if the path is empty).
+    ///
+    /// Starts the daemon that serves the store at MOUNTPOINT and returns
+    /// once the mount is up (-f stays in the foreground). The daemon logs
+    /// to STORE/dedupfs.log. SIGTERM commits pending writes, makes them
+    /// durable and detaches the mount even while files are open.
+    #[command(
+        after_help = "Examples:\n  dedupfs mount ~/store ~/dedupfs\n  dedupfs mount ~/store ~/dedupfs -o allow_other,snapdir=visible\n  mount -t fuse.dedupfs ~/store ~/dedupfs"
+    )]
     Mount {
+        /// The store directory (created when missing or empty).
         store: PathBuf,
+        /// An existing directory to mount on.
         mountpoint: PathBuf,
         /// Stay in the foreground and log to stderr too.
         #[arg(short = 'f', long)]
         foreground: bool,
-        /// Mount options: allow_other, allow_root, ro, rw, default_permissions, ...
+        /// Mount options: allow_other, allow_root, ro, rw, noatime, nodev,
+        /// nosuid, noexec, snapdir=visible|hidden, nopassthrough.
         #[arg(short = 'o', value_delimiter = ',')]
         options: Vec<String>,
         /// FUSE request threads.
@@ -75,9 +159,24 @@ enum Cmd {
         threads: usize,
     },
     /// Unmount a mounted store (pending ingest finishes first).
-    Umount { mountpoint: PathBuf },
+    ///
+    /// Unmounts MOUNTPOINT and waits until the daemon has committed what
+    /// was pending and released the store. Fails while files in the mount
+    /// are open (then close them, or send the daemon SIGTERM).
+    #[command(after_help = "Example:\n  dedupfs umount ~/dedupfs")]
+    Umount {
+        /// Where the store is mounted.
+        mountpoint: PathBuf,
+    },
     /// Named objects: byte streams kept as chunk lists (tools, tests, bench).
-    #[command(subcommand)]
+    ///
+    /// The chunk store without the filesystem: put files or stdin under a
+    /// name, get them back, list and remove them. The store must not be
+    /// mounted.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  dedupfs object put ~/store ~/Downloads\n  dedupfs object ls ~/store"
+    )]
     Object(ObjectCmd),
     /// Internal measurements used by scripts/bench.
     #[command(subcommand, hide = true)]
@@ -87,29 +186,58 @@ enum Cmd {
 #[derive(Subcommand)]
 enum ObjectCmd {
     /// Store files (directories are walked) or stdin ("-", needs --name).
+    ///
+    /// Each file becomes an object named by its path as given (a directory
+    /// adds each file's path under it); an object of the same name is
+    /// replaced.
+    #[command(
+        after_help = "Examples:\n  dedupfs object put ~/store ~/Downloads/x.iso\n  tar c src | dedupfs object put ~/store - --name src.tar"
+    )]
     Put {
+        /// The store directory.
         store: PathBuf,
+        /// Files or directories to store, or "-" for stdin.
         paths: Vec<PathBuf>,
         /// Object name for a single file or stdin.
         #[arg(long)]
         name: Option<String>,
+        /// Files chunked at once.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Write an object's bytes to stdout or a file.
+    #[command(
+        after_help = "Example:\n  dedupfs object get ~/store ~/Downloads/x.iso -o /tmp/x.iso"
+    )]
     Get {
+        /// The store directory.
         store: PathBuf,
+        /// The object's name (as `object ls` prints it).
         name: String,
+        /// Write here instead of stdout.
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
     /// Remove objects.
-    Rm { store: PathBuf, names: Vec<String> },
-    /// List objects.
-    Ls {
+    ///
+    /// Drops the objects' references; chunks nothing else holds become
+    /// dead and `dedupfs gc` reclaims their space.
+    #[command(after_help = "Example:\n  dedupfs object rm ~/store ~/Downloads/x.iso")]
+    Rm {
+        /// The store directory.
         store: PathBuf,
+        /// Names of the objects to remove.
+        names: Vec<String>,
+    },
+    /// List objects: size in bytes, chunk count and name.
+    #[command(after_help = "Example:\n  dedupfs object ls ~/store | sort -n | tail")]
+    Ls {
+        /// The store directory.
+        store: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -169,6 +297,15 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// "1 chunk", "2 chunks".
+fn count(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 fn human(n: u64) -> String {
@@ -231,28 +368,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&s)?;
             } else {
-                println!(
+                outln!(
                     "logical bytes:  {} ({})",
                     s.logical_bytes,
                     human(s.logical_bytes)
                 );
-                println!(
+                outln!(
+                    "referenced:     {} ({})",
+                    s.referenced_bytes,
+                    human(s.referenced_bytes)
+                );
+                outln!(
                     "unique bytes:   {} ({})",
                     s.unique_bytes,
                     human(s.unique_bytes)
                 );
-                println!(
+                outln!(
                     "stored bytes:   {} ({})",
                     s.stored_bytes,
                     human(s.stored_bytes)
                 );
-                println!("pack bytes:     {} ({})", s.pack_bytes, human(s.pack_bytes));
-                println!("chunks:         {} ({} live)", s.chunks, s.live_chunks);
-                println!("dedup ratio:    {:.3}", s.dedup_ratio);
-                println!("compression:    {:.3}", s.compression_ratio);
-                println!("packs:          {}", s.pack_count);
-                println!("dead fraction:  {:.3}", s.dead_fraction);
-                println!("objects:        {}", s.objects);
+                outln!("pack bytes:     {} ({})", s.pack_bytes, human(s.pack_bytes));
+                outln!("chunks:         {} ({} live)", s.chunks, s.live_chunks);
+                outln!("dedup ratio:    {:.3}", s.dedup_ratio);
+                outln!("compression:    {:.3}", s.compression_ratio);
+                outln!("packs:          {}", s.pack_count);
+                outln!("dead fraction:  {:.3}", s.dead_fraction);
+                outln!("files:          {}", s.files);
+                outln!("objects:        {}", s.objects);
             }
         }
         Cmd::Fsck {
@@ -263,12 +406,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if repair {
                 let r = Repo::repair(&store, &Bar::new("rebuilding"))?;
                 if !json {
-                    println!(
-                        "rebuilt index: {} packs, {} chunks, {} damaged records, {} referenced chunks missing",
-                        r.packs_scanned,
-                        r.chunks_found,
-                        r.damaged_records,
-                        r.missing.len()
+                    outln!(
+                        "rebuilt index: {}, {}, {}, {} missing",
+                        count(r.packs_scanned, "pack"),
+                        count(r.chunks_found, "chunk"),
+                        count(r.damaged_records, "damaged record"),
+                        count(r.missing.len() as u64, "referenced chunk")
                     );
                 }
             }
@@ -294,34 +437,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&r)?;
             } else {
-                println!(
-                    "checked {} chunks ({}) in {} objects",
-                    r.store.chunks_checked,
+                outln!(
+                    "checked {} ({}) in {}",
+                    count(r.store.chunks_checked, "chunk"),
                     human(r.store.bytes_checked),
-                    r.objects_checked
+                    count(r.objects_checked, "object")
                 );
                 for b in &r.store.corrupt {
-                    println!(
+                    outln!(
                         "corrupt chunk {} in pack {:012x} at offset {}: {}",
-                        b.chunk, b.pack, b.offset, b.why
+                        b.chunk,
+                        b.pack,
+                        b.offset,
+                        b.why
                     );
                 }
                 for m in &r.store.missing {
-                    println!("missing chunk {m}");
+                    outln!("missing chunk {m}");
                 }
                 for m in &r.store.refcount_mismatches {
-                    println!(
+                    outln!(
                         "reference count of chunk {}: index has {:?}, metadata holds {:?}",
-                        m.chunk, m.found, m.expected
+                        m.chunk,
+                        m.found,
+                        m.expected
                     );
                 }
                 for p in &r.store.problems {
-                    println!("problem: {p}");
+                    outln!("problem: {p}");
                 }
                 for o in &r.damaged_objects {
-                    println!("damaged object: {o}");
+                    outln!("damaged object: {o}");
                 }
-                println!("{}", if r.clean { "clean" } else { "NOT clean" });
+                outln!("{}", if r.clean { "clean" } else { "NOT clean" });
             }
             if !r.clean {
                 return Ok(ExitCode::from(1));
@@ -337,12 +485,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&r)?;
             } else {
-                println!(
-                    "compacted {} packs: {} -> {}, {} chunks moved, {} dropped",
-                    r.packs_compacted,
+                outln!(
+                    "compacted {}: {} -> {}, {} moved, {} dropped",
+                    count(r.packs_compacted, "pack"),
                     human(r.bytes_before),
                     human(r.bytes_after),
-                    r.chunks_moved,
+                    count(r.chunks_moved, "chunk"),
                     r.chunks_dropped
                 );
             }
@@ -369,7 +517,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map(|s| s.success())
                     .unwrap_or(false);
             if !ok {
-                anyhow::bail!("could not unmount {}", mountpoint.display());
+                anyhow::bail!(
+                    "could not unmount {0} (if files in it are open, close them, or stop \
+                     the daemon with SIGTERM, which detaches it lazily)",
+                    mountpoint.display()
+                );
             }
             // The daemon finishes pending ingest after the kernel lets go;
             // wait until it has released the store.
@@ -459,9 +611,9 @@ fn object(cmd: ObjectCmd) -> anyhow::Result<ExitCode> {
                     "bytes_per_sec": bytes as f64 / secs
                 }))?;
             } else {
-                println!(
-                    "stored {} objects, {} in {secs:.2}s",
-                    infos.len(),
+                outln!(
+                    "stored {}, {} in {secs:.2}s",
+                    count(infos.len() as u64, "object"),
                     human(bytes)
                 );
             }
@@ -493,8 +645,9 @@ fn object(cmd: ObjectCmd) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&list)?;
             } else {
+                outln!("{:>14} {:>8} NAME", "SIZE", "CHUNKS");
                 for o in list {
-                    println!("{:>14} {:>8} {}", o.size, o.chunks, o.name);
+                    outln!("{:>14} {:>8} {}", o.size, o.chunks, o.name);
                 }
             }
         }
@@ -555,6 +708,10 @@ fn mount(
     if !mountpoint.is_dir() {
         anyhow::bail!("mountpoint {} is not a directory", mountpoint.display());
     }
+    if is_mounted(mountpoint) {
+        // The wait below would take the existing mount for ours.
+        anyhow::bail!("{} is already mounted", mountpoint.display());
+    }
     if !foreground {
         // Daemonize by running ourselves in the foreground, detached, and
         // returning once the mount is up (or the child has failed).
@@ -578,13 +735,14 @@ fn mount(
                 if let Some(mut e) = child.stderr.take() {
                     let _ = io::Read::read_to_string(&mut e, &mut err);
                 }
-                anyhow::bail!(
-                    "mount failed ({status}): {}",
-                    err.trim()
-                        .lines()
-                        .last()
-                        .unwrap_or("see the store's dedupfs.log")
-                );
+                let why = err
+                    .trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("see the store's dedupfs.log");
+                // The child's error already carries our "dedupfs: ".
+                let why = why.strip_prefix("dedupfs: ").unwrap_or(why);
+                anyhow::bail!("mount failed ({status}): {why}");
             }
             if is_mounted(mountpoint) {
                 return Ok(ExitCode::SUCCESS);
@@ -647,7 +805,23 @@ fn mount(
     config.clone_fd = true;
     let vol = dedupfs::fs::volume::Volume::start(repo, read_only, 2)?;
     vol.show_snapdir(show_snapdir);
-    let fs = dedupfs::fs::DedupFs::new(vol.clone()).with_passthrough(passthrough);
+    let shutdown = dedupfs::fs::Shutdown::new(vol.clone());
+    // fuser unmounts again when the session ends; after `fusermount3 -u`
+    // (or our lazy detach) that failed with EINVAL and a warning on every
+    // clean unmount. The handle is taken here at the session's end instead.
+    let mount_handle: Arc<parking_lot::Mutex<Option<fuser::SessionUnmounter>>> =
+        Arc::new(parking_lot::Mutex::new(None));
+    let taken = mount_handle.clone();
+    let fs = dedupfs::fs::DedupFs::new(vol.clone())
+        .with_passthrough(passthrough)
+        .with_shutdown(shutdown.clone())
+        .at_destroy(Box::new(move || {
+            if let Some(mut m) = taken.lock().take()
+                && let Err(e) = m.unmount()
+            {
+                log::debug!("the mount was already gone: {e}");
+            }
+        }));
     // Before the mount: resolving the path afterwards would ask the
     // daemon, which is not serving yet.
     let canonical = std::fs::canonicalize(mountpoint)?;
@@ -704,28 +878,138 @@ fn mount(
         });
     let _ctl = dedupfs::ctl::Server::start(store, handler)?;
     let _timer = dedupfs::snapcmd::start_policy_timer(&vol)?;
-    let mut unmounter = session.unmount_callable();
+    *mount_handle.lock() = Some(session.unmount_callable());
+    let ended = Arc::new(Ended::default());
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
     ])?;
     let handle = signals.handle();
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            log::info!("signal {sig}: unmounting");
-            if let Err(e) = unmounter.unmount() {
-                log::error!("unmount on signal failed: {e}");
+    {
+        let (vol, shutdown, ended) = (vol.clone(), shutdown.clone(), ended.clone());
+        std::thread::spawn(move || {
+            let mut stopping = false;
+            for sig in signals.forever() {
+                if stopping {
+                    log::info!("signal {sig}: already stopping");
+                    continue;
+                }
+                stopping = true;
+                log::info!("signal {sig}: stopping");
+                let (vol, shutdown, ended) = (vol.clone(), shutdown.clone(), ended.clone());
+                let mnt = canonical.clone();
+                let _ = std::thread::Builder::new()
+                    .name("stop".into())
+                    .spawn(move || stop_daemon(&vol, &shutdown, &mnt, &ended));
             }
-        }
-    });
+        });
+    }
     log::info!("mounted {} on {}", store.display(), mountpoint.display());
     let res = session.run();
     handle.close();
-    vol.shutdown();
+    shutdown.run();
+    ended.set();
     log::info!("unmounted {}", mountpoint.display());
     res?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Set once the session has ended and the volume is shut down.
+#[derive(Default)]
+struct Ended {
+    done: parking_lot::Mutex<bool>,
+    cv: parking_lot::Condvar,
+}
+
+impl Ended {
+    fn set(&self) {
+        *self.done.lock() = true;
+        self.cv.notify_all();
+    }
+
+    /// Whether it ended within `limit`.
+    fn wait(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut d = self.done.lock();
+        while !*d {
+            if self.cv.wait_until(&mut d, deadline).timed_out() {
+                return *d;
+            }
+        }
+        true
+    }
+}
+
+/// A stop on SIGTERM (or INT, HUP) that ends in bounded time whatever is
+/// open: a plain unmount fails with EBUSY while any file in the mount is
+/// open, and systemd then waited for SIGKILL. Commits what is pending,
+/// detaches the mount lazily (the kernel sends no DESTROY while files stay
+/// open), then ends the connection through fusectl, or failing that shuts
+/// the volume down and exits (the kernel aborts the connection when the
+/// process goes; open handles then get ENOTCONN).
+fn stop_daemon(
+    vol: &dedupfs::fs::volume::Volume,
+    shutdown: &dedupfs::fs::Shutdown,
+    mnt: &Path,
+    ended: &Ended,
+) {
+    vol.wait_ingest_idle();
+    if let Err(e) = vol.sync_meta() {
+        log::error!("stopping: metadata sync failed: {e}");
+    }
+    log::info!("stopping: pending ingest committed and metadata durable");
+    let conn = fuse_connection_of(mnt);
+    let detached = ["fusermount3 -u -z", "umount -l"].iter().any(|cmd| {
+        let mut parts = cmd.split(' ');
+        let Some(prog) = parts.next() else {
+            return false;
+        };
+        std::process::Command::new(prog)
+            .args(parts)
+            .arg(mnt)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if detached {
+        log::info!("stopping: detached {} (lazy unmount)", mnt.display());
+    } else {
+        log::error!("stopping: could not detach {}", mnt.display());
+    }
+    if ended.wait(Duration::from_secs(2)) {
+        return;
+    }
+    if let Some(conn) = conn {
+        let abort = format!("/sys/fs/fuse/connections/{conn}/abort");
+        if std::fs::write(&abort, "1").is_ok() {
+            log::info!("stopping: files are still open; ended FUSE connection {conn}");
+            if ended.wait(Duration::from_secs(10)) {
+                return;
+            }
+        }
+    }
+    log::info!("stopping: files are still open; closing them and exiting");
+    shutdown.run();
+    log::info!("unmounted {}", mnt.display());
+    std::process::exit(0);
+}
+
+/// The FUSE connection number of the mount at `mnt` (the minor of its
+/// device), from /proc/self/mountinfo: a stat of the mountpoint would ask
+/// the daemon.
+fn fuse_connection_of(mnt: &Path) -> Option<u32> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mnt.to_string_lossy().replace(' ', "\\040");
+    info.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let dev = f.nth(2)?;
+        let point = f.nth(1)?;
+        if point != want {
+            return None;
+        }
+        dev.split_once(':')?.1.parse().ok()
+    })
 }
 
 /// `mount -t fuse.dedupfs STORE MNT -o OPTS` runs `dedupfs STORE MNT -o OPTS`:
@@ -759,6 +1043,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv.clone());
     match dedupfs::guard::catch(|| run(cli)) {
         Ok(Ok(code)) => code,
+        Ok(Err(e)) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("dedupfs: {e:#}");
             ExitCode::from(2)

@@ -729,6 +729,28 @@ pub fn inode_at(
     Ok(None)
 }
 
+/// The apparent size of the live tree: the sizes of its regular files,
+/// each inode once (what `du -sb --apparent-size` counts), and how many.
+pub fn live_file_bytes(db: &Database) -> Result<(u64, u64)> {
+    let rt = db.begin_read()?;
+    let t = match rt.open_table(INODES) {
+        Ok(t) => t,
+        // A store that never held a filesystem.
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((0, 0)),
+        Err(e) => return Err(e.into()),
+    };
+    let (mut bytes, mut files) = (0, 0);
+    for row in t.iter()? {
+        let (_, v) = row?;
+        let rec = format::InodeRec::decode(v.value()).map_err(|e| corrupt("inode", e))?;
+        if rec.died > NOW && rec.kind == format::Kind::File {
+            bytes += rec.size;
+            files += 1;
+        }
+    }
+    Ok((bytes, files))
+}
+
 /// The live version of an inode: (born, record).
 pub fn live_inode(
     t: &impl ReadableTable<(u64, u64), &'static [u8]>,

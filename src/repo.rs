@@ -49,7 +49,17 @@ pub struct ObjectInfo {
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
+    /// The apparent size of what the store holds live: the regular files
+    /// of the live tree (each inode once, holes and inline files included)
+    /// plus the named objects.
     pub logical_bytes: u64,
+    /// The bytes the chunk references hold, each reference counted: a
+    /// chunk held by two inodes, or by a snapshot's old version, twice;
+    /// inline files not at all.
+    #[serde(default)]
+    pub referenced_bytes: u64,
+    #[serde(default)]
+    pub files: u64,
     pub unique_bytes: u64,
     pub stored_bytes: u64,
     pub pack_bytes: u64,
@@ -321,15 +331,24 @@ impl Repo {
             dead_bytes,
         } = self.store.stats()?;
         let objects = meta::object_count(&self.meta)?;
+        let (file_bytes, files) = meta::live_file_bytes(&self.meta)?;
+        let mut object_bytes = 0;
+        meta::for_each_object(&self.meta, |_, _, rec| {
+            object_bytes += rec.size;
+            Ok(())
+        })?;
+        let logical_bytes = file_bytes + object_bytes;
         let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
         Ok(Stats {
-            logical_bytes: c.logical_bytes,
+            logical_bytes,
+            referenced_bytes: c.logical_bytes,
+            files,
             unique_bytes: c.live_raw_bytes,
             stored_bytes: c.live_stored_bytes,
             pack_bytes,
             chunks: c.total_chunks,
             live_chunks: c.live_chunks,
-            dedup_ratio: ratio(c.logical_bytes, c.live_raw_bytes),
+            dedup_ratio: ratio(logical_bytes, c.live_raw_bytes),
             compression_ratio: ratio(c.live_raw_bytes, c.live_stored_bytes),
             pack_count,
             dead_fraction: if pack_bytes == 0 {

@@ -14,6 +14,40 @@ use serde_json::{Value, json};
 use dedupfs::repo::Repo;
 use dedupfs::snapcmd::{self, Policy};
 
+/// `println!` that ends the process quietly when stdout is a closed pipe
+/// (`snapctl list | head`), where `println!` panics.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            output_failed(&e)
+        }
+    }};
+}
+
+/// Stdout is gone: a closed pipe ends the command quietly (what a
+/// reader that stopped reading wants); anything else is an error.
+fn output_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("snapctl: writing output: {e}");
+    std::process::exit(2);
+}
+
+/// Whether an error is a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let kind = match c.downcast_ref::<std::io::Error>() {
+            Some(io) => Some(io.kind()),
+            None => c
+                .downcast_ref::<serde_json::Error>()
+                .and_then(|j| j.io_error_kind()),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 #[derive(Parser)]
 #[command(
     name = "snapctl",
@@ -55,11 +89,18 @@ enum Cmd {
     },
     /// What changed from snapshot A to snapshot B (default: the live tree).
     Diff { a: String, b: Option<String> },
-    /// Copy a file or directory back from a snapshot (metadata only).
+    /// Copy a file or directory back from a snapshot. Inside the tree it
+    /// shares chunks (metadata only) and replaces what is at the
+    /// destination; with --to outside the mount it writes a plain copy
+    /// (modes, times, ownership when root, xattrs) to a destination that
+    /// must not exist yet.
     Restore {
         snap: String,
         path: PathBuf,
-        /// Where to put it (default: where it was).
+        /// Where to put it (default: where it was). A path under the
+        /// mountpoint (or relative, from inside the mount) is a place in
+        /// the tree; any other path, while the store is mounted, gets a
+        /// plain copy. With the store unmounted, a path in the tree.
         #[arg(long)]
         to: Option<PathBuf>,
     },
@@ -125,6 +166,7 @@ fn find_target(cli: &Cli) -> anyhow::Result<Target> {
         });
     }
     if let Some(m) = &cli.mountpoint {
+        refuse_dead_mount(m)?;
         let store = dedupfs::ctl::store_of_mount(m)
             .ok_or_else(|| anyhow::anyhow!("{} is not a mounted dedupfs store", m.display()))?;
         return Ok(Target {
@@ -194,11 +236,30 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
+/// Fails with what to do when `mp` is a mount whose daemon is gone: the
+/// kernel answers ENOTCONN there. Opening the store directly would then
+/// work on it behind the dead mount's back and hold off the remount.
+fn refuse_dead_mount(mp: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(mp) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => anyhow::bail!(
+            "the mount at {0} is dead (its daemon is gone); run `fusermount3 -u {0}` \
+             (or `umount -l {0}`) and mount the store again",
+            mp.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Runs one operation: through the daemon when the store is mounted,
 /// directly otherwise.
-fn run_op(store: &Path, args: Value) -> anyhow::Result<Value> {
+fn run_op(store: &Path, mountpoint: Option<&Path>, args: Value) -> anyhow::Result<Value> {
     match Repo::open(store) {
         Ok(repo) => {
+            // Nobody holds the store, yet the mount table names a mount
+            // of it: that mount is dead.
+            if let Some(mp) = mountpoint {
+                refuse_dead_mount(mp)?;
+            }
             let vol = dedupfs::fs::volume::Volume::start(repo, false, 1)?;
             let r = snapcmd::handle(&vol, &args);
             vol.shutdown();
@@ -231,9 +292,13 @@ fn bytes_json(p: &[u8]) -> Value {
 }
 
 fn print_snaps(v: &Value) {
-    println!(
+    outln!(
         "{:<28} {:<25} {:>8} {:>8} {:>8}  LABELS",
-        "NAME", "CREATED", "USED", "REFER", "FILES"
+        "NAME",
+        "CREATED",
+        "USED",
+        "REFER",
+        "FILES"
     );
     for s in v.as_array().into_iter().flatten() {
         let opt = |k: &str| s[k].as_u64().map(human).unwrap_or_else(|| "-".into());
@@ -243,7 +308,7 @@ fn print_snaps(v: &Value) {
             .flatten()
             .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
             .collect();
-        println!(
+        outln!(
             "{:<28} {:<25} {:>8} {:>8} {:>8}  {}",
             s["name"].as_str().unwrap_or(""),
             s["created"].as_str().unwrap_or(""),
@@ -258,9 +323,381 @@ fn print_snaps(v: &Value) {
     }
 }
 
+/// One snapshot, a field a line.
+fn print_show(s: &Value) {
+    let opt = |k: &str| {
+        s[k].as_u64()
+            .map(|b| format!("{} ({b} bytes)", human(b)))
+            .unwrap_or_else(|| "-".into())
+    };
+    outln!("name:        {}", s["name"].as_str().unwrap_or(""));
+    outln!("generation:  {}", s["generation"]);
+    outln!("id:          {}", s["id"]);
+    outln!("created:     {}", s["created"].as_str().unwrap_or(""));
+    outln!(
+        "taken by:    {}",
+        if s["auto"].as_bool() == Some(true) {
+            "the retention policy (pruned by it)"
+        } else {
+            "hand (kept until deleted)"
+        }
+    );
+    outln!("used:        {}  (freed by deleting it)", opt("used_bytes"));
+    outln!("refer:       {}  (what it sees)", opt("refer_bytes"));
+    outln!(
+        "files:       {}",
+        s["files"]
+            .as_u64()
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    let labels: Vec<String> = s["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    outln!(
+        "labels:      {}",
+        if labels.is_empty() {
+            "-".to_string()
+        } else {
+            labels.join(", ")
+        }
+    );
+}
+
+/// The retention policy as a small table.
+fn print_policy(p: &Value) {
+    let every = p["every_secs"]
+        .as_u64()
+        .map(interval)
+        .unwrap_or_else(|| "- (no automatic snapshots)".into());
+    outln!("{:<14} {every}", "every");
+    let rules = [
+        ("keep_last", "keep last"),
+        ("keep_hourly", "keep hourly"),
+        ("keep_daily", "keep daily"),
+        ("keep_weekly", "keep weekly"),
+        ("keep_monthly", "keep monthly"),
+        ("keep_yearly", "keep yearly"),
+    ];
+    let mut any = false;
+    for (k, label) in rules {
+        let n = p[k].as_u64().unwrap_or(0);
+        any |= n > 0;
+        outln!(
+            "{label:<14} {}",
+            if n == 0 {
+                "-".to_string()
+            } else {
+                n.to_string()
+            }
+        );
+    }
+    if !any {
+        outln!("(no keep rule: prune deletes nothing)");
+    }
+}
+
+/// Seconds as the largest whole unit: "1h", "90s", "2d".
+fn interval(secs: u64) -> String {
+    for (unit, n) in [("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)] {
+        if secs >= n && secs.is_multiple_of(n) {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
+}
+
+fn print_restored(out: &Value) {
+    outln!(
+        "restored {} to {}: {}, {}, {}{}",
+        out["path"].as_str().unwrap_or(""),
+        out["to"].as_str().unwrap_or(""),
+        count(out["files"].as_u64().unwrap_or(0), "file"),
+        count(out["dirs"].as_u64().unwrap_or(0), "directory"),
+        human(out["bytes"].as_u64().unwrap_or(0)),
+        if out["replaced"].as_bool() == Some(true) {
+            " (replaced what was there)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// "1 file", "2 files", "1 directory", "3 directories".
+fn count(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else if let Some(stem) = what.strip_suffix('y') {
+        format!("{n} {stem}ies")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// A `--to` destination outside the mounted tree, made absolute; None
+/// when it names a place in the tree (or nothing is mounted, where paths
+/// are tree paths).
+fn outside_the_tree(to: &Path, mountpoint: Option<&Path>) -> Option<PathBuf> {
+    let mp = mountpoint?;
+    let abs = normalize(&std::env::current_dir().ok()?.join(to));
+    (!abs.starts_with(mp)).then_some(abs)
+}
+
+/// `restore --to DEST` outside the mount: a plain copy of what the
+/// snapshot holds at `tree` (read through `MNT/.snapshots/SNAP`) written
+/// to `dest`, which must not exist.
+fn copy_out(mp: &Path, snap: &str, tree: &[u8], dest: &Path) -> anyhow::Result<Value> {
+    let root = mp.join(".snapshots").join(snap);
+    if let Err(e) = std::fs::symlink_metadata(&root) {
+        anyhow::bail!("snapshot {snap} is not readable at {}: {e}", root.display());
+    }
+    let rel = std::ffi::OsStr::from_bytes(tree.strip_prefix(b"/").unwrap_or(tree));
+    let src = root.join(rel);
+    let shown = String::from_utf8_lossy(tree).into_owned();
+    if std::fs::symlink_metadata(&src).is_err() {
+        anyhow::bail!("snapshot {snap} has no {shown}");
+    }
+    if std::fs::symlink_metadata(dest).is_ok() {
+        anyhow::bail!(
+            "{} exists; copying out never replaces anything: remove it or name another destination",
+            dest.display()
+        );
+    }
+    let total = copyout::tree_bytes(&src);
+    let bar = copyout::bar(total);
+    let mut c = copyout::Copier::new(&bar);
+    c.copy(&src, dest)?;
+    bar.finish_and_clear();
+    Ok(json!({
+        "path": shown,
+        "to": dest.display().to_string(),
+        "files": c.files,
+        "dirs": c.dirs,
+        "bytes": c.bytes,
+        "replaced": false,
+        "copied_out": true,
+        "skipped": c.skipped,
+    }))
+}
+
+/// Writing a plain copy of a tree read from a snapshot.
+mod copyout {
+    use std::collections::HashMap;
+    use std::fs;
+    use std::io::{self, IsTerminal, Read, Write};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+
+    use anyhow::Context;
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+    /// Bytes of the regular files under `p` (for the progress bar).
+    pub fn tree_bytes(p: &Path) -> u64 {
+        let Ok(m) = fs::symlink_metadata(p) else {
+            return 0;
+        };
+        if m.is_dir() {
+            fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| tree_bytes(&e.path()))
+                .sum()
+        } else if m.is_file() {
+            m.len()
+        } else {
+            0
+        }
+    }
+
+    /// A bar on a terminal, nothing otherwise.
+    pub fn bar(total: u64) -> ProgressBar {
+        if !io::stderr().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "copying out [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb
+    }
+
+    pub struct Copier<'a> {
+        bar: &'a ProgressBar,
+        /// Hard links stay hard links: (dev, ino) to the first copy.
+        links: HashMap<(u64, u64), PathBuf>,
+        pub files: u64,
+        pub dirs: u64,
+        pub bytes: u64,
+        /// Devices and sockets, which a copy cannot make.
+        pub skipped: Vec<String>,
+    }
+
+    impl<'a> Copier<'a> {
+        pub fn new(bar: &'a ProgressBar) -> Copier<'a> {
+            Copier {
+                bar,
+                links: HashMap::new(),
+                files: 0,
+                dirs: 0,
+                bytes: 0,
+                skipped: Vec::new(),
+            }
+        }
+
+        pub fn copy(&mut self, src: &Path, dst: &Path) -> anyhow::Result<()> {
+            let m = fs::symlink_metadata(src).with_context(|| format!("{}", src.display()))?;
+            let ft = m.file_type();
+            let made = |r: io::Result<()>| r.with_context(|| format!("writing {}", dst.display()));
+            if ft.is_dir() {
+                made(fs::create_dir(dst))?;
+                self.dirs += 1;
+                let mut entries: Vec<_> = fs::read_dir(src)
+                    .with_context(|| format!("{}", src.display()))?
+                    .collect::<io::Result<_>>()?;
+                entries.sort_by_key(|e| e.file_name());
+                for e in entries {
+                    self.copy(&e.path(), &dst.join(e.file_name()))?;
+                }
+            } else if ft.is_file() {
+                if m.nlink() > 1 {
+                    if let Some(first) = self.links.get(&(m.dev(), m.ino())) {
+                        made(fs::hard_link(first, dst))?;
+                        return Ok(());
+                    }
+                    self.links.insert((m.dev(), m.ino()), dst.to_path_buf());
+                }
+                let mut from = fs::File::open(src).with_context(|| format!("{}", src.display()))?;
+                let mut to =
+                    fs::File::create(dst).with_context(|| format!("writing {}", dst.display()))?;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = from
+                        .read(&mut buf)
+                        .with_context(|| format!("{}", src.display()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    made(to.write_all(&buf[..n]))?;
+                    self.bar.inc(n as u64);
+                    self.bytes += n as u64;
+                }
+                made(to.sync_all())?;
+                self.files += 1;
+            } else if ft.is_symlink() {
+                made(std::os::unix::fs::symlink(fs::read_link(src)?, dst))?;
+            } else if ft.is_fifo() {
+                made(
+                    rustix::fs::mknodat(
+                        rustix::fs::CWD,
+                        dst,
+                        rustix::fs::FileType::Fifo,
+                        rustix::fs::Mode::from_raw_mode(m.mode() & 0o7777),
+                        0,
+                    )
+                    .map_err(io::Error::from),
+                )?;
+            } else {
+                self.skipped.push(src.display().to_string());
+                return Ok(());
+            }
+            self.attributes(src, dst, &m)
+        }
+
+        /// Xattrs, ownership (root only), mode, then times last (the
+        /// others move ctime, not mtime, but a directory's mtime moved
+        /// with every entry made in it).
+        fn attributes(&self, src: &Path, dst: &Path, m: &fs::Metadata) -> anyhow::Result<()> {
+            let ctx = || format!("setting attributes of {}", dst.display());
+            copy_xattrs(src, dst).with_context(ctx)?;
+            // Ownership as in the snapshot when we may (root); a user's
+            // copy is the user's.
+            if let Err(e) = std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid()))
+                && e.kind() != io::ErrorKind::PermissionDenied
+            {
+                return Err(e).with_context(ctx);
+            }
+            if !m.file_type().is_symlink() {
+                fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))
+                    .with_context(ctx)?;
+            }
+            let ts = |s: i64, ns: i64| rustix::fs::Timespec {
+                tv_sec: s,
+                tv_nsec: ns as _,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                dst,
+                &rustix::fs::Timestamps {
+                    last_access: ts(m.atime(), m.atime_nsec()),
+                    last_modification: ts(m.mtime(), m.mtime_nsec()),
+                },
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(io::Error::from)
+            .with_context(ctx)?;
+            Ok(())
+        }
+    }
+
+    fn copy_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
+        let n = rustix::fs::llistxattr_query(src)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut names = vec![0u8; n];
+        let n = rustix::fs::llistxattr(src, &mut names[..])?;
+        for name in names[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+            let name = std::ffi::OsStr::from_bytes(name);
+            let len = rustix::fs::lgetxattr_query(src, name)?;
+            let mut value = vec![0u8; len];
+            let len = rustix::fs::lgetxattr(src, name, &mut value[..])?;
+            match rustix::fs::lsetxattr(dst, name, &value[..len], rustix::fs::XattrFlags::empty()) {
+                Ok(()) => {}
+                // A namespace the destination does not take (trusted.*
+                // as a user, user.* on a symlink): the copy goes on.
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::PERM => {
+                    log::warn!(
+                        "{}: xattr {} not copied: {e}",
+                        dst.display(),
+                        name.to_string_lossy()
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    use std::os::unix::ffi::OsStrExt;
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let target = find_target(&cli)?;
     let mp = target.mountpoint.as_deref();
+    if let Cmd::Restore {
+        snap,
+        path,
+        to: Some(to),
+    } = &cli.cmd
+        && let Some(dest) = outside_the_tree(to, mp)
+    {
+        let Some(mp) = mp else {
+            anyhow::bail!("copying out of a snapshot needs the store mounted");
+        };
+        let out = copy_out(mp, snap, &tree_path(path, Some(mp)), &dest)?;
+        if cli.json {
+            outln!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            print_restored(&out);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let args = match &cli.cmd {
         Cmd::Create { name, labels } => {
             let mut map = BTreeMap::new();
@@ -318,25 +755,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             include_manual,
         } => json!({"op": "prune", "dry_run": dry_run, "include_manual": include_manual}),
     };
-    let out = run_op(&target.store, args)?;
+    let out = run_op(&target.store, mp, args)?;
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     match &cli.cmd {
-        Cmd::Create { .. } => println!(
+        Cmd::Create { .. } => outln!(
             "created snapshot {} (generation {})",
             out["name"].as_str().unwrap_or(""),
             out["generation"]
         ),
         Cmd::List => print_snaps(&out),
-        Cmd::Show { .. } => print_snaps(&Value::Array(vec![out])),
+        Cmd::Show { .. } => print_show(&out),
         Cmd::Delete { .. } => {
             for d in out.as_array().into_iter().flatten() {
-                println!(
-                    "deleted {} ({} versions freed)",
+                outln!(
+                    "deleted {} ({} freed)",
                     d["name"].as_str().unwrap_or(""),
-                    d["versions_freed"]
+                    count(d["versions_freed"].as_u64().unwrap_or(0), "version")
                 );
             }
         }
@@ -345,14 +782,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let path = e["path"].as_str().unwrap_or("");
                 let size = e["size"].as_u64().unwrap_or(0);
                 match e["change"].as_str().unwrap_or("") {
-                    "added" => println!("+ {path} ({})", human(size)),
-                    "removed" => println!("- {path} ({})", human(size)),
-                    "renamed" => println!(
+                    "added" => outln!("+ {path} ({})", human(size)),
+                    "removed" => outln!("- {path} ({})", human(size)),
+                    "renamed" => outln!(
                         "R {} -> {path} ({})",
                         e["from"].as_str().unwrap_or(""),
                         human(size)
                     ),
-                    _ => println!(
+                    _ => outln!(
                         "M {path} ({} -> {})",
                         human(e["size_before"].as_u64().unwrap_or(0)),
                         human(size)
@@ -360,25 +797,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Cmd::Restore { .. } => println!(
-            "restored {} to {}: {} files, {} directories, {} ({}replaced what was there)",
-            out["path"].as_str().unwrap_or(""),
-            out["to"].as_str().unwrap_or(""),
-            out["files"],
-            out["dirs"],
-            human(out["bytes"].as_u64().unwrap_or(0)),
-            if out["replaced"].as_bool() == Some(true) {
-                ""
-            } else {
-                "nothing "
-            }
-        ),
-        Cmd::Rollback { .. } => println!(
-            "rolled back to {}: {} records reverted",
+        Cmd::Restore { .. } => print_restored(&out),
+        Cmd::Rollback { .. } => outln!(
+            "rolled back to {}: {} reverted",
             out["snapshot"].as_str().unwrap_or(""),
-            out["records_reverted"]
+            count(out["records_reverted"].as_u64().unwrap_or(0), "record")
         ),
-        Cmd::Policy { .. } => println!("{}", serde_json::to_string_pretty(&out)?),
+        Cmd::Policy { .. } => print_policy(&out),
         Cmd::Prune { dry_run, .. } => {
             let key = if *dry_run { "would_delete" } else { "deleted" };
             let names: Vec<&str> = out[key]
@@ -389,9 +814,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect();
             let verb = if *dry_run { "would delete" } else { "deleted" };
             if names.is_empty() {
-                println!("nothing to prune");
+                outln!("nothing to prune");
             } else {
-                println!("{verb}: {}", names.join(" "));
+                outln!("{verb}: {}", names.join(" "));
             }
         }
     }
@@ -403,6 +828,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(c) => c,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("snapctl: {e:#}");
             ExitCode::from(2)

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::format::{Kind, Timespec};
@@ -181,6 +182,34 @@ fn errno(e: &Error) -> Errno {
 /// Looking this name up panics in debug builds (see `lookup`).
 #[cfg(debug_assertions)]
 pub const TEST_PANIC_NAME: &[u8] = b".dedupfs-test-panic";
+// The inode-flag ioctls lsattr, chattr and editors ask for (linux/fs.h).
+const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
+const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+/// struct fsxattr.
+const FSXATTR_LEN: usize = 28;
+
+/// The answer to an ioctl: dedupfs keeps no inode flags, so it reports
+/// none, accepts setting none, and refuses any other (EOPNOTSUPP, as
+/// ext4 refuses a flag it does not support). Every other ioctl gets the
+/// ENOTTY ext4 gives for one it does not know (Python and vim ask for
+/// TCGETS on every open; fuser's default logged a warning each time).
+fn answer_ioctl(cmd: u32, in_data: &[u8], out_size: u32) -> Result<Vec<u8>, i32> {
+    let zeros = |n: usize| vec![0u8; n.min(out_size as usize)];
+    match cmd {
+        FS_IOC_GETFLAGS => Ok(zeros(8)),
+        FS_IOC_FSGETXATTR => Ok(zeros(FSXATTR_LEN)),
+        FS_IOC_SETFLAGS | FS_IOC_FSSETXATTR => {
+            if in_data.iter().all(|b| *b == 0) {
+                Ok(Vec::new())
+            } else {
+                Err(libc::EOPNOTSUPP)
+            }
+        }
+        _ => Err(libc::ENOTTY),
+    }
+}
 
 /// The filesystem as fuser sees it.
 pub struct DedupFs {
@@ -190,6 +219,32 @@ pub struct DedupFs {
     want_passthrough: bool,
     backing: Mutex<Backings>,
     gate: LinkGate,
+    shutdown: Arc<Shutdown>,
+    /// Run when the session ends, before the volume shuts down (the
+    /// daemon takes fuser's mount handle here; see `main.rs`).
+    at_destroy: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+/// The volume's shutdown, run once by whoever gets there first: the end
+/// of the session, or a stop that could not end it (files held open with
+/// no fusectl to abort the connection). A second caller waits for the
+/// first to finish.
+pub struct Shutdown {
+    vol: Arc<Volume>,
+    once: std::sync::Once,
+}
+
+impl Shutdown {
+    pub fn new(vol: Arc<Volume>) -> Arc<Shutdown> {
+        Arc::new(Shutdown {
+            vol,
+            once: std::sync::Once::new(),
+        })
+    }
+
+    pub fn run(&self) {
+        self.once.call_once(|| self.vol.shutdown());
+    }
 }
 
 /// Orders replies that carry a link count after the removals that change
@@ -304,9 +359,11 @@ struct Backings {
 impl DedupFs {
     pub fn new(vol: Arc<Volume>) -> DedupFs {
         DedupFs {
+            shutdown: Shutdown::new(vol.clone()),
             vol,
             want_passthrough: true,
             backing: Mutex::new(Backings::default()),
+            at_destroy: Mutex::new(None),
             gate: LinkGate::new(),
         }
     }
@@ -318,6 +375,18 @@ impl DedupFs {
         if let Err(p) = crate::guard::catch(f) {
             log::error!("{op}: {p}; answered with EIO");
         }
+    }
+
+    /// Shares the volume's shutdown with whoever else may have to run it.
+    pub fn with_shutdown(mut self, shutdown: Arc<Shutdown>) -> DedupFs {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// Something to run when the session ends, before the shutdown.
+    pub fn at_destroy(self, f: Box<dyn FnOnce() + Send>) -> DedupFs {
+        *self.at_destroy.lock() = Some(f);
+        self
     }
 
     /// Whether to ask the kernel for FUSE passthrough at init.
@@ -429,7 +498,10 @@ impl Filesystem for DedupFs {
     }
 
     fn destroy(&mut self) {
-        self.vol.shutdown();
+        if let Some(f) = self.at_destroy.lock().take() {
+            f();
+        }
+        self.shutdown.run();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -962,6 +1034,23 @@ impl Filesystem for DedupFs {
         })
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        match answer_ioctl(cmd, in_data, out_size) {
+            Ok(out) => reply.ioctl(0, &out),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
     fn copy_file_range(
         &self,
         _req: &Request,
@@ -1014,6 +1103,18 @@ mod tests {
         );
         let other_io = Error::Store(store::Error::io("x", std::io::Error::other("no code")));
         assert_eq!(other_io.errno(), libc::EIO);
+    }
+
+    #[test]
+    fn ioctls_report_no_flags_and_refuse_others() {
+        assert_eq!(answer_ioctl(FS_IOC_GETFLAGS, &[], 4), Ok(vec![0; 4]));
+        assert_eq!(answer_ioctl(FS_IOC_FSGETXATTR, &[], 28), Ok(vec![0; 28]));
+        assert_eq!(answer_ioctl(FS_IOC_SETFLAGS, &[0; 4], 0), Ok(vec![]));
+        assert_eq!(
+            answer_ioctl(FS_IOC_SETFLAGS, &[0x80, 0, 0, 0], 0),
+            Err(libc::EOPNOTSUPP)
+        );
+        assert_eq!(answer_ioctl(0x5401, &[], 60), Err(libc::ENOTTY));
     }
 
     #[test]

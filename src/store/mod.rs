@@ -69,7 +69,7 @@ pub enum Error {
     NotAStore { path: PathBuf, why: String },
     #[error("{path}: {err}")]
     Format { path: PathBuf, err: FormatError },
-    #[error("store {0} is in use by another process (is it mounted?)")]
+    #[error("the store at {0} is in use by another process (is it mounted?)")]
     Locked(PathBuf),
     #[error("index {path} is unusable: {why}; `dedupfs fsck --repair` rebuilds it from the packs")]
     IndexDamaged { path: PathBuf, why: String },
@@ -361,7 +361,10 @@ impl Store {
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         match f.try_lock() {
             Ok(()) => Ok(f),
-            Err(fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
+            // In full: a relative path read "store store is in use".
+            Err(fs::TryLockError::WouldBlock) => Err(Error::Locked(
+                fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
+            )),
             Err(fs::TryLockError::Error(e)) => Err(Error::io("locking the store", e)),
         }
     }

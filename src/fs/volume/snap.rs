@@ -130,6 +130,13 @@ pub struct SnapState {
     pub visible: AtomicBool,
 }
 
+/// What differs between two versions of a file (`snap_diff`).
+struct Differs {
+    attrs: bool,
+    xattrs: bool,
+    bytes: bool,
+}
+
 fn snap_err(msg: String) -> Error {
     Error::Snap(msg)
 }
@@ -893,6 +900,8 @@ impl Volume {
             }
         }
         let mut out = Vec::new();
+        // The inode of each removed or added entry, in step with `out`.
+        let mut entry_ino: Vec<Option<u64>> = Vec::new();
         let size_at = |ino: u64, at: u64| -> store::Result<u64> {
             Ok(meta::inode_at(&inodes, ino, at)?.map_or(0, |(_, r)| r.size))
         };
@@ -902,6 +911,7 @@ impl Volume {
                 let from = show_path(&path_at(&inodes, *p, n, ga)?);
                 match news.get(k) {
                     Some((np, nn, _)) => {
+                        entry_ino.push(None);
                         out.push(DiffEntry {
                             change: "renamed",
                             path: show_path(&path_at(&inodes, *np, nn, gb)?),
@@ -911,14 +921,17 @@ impl Volume {
                             size_before: None,
                         });
                     }
-                    None => out.push(DiffEntry {
-                        change: "removed",
-                        path: from,
-                        from: None,
-                        kind: kind_name(*kind),
-                        size: size_at(*ino, ga)?,
-                        size_before: None,
-                    }),
+                    None => {
+                        out.push(DiffEntry {
+                            change: "removed",
+                            path: from,
+                            from: None,
+                            kind: kind_name(*kind),
+                            size: size_at(*ino, ga)?,
+                            size_before: None,
+                        });
+                        entry_ino.push(Some(*ino));
+                    }
                 }
             }
         }
@@ -933,41 +946,49 @@ impl Volume {
                     size: size_at(*ino, gb)?,
                     size_before: None,
                 });
+                entry_ino.push(Some(*ino));
             }
         }
-        for ino in touched {
-            let (Some((ba, ra)), Some((bb, rb))) = (
-                meta::inode_at(&inodes, ino, ga)?,
-                meta::inode_at(&inodes, ino, gb)?,
-            ) else {
-                continue; // added or removed: reported by name above
-            };
-            let content_changed = meta::content_at(&contents, ino, ga)?.map(|x| x.0)
-                != meta::content_at(&contents, ino, gb)?.map(|x| x.0);
-            let xattrs_changed = {
-                let na = meta::list_xattrs_at(&xattrs, ino, ga)?;
-                let nb = meta::list_xattrs_at(&xattrs, ino, gb)?;
+        // What differs between inode `ia` at `ga` and `ib` at `gb`, by
+        // value: a rollback writes new versions equal to the old ones, and
+        // comparing when versions were born reported those as modified.
+        let compare = |ia: u64, ra: &InodeRec, ib: u64, rb: &InodeRec| -> store::Result<Differs> {
+            let content_changed = meta::content_at(&contents, ia, ga)?.map(|x| x.1)
+                != meta::content_at(&contents, ib, gb)?.map(|x| x.1);
+            let xattrs = {
+                let na = meta::list_xattrs_at(&xattrs, ia, ga)?;
+                let nb = meta::list_xattrs_at(&xattrs, ib, gb)?;
                 let mut differ = na != nb;
                 for n in &na {
                     if differ {
                         break;
                     }
-                    differ = meta::xattr_at(&xattrs, ino, n, ga)?.map(|x| x.0)
-                        != meta::xattr_at(&xattrs, ino, n, gb)?.map(|x| x.0);
+                    differ = meta::xattr_at(&xattrs, ia, n, ga)?.map(|x| x.1)
+                        != meta::xattr_at(&xattrs, ib, n, gb)?.map(|x| x.1);
                 }
                 differ
             };
-            let attrs_changed = ra.perm != rb.perm || ra.uid != rb.uid || ra.gid != rb.gid;
-            let data_changed = ra.size != rb.size
-                || ra.content != rb.content
-                || content_changed
-                || (ra.kind != Kind::Dir && ra.mtime != rb.mtime);
+            Ok(Differs {
+                attrs: ra.perm != rb.perm || ra.uid != rb.uid || ra.gid != rb.gid,
+                xattrs,
+                bytes: ra.size != rb.size || ra.content != rb.content || content_changed,
+            })
+        };
+        for ino in touched {
+            let (Some((_, ra)), Some((_, rb))) = (
+                meta::inode_at(&inodes, ino, ga)?,
+                meta::inode_at(&inodes, ino, gb)?,
+            ) else {
+                continue; // added or removed: reported by name above
+            };
+            let d = compare(ino, &ra, ino, &rb)?;
             // A directory whose only change is its entries (reported by
-            // name) or its times is not itself modified.
+            // name) or its times is not itself modified; a file's mtime
+            // moving (touch) is.
             let modified = if ra.kind == Kind::Dir {
-                attrs_changed || xattrs_changed
+                d.attrs || d.xattrs
             } else {
-                ba != bb && (attrs_changed || xattrs_changed || data_changed)
+                d.attrs || d.xattrs || d.bytes || ra.mtime != rb.mtime
             };
             if !modified {
                 continue;
@@ -981,6 +1002,50 @@ impl Volume {
                 size_before: Some(ra.size),
             });
         }
+        // A name whose file was replaced by another (an editor or git
+        // writing a new file and renaming it over) is one modification,
+        // or none when the new file equals the old; not a removal and an
+        // addition of the same path.
+        let mut removed_at: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+        let mut added_at: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+        for (i, (e, ino)) in out.iter().zip(&entry_ino).enumerate() {
+            let Some(ino) = ino else { continue };
+            match e.change {
+                "removed" => removed_at.insert(e.path.clone(), (i, *ino)),
+                "added" => added_at.insert(e.path.clone(), (i, *ino)),
+                _ => None,
+            };
+        }
+        let mut drop_entries: BTreeSet<usize> = BTreeSet::new();
+        for (path, (ri, ia)) in &removed_at {
+            let Some((ai, ib)) = added_at.get(path) else {
+                continue;
+            };
+            let (Some((_, ra)), Some((_, rb))) = (
+                meta::inode_at(&inodes, *ia, ga)?,
+                meta::inode_at(&inodes, *ib, gb)?,
+            ) else {
+                continue;
+            };
+            if ra.kind != rb.kind || ra.kind == Kind::Dir {
+                continue;
+            }
+            let d = compare(*ia, &ra, *ib, &rb)?;
+            drop_entries.insert(*ri);
+            if d.attrs || d.xattrs || d.bytes {
+                let e = &mut out[*ai];
+                e.change = "modified";
+                e.size_before = Some(ra.size);
+            } else {
+                drop_entries.insert(*ai);
+            }
+        }
+        let mut out: Vec<DiffEntry> = out
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !drop_entries.contains(i))
+            .map(|(_, e)| e)
+            .collect();
         out.sort_by(|x, y| x.path.cmp(&y.path).then(x.change.cmp(y.change)));
         Ok(out)
     }
@@ -1161,7 +1226,8 @@ impl Volume {
                     let (_, d) =
                         meta::lookup_dirent(&*m.t.dirents.get()?, dir, c)?.ok_or_else(|| {
                             snap_err(format!(
-                                "restore from {snap}: {} does not exist in the live tree",
+                                "restore from {snap}: {} does not exist in the live tree \
+                                 (a --to outside the mount copies out; that needs the store mounted)",
                                 show_path(c)
                             ))
                         })?;
