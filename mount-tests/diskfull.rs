@@ -88,25 +88,27 @@ fn disk_full_is_enospc_and_recovers() {
     t.remount();
 
     // Tight: room for a file's staged bytes but not for ingesting them
-    // with the store's reserve on top. The close succeeds, the data reads
-    // back from staging, and ingest waits for space.
+    // with the store's reserve on top (a 32 MiB pack for gc plus 1 MiB).
+    // The close succeeds, the data reads back from staging, and ingest
+    // waits for space.
+    const LEFT: u64 = (33 + 4) << 20;
     let avail = {
         let s = sys::statvfs(&tpath).unwrap();
         s.f_bavail * s.f_frsize
     };
     {
         let f = fs::File::create(tpath.join("filler")).unwrap();
-        f.set_len(avail.saturating_sub(12 << 20)).unwrap();
+        f.set_len(avail.saturating_sub(LEFT)).unwrap();
         // tmpfs allocates on write: touch every page.
         let page = vec![0x5au8; 1 << 20];
         let mut off = 0;
-        while off + (1 << 20) <= avail.saturating_sub(12 << 20) {
+        while off + (1 << 20) <= avail.saturating_sub(LEFT) {
             f.write_all_at(&page, off).unwrap();
             off += 1 << 20;
         }
     }
     let tight = rng.bytes(3 << 20);
-    write_new(&t.p("tight"), &tight).expect("a 3 MiB file with 12 MiB free");
+    write_new(&t.p("tight"), &tight).expect("a 3 MiB file with 37 MiB free");
     assert_bytes_eq(&read_file(&t.p("tight")), &tight, "tight, staged");
 
     let filled = fill(&tpath.join("filler"));

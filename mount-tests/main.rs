@@ -16,6 +16,7 @@ mod model;
 mod passthrough;
 mod posix;
 mod races;
+mod reclaim;
 mod snap;
 mod snapfault;
 mod snapmodel;

@@ -394,6 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outln!("compression:    {:.3}", s.compression_ratio);
                 outln!("packs:          {}", s.pack_count);
                 outln!("dead fraction:  {:.3}", s.dead_fraction);
+                outln!("waiting for gc: {} ({})", s.dead_bytes, human(s.dead_bytes));
                 outln!("files:          {}", s.files);
                 outln!("objects:        {}", s.objects);
             }

@@ -69,6 +69,10 @@ pub struct Stats {
     pub compression_ratio: f64,
     pub pack_count: u64,
     pub dead_fraction: f64,
+    /// Pack bytes no chunk uses: what gc (run by the daemon in the
+    /// background, or `dedupfs gc`) gives back.
+    #[serde(default)]
+    pub dead_bytes: u64,
     pub commits: u64,
     pub objects: u64,
 }
@@ -351,6 +355,7 @@ impl Repo {
             dedup_ratio: ratio(logical_bytes, c.live_raw_bytes),
             compression_ratio: ratio(c.live_raw_bytes, c.live_stored_bytes),
             pack_count,
+            dead_bytes,
             dead_fraction: if pack_bytes == 0 {
                 0.0
             } else {

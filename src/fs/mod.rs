@@ -294,11 +294,11 @@ impl Drop for Removing<'_> {
 }
 
 impl LinkGate {
-    const SHARDS: u64 = 64;
+    const SHARDS: u64 = 4096;
     /// Long enough for a woken task to run on a busy two-core machine,
     /// short enough that only replies racing a removal of the same shard
     /// ever wait it.
-    const SETTLE: Duration = Duration::from_millis(2);
+    const SETTLE: Duration = Duration::from_millis(10);
 
     fn new() -> LinkGate {
         LinkGate {

@@ -266,6 +266,8 @@ pub struct Volume {
     /// strong reference while it waits (the volume drops, and its store
     /// unlocks, when its owner lets go).
     flush_stop: Arc<(Mutex<bool>, Condvar)>,
+    /// Ingest is waiting for space (logged once until it has room again).
+    ingest_short: AtomicBool,
     /// An ingest failed for want of space; the flusher queues idle staged
     /// files again (nothing else would before the next close or mount).
     retry_ingest: AtomicBool,
@@ -337,6 +339,7 @@ impl Volume {
             durable_upto: AtomicU64::new(0),
             workers: Mutex::new(Vec::new()),
             flush_stop: Arc::new((Mutex::new(false), Condvar::new())),
+            ingest_short: AtomicBool::new(false),
             retry_ingest: AtomicBool::new(false),
             // Orphans a crash left are reaped at start.
             orphan_seq: AtomicU64::new(1),
@@ -363,6 +366,15 @@ impl Volume {
                 .name("meta-flush".into())
                 .spawn(move || flush_loop(v, &stop))
                 .map_err(|e| io_err("starting flusher", e))?;
+            vol.workers.lock().push(h);
+        }
+        if !read_only {
+            let v = Arc::downgrade(&vol);
+            let stop = vol.flush_stop.clone();
+            let h = std::thread::Builder::new()
+                .name("reclaim".into())
+                .spawn(move || reclaim_loop(v, &stop))
+                .map_err(|e| io_err("starting reclaimer", e))?;
             vol.workers.lock().push(h);
         }
         if !read_only {
@@ -589,9 +601,21 @@ impl Volume {
     /// dip into the reserve (so space can be freed from inside), down to
     /// `SPACE_FLOOR`, which only someone else's writes can break through.
     fn check_space(&self, space: Space) -> Result<()> {
+        // Room for gc to compact a whole pack too: deleting files frees
+        // their space only once the packs holding them are rewritten (or
+        // punched), and with the disk full to the old 8 MiB reserve no
+        // pack could be, so deleting freed nothing (as ext4 keeps blocks
+        // back for root, this keeps a pack's worth back for gc).
+        let reserve = SPACE_RESERVE.max(
+            self.repo
+                .store()
+                .config()
+                .pack_target_bytes
+                .saturating_add(SPACE_FLOOR),
+        );
         let want = match space {
-            Space::Grows => SPACE_RESERVE,
-            Space::Data(n) => SPACE_RESERVE.saturating_add(n),
+            Space::Grows => reserve,
+            Space::Data(n) => reserve.saturating_add(n),
             Space::Frees => SPACE_FLOOR,
         };
         // statvfs on every write and create showed in profiles; a reading
@@ -905,7 +929,7 @@ impl Volume {
         if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
             return Err(Error::Errno(libc::EINVAL));
         }
-        self.meta_write(Space::Grows, |m| {
+        self.meta_write(Space::Frees, |m| {
             let now = Timespec::now();
             let (_, src) = meta::lookup_dirent(&*m.t.dirents.get()?, parent, name)?
                 .ok_or(Error::Errno(libc::ENOENT))?;
@@ -2457,31 +2481,66 @@ impl Volume {
         // Files that changed while being chunked, with nobody left to queue
         // them again (a truncate or utimensat without an open writer), go
         // round again here; before, they stayed staged and unsynced.
-        while !todo.is_empty() {
+        let attempt = |inos: &[u64]| {
             // A panic (redb's, on a damaged page) fails this round like
             // an error would, and `pending` still drops: unmount and sync
             // waited on it forever.
-            let r = crate::guard::catch(|| self.try_ingest_group(&todo)).unwrap_or_else(|p| {
+            crate::guard::catch(|| self.try_ingest_group(inos)).unwrap_or_else(|p| {
                 log::error!("ingest: {p}");
                 Err(Error::Errno(libc::EIO))
-            });
-            match r {
-                Ok(again) => todo = again,
-                Err(e) => {
-                    log::error!("ingest of {} files failed: {e}", todo.len());
-                    if e.errno() == libc::ENOSPC {
-                        // The flusher tries again once there is room.
-                        self.retry_ingest.store(true, Ordering::SeqCst);
-                    }
-                    // Leave them staged; a later close or remount retries.
-                    for ino in &todo {
-                        if let Some(st) = self.staged_of(*ino) {
-                            st.lock().queued = false;
+            })
+        };
+        while !todo.is_empty() {
+            let (again, failed, first) = match attempt(&todo) {
+                Ok(again) => (again, Vec::new(), None),
+                Err(e) if e.errno() == libc::ENOSPC && todo.len() > 1 => {
+                    // One file at a time, smallest first. Why: a group
+                    // needs room for all its files' chunks before any
+                    // staging file goes, so a full disk holding many
+                    // staged files never drained, though each alone fit.
+                    let mut by_size: Vec<(u64, u64)> = todo
+                        .iter()
+                        .map(|i| (self.staged_of(*i).map_or(0, |s| s.lock().size), *i))
+                        .collect();
+                    by_size.sort_unstable();
+                    let (mut again, mut failed, mut first) = (Vec::new(), Vec::new(), None);
+                    for (_, ino) in by_size {
+                        match attempt(&[ino]) {
+                            Ok(a) => again.extend(a),
+                            Err(e) => {
+                                failed.push(ino);
+                                first.get_or_insert(e);
+                            }
                         }
                     }
-                    break;
+                    (again, failed, first)
                 }
+                Err(e) => (Vec::new(), std::mem::take(&mut todo), Some(e)),
+            };
+            if let Some(e) = first {
+                if e.errno() == libc::ENOSPC {
+                    // The flusher tries again once there is room; say so
+                    // once, not every round while the disk stays full.
+                    self.retry_ingest.store(true, Ordering::SeqCst);
+                    if !self.ingest_short.swap(true, Ordering::Relaxed) {
+                        log::error!(
+                            "ingest of {} files waits for space: {e}; they stay staged",
+                            failed.len()
+                        );
+                    }
+                } else {
+                    log::error!("ingest of {} files failed: {e}", failed.len());
+                }
+                // Leave them staged; a later close or remount retries.
+                for ino in &failed {
+                    if let Some(st) = self.staged_of(*ino) {
+                        st.lock().queued = false;
+                    }
+                }
+            } else if self.ingest_short.swap(false, Ordering::Relaxed) {
+                log::info!("ingest has room again");
             }
+            todo = again;
         }
         let mut p = self.pending.lock();
         *p = p.saturating_sub(n);
@@ -2757,6 +2816,39 @@ impl Volume {
             list.extend_from_slice(&base.chunks[j..]);
         }
         Ok(NewContent::Chunked(list))
+    }
+
+    /// One bounded round of background gc (see `reclaim_loop`). Returns
+    /// whether it compacted a pack and should go again at once.
+    fn reclaim_round(&self) -> Result<bool> {
+        let dir = self.repo.dir();
+        let s = rustix::fs::statvfs(dir).map_err(|e| io_err("statvfs", e.into()))?;
+        let total = s.f_blocks.saturating_mul(s.f_frsize);
+        let free = s.f_bavail.saturating_mul(s.f_frsize);
+        let pack = self.repo.store().config().pack_target_bytes;
+        let pressed = free < (total / 10).max(4 * pack);
+        let opts = store::maint::GcOptions {
+            threshold: if pressed {
+                RECLAIM_PRESSED_THRESHOLD
+            } else {
+                RECLAIM_THRESHOLD
+            },
+            free_floor: SPACE_FLOOR,
+            max_packs: RECLAIM_PACKS_PER_ROUND,
+        };
+        let r = store::maint::gc_with(self.repo.store(), &opts, &crate::NoProgress)?;
+        if r.packs_compacted > 0 || r.bytes_punched > 0 {
+            log::info!(
+                "reclaimed {} bytes of dead space: {} packs compacted, {} bytes punched{}",
+                r.bytes_before.saturating_sub(r.bytes_after) + r.bytes_punched,
+                r.packs_compacted,
+                r.bytes_punched,
+                if pressed { " (space is short)" } else { "" }
+            );
+            // Free space moved: the next check asks the disk again.
+            *self.free_space.lock() = None;
+        }
+        Ok(r.packs_compacted > 0)
     }
 
     /// Frees inodes whose last link and last handle are gone.
@@ -3271,6 +3363,50 @@ fn flush_loop(vol: std::sync::Weak<Volume>, stop: &(Mutex<bool>, Condvar)) {
         if v.retry_ingest.swap(false, Ordering::SeqCst) {
             v.queue_idle_staged();
         }
+    }
+}
+
+/// Dead fraction past which a pack is compacted in the background.
+const RECLAIM_THRESHOLD: f64 = 0.2;
+/// Under space pressure, any pack with this much dead is worth a round.
+const RECLAIM_PRESSED_THRESHOLD: f64 = 0.02;
+/// Packs compacted per round, so a shutdown never waits long for one.
+const RECLAIM_PACKS_PER_ROUND: usize = 2;
+
+/// Gives the space of deleted data back without a command: compacts packs
+/// whose dead fraction passes `RECLAIM_THRESHOLD`, and under space
+/// pressure (less free than a tenth of the filesystem or four packs) any
+/// pack with dead bytes, most dead first. Rounds are bounded and run on
+/// this thread alone; they share the index's commit lock with ingest only
+/// for their one commit, so requests do not wait on the copying.
+fn reclaim_loop(vol: std::sync::Weak<Volume>, stop: &(Mutex<bool>, Condvar)) {
+    let mut busy = false;
+    loop {
+        {
+            let mut stopped = stop.0.lock();
+            if !*stopped && !busy {
+                stop.1.wait_for(&mut stopped, Duration::from_secs(1));
+            }
+            if *stopped {
+                return;
+            }
+        }
+        let Some(v) = vol.upgrade() else { return };
+        if v.failed.load(Ordering::Relaxed) {
+            busy = false;
+            continue;
+        }
+        busy = match crate::guard::catch(|| v.reclaim_round()) {
+            Ok(Ok(more)) => more,
+            Ok(Err(e)) => {
+                log::error!("reclaiming space failed: {e}");
+                false
+            }
+            Err(p) => {
+                log::error!("reclaiming space: {p}");
+                false
+            }
+        };
     }
 }
 

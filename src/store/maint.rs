@@ -129,34 +129,251 @@ pub struct GcReport {
     pub chunks_dropped: u64,
     pub bytes_before: u64,
     pub bytes_after: u64,
+    /// Packs left for a later round: too little free space to copy their
+    /// live records first (their dead records are punched out instead).
+    #[serde(default)]
+    pub packs_skipped_for_space: u64,
+    /// Bytes of dead records punched out of packs that could not be
+    /// compacted for want of space.
+    #[serde(default)]
+    pub bytes_punched: u64,
 }
 
-/// Compacts every idle pack whose dead fraction is at least `threshold`:
-/// live records (and dead ones a running batch may still claim) are copied
-/// to a new pack, the index is pointed at the copies in one commit, and only
-/// then are the old packs deleted.
+/// Compacts every idle pack whose dead fraction is at least `threshold`
+/// (see [`gc_with`]), leaving `GC_FREE_FLOOR` bytes free.
 pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcReport> {
+    gc_with(
+        store,
+        &GcOptions {
+            threshold,
+            free_floor: GC_FREE_FLOOR,
+            max_packs: usize::MAX,
+        },
+        progress,
+    )
+}
+
+/// What gc leaves free on the store's filesystem: it may dip into the
+/// reserve the filesystem keeps for its own commits, since every round
+/// ends by freeing more than it wrote.
+pub const GC_FREE_FLOOR: u64 = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    /// Packs whose dead fraction is at least this are compacted.
+    pub threshold: f64,
+    /// Free bytes a round must leave on the store's filesystem.
+    pub free_floor: u64,
+    /// Compact at most this many packs (a background round's bound).
+    pub max_packs: usize,
+}
+
+/// Compacts idle packs whose dead fraction is at least `threshold`, one
+/// pack a round, most dead first: a round copies the pack's live records
+/// (and dead ones a running batch may still claim) to the gc writer,
+/// points the index at the copies in one commit, and only then deletes
+/// the old pack.
+///
+/// Why a pack a round: compacting every candidate before deleting any
+/// needed free space for all their live bytes at once, so on a full disk
+/// gc itself failed with ENOSPC and the space never came back. A round
+/// needs room for one pack's live bytes (none for a pack that is all
+/// dead), and a pack without that room is skipped.
+pub fn gc_with(store: &Store, opts: &GcOptions, progress: &dyn Progress) -> Result<GcReport> {
     let _gc = store.gc_lock.lock();
-    // Idle writers' packs are fair game: retire them, so only packs a
-    // running batch is appending to are left alone.
-    let idle: Vec<PackWriter> = store.writers.lock().drain(..).collect();
+    let wanted = |e: &PackEntry| e.dead_bytes > 0 && e.dead_fraction() >= opts.threshold;
+    let packs = all_packs(store)?;
+    // Idle writers' packs are fair game once worth compacting: retire
+    // those, so only packs a running batch is appending to are left
+    // alone. Not the others: a background round each second would seal
+    // every pack being filled and leave many small ones.
+    let due: std::collections::HashSet<PackId> = packs
+        .iter()
+        .filter(|(_, e)| wanted(e))
+        .map(|(id, _)| *id)
+        .collect();
+    if due.is_empty() {
+        return Ok(GcReport::default());
+    }
+    let idle: Vec<PackWriter> = {
+        let mut ws = store.writers.lock();
+        let (retire, keep): (Vec<_>, Vec<_>) = ws.drain(..).partition(|w| due.contains(&w.id));
+        *ws = keep;
+        retire
+    };
     for w in idle {
         store.return_writer(w, false);
     }
     let active = store.active_packs.lock().clone();
-    let candidates: Vec<(PackId, PackEntry)> = all_packs(store)?
+    let open: std::collections::HashSet<PackId> =
+        store.writers.lock().iter().map(|w| w.id).collect();
+    let mut candidates: Vec<(PackId, PackEntry)> = packs
         .into_iter()
-        .filter(|(id, e)| !active.contains(id) && e.dead_fraction() >= threshold)
+        .filter(|(id, e)| !active.contains(id) && !open.contains(id) && wanted(e))
         .collect();
+    candidates.sort_by(|a, b| b.1.dead_fraction().total_cmp(&a.1.dead_fraction()));
+    // A pack already punched at its current dead bytes and without room
+    // to be copied has nothing more to give now: leave it out, so the
+    // bound on a round reaches the others.
+    let free = free_bytes(store.dir())?;
+    {
+        let punched = store.punched_at.lock();
+        candidates.retain(|(id, e)| {
+            punched.get(id) != Some(&e.dead_bytes) || live_bytes(e) + opts.free_floor <= free
+        });
+    }
+    candidates.truncate(opts.max_packs);
     let mut report = GcReport::default();
     if candidates.is_empty() {
         return Ok(report);
     }
     progress.set_len(candidates.iter().map(|(_, e)| e.committed_len).sum());
     let mut writer: Option<PackWriter> = None;
+    let mut result = Ok(());
+    for c in &candidates {
+        let live = live_bytes(&c.1);
+        if live > 0 && free_bytes(store.dir())? < live.saturating_add(opts.free_floor) {
+            // No room to copy it: punch its dead records out instead, which
+            // needs none, and leave the copying for when there is room.
+            report.packs_skipped_for_space += 1;
+            progress.inc(c.1.committed_len);
+            let seen = store.punched_at.lock().get(&c.0).copied();
+            if seen != Some(c.1.dead_bytes) {
+                result = punch_dead(store, c.0, &mut report);
+                store.punched_at.lock().insert(c.0, c.1.dead_bytes);
+                if result.is_err() {
+                    break;
+                }
+            }
+            continue;
+        }
+        result = compact(
+            store,
+            std::slice::from_ref(c),
+            &mut writer,
+            &mut report,
+            progress,
+        );
+        if result.is_err() {
+            break;
+        }
+    }
+    if let Some(w) = writer {
+        store.return_writer(w, true);
+    }
+    result.map(|()| report)
+}
+
+/// Drops the index entries of `pid`'s dead chunks that no running batch
+/// can still claim (as compaction drops them), then punches the whole
+/// blocks of their blobs out of the pack. The pack keeps its length and
+/// record headers, so scans step over the holes; later compaction copies
+/// what lives and removes the pack.
+fn punch_dead(store: &Store, pid: PackId, report: &mut GcReport) -> Result<()> {
+    let path = pack::pack_path(store.dir(), pid);
+    let (_, scan) =
+        pack::scan_pack(&path, true).map_err(|e| Error::io(format!("scanning {pid}"), e))?;
+    let oldest = store.oldest_batch_seq();
+    let mut dead = Vec::new();
+    {
+        let rt = store.db.begin_read()?;
+        for rec in scan.records.iter().filter(|r| r.intact) {
+            let Some(e) = super::lookup_in(&rt, &rec.header.id)? else {
+                continue;
+            };
+            if e.pack == pid
+                && e.offset == rec.offset
+                && !e.is_live()
+                && e.dead_since < oldest
+                && pack::punchable(rec.offset, e.record_len as u64).is_some()
+            {
+                dead.push((rec.header.id, rec.offset, e.record_len as u64));
+            }
+        }
+    }
+    if dead.is_empty() {
+        return Ok(());
+    }
+    // Index first: a crash after it leaves dead bytes, never a chunk the
+    // index names with its body punched out.
+    let mut gone = Vec::with_capacity(dead.len());
+    {
+        let _c = store.commit_lock.lock();
+        let oldest = store.oldest_batch_seq();
+        let tx = store.db.begin_write()?;
+        {
+            let mut chunks = tx.open_table(CHUNKS)?;
+            let mut st = tx.open_table(STATE)?;
+            let mut counters = Counters::load(&st)?;
+            for (id, off, len) in &dead {
+                let Some(v) = chunks.get(&id.0)? else {
+                    continue;
+                };
+                let e = decode_entry(v.value())?;
+                drop(v);
+                // Revived or stored again meanwhile: keep it.
+                if e.pack != pid || e.offset != *off || e.is_live() || e.dead_since >= oldest {
+                    continue;
+                }
+                chunks.remove(&id.0)?;
+                counters.total_chunks -= 1;
+                gone.push((*off, *len));
+            }
+            counters.commits += 1;
+            let seq = st.get("commit_seq")?.map(|v| v.value()).unwrap_or(0) + 1;
+            st.insert("commit_seq", seq)?;
+            counters.save(&mut st)?;
+        }
+        tx.commit()?;
+    }
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {pid} to punch"), e))?;
+    let mode = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+    for (off, len) in gone {
+        let Some((a, b)) = pack::punchable(off, len) else {
+            continue;
+        };
+        match rustix::fs::fallocate(&f, mode, a, b - a) {
+            Ok(()) => {
+                report.bytes_punched += b - a;
+                report.chunks_dropped += 1;
+            }
+            // A filesystem without holes: the bytes stay until compaction.
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => return Ok(()),
+            Err(e) => return Err(Error::io(format!("punching {pid}"), e.into())),
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of a pack's records that something still needs.
+fn live_bytes(e: &PackEntry) -> u64 {
+    e.committed_len
+        .saturating_sub(PACK_HEADER_LEN as u64)
+        .saturating_sub(e.dead_bytes)
+}
+
+/// Free bytes on the filesystem holding `dir`, as an unprivileged writer
+/// sees them.
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    let s = rustix::fs::statvfs(dir).map_err(|e| Error::io("statvfs", e.into()))?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// One gc round over `candidates` (see [`gc_with`]), appending to
+/// `writer`.
+fn compact(
+    store: &Store,
+    candidates: &[(PackId, PackEntry)],
+    writer: &mut Option<PackWriter>,
+    report: &mut GcReport,
+    progress: &dyn Progress,
+) -> Result<()> {
     let mut plans: Vec<CompactionPlan> = Vec::new();
     let oldest = store.oldest_batch_seq();
-    for (pid, pentry) in &candidates {
+    for (pid, pentry) in candidates {
         report.bytes_before += pentry.committed_len;
         let path = pack::pack_path(store.dir(), *pid);
         let (_, scan) =
@@ -179,7 +396,7 @@ pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcRe
             let bytes = pack::read_record(&file, rec.offset, e.record_len)
                 .map_err(|why| Error::io(format!("reading {pid}"), std::io::Error::other(why)))?;
             if writer.is_none() {
-                writer = Some(store.take_writer(None)?);
+                *writer = Some(store.take_writer(None)?);
             }
             if let Some(w) = writer.as_mut() {
                 let off = w
@@ -281,10 +498,9 @@ pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcRe
         counters.save(&mut st)?;
     }
     tx.commit()?;
-    if let Some(mut w) = writer {
+    if let Some(w) = writer.as_mut() {
+        report.bytes_after += w.len - w.committed_len;
         w.committed_len = w.len;
-        report.bytes_after += w.len;
-        store.return_writer(w, true);
     }
     for pid in &removed_packs {
         store.forget_pack_file(*pid);
@@ -297,7 +513,7 @@ pub fn gc(store: &Store, threshold: f64, progress: &dyn Progress) -> Result<GcRe
     if let Ok(d) = fs::File::open(store.dir().join("packs")) {
         let _ = d.sync_all();
     }
-    Ok(report)
+    Ok(())
 }
 
 /// One chunk that did not verify.
@@ -471,6 +687,9 @@ pub struct RebuildReport {
     pub packs_scanned: u64,
     pub chunks_found: u64,
     pub damaged_records: u64,
+    /// Records of dropped chunks whose bodies gc punched out.
+    #[serde(default)]
+    pub punched_records: u64,
     pub duplicate_records: u64,
     /// Referenced chunks no pack holds.
     pub missing: Vec<String>,
@@ -516,6 +735,10 @@ pub fn rebuild_index(
             }
             report.packs_scanned += 1;
             for rec in &scan.records {
+                if rec.punched {
+                    report.punched_records += 1;
+                    continue;
+                }
                 if !rec.intact {
                     report.damaged_records += 1;
                     log::error!(

@@ -249,6 +249,9 @@ pub struct Store {
     batches: Mutex<BTreeMap<u64, u64>>,
     next_batch: AtomicU64,
     gc_lock: Mutex<()>,
+    /// Dead bytes each pack had when gc last punched it (a cache: a pack
+    /// is punched again only once more of it has died).
+    punched_at: Mutex<HashMap<PackId, u64>>,
 }
 
 /// Options for `init`.
@@ -488,6 +491,7 @@ impl Store {
             batches: Mutex::new(BTreeMap::new()),
             next_batch: AtomicU64::new(1),
             gc_lock: Mutex::new(()),
+            punched_at: Mutex::new(HashMap::new()),
         };
         // Both read the whole index: a damaged page panics inside redb.
         let path = dir.join(INDEX_FILE);

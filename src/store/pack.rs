@@ -2,7 +2,10 @@
 //!
 //! Invariant: bytes before a pack's committed length (recorded in the index)
 //! are never rewritten; appends go past it and become visible only when the
-//! index commit that names them lands, after the pack has been synced.
+//! index commit that names them lands, after the pack has been synced. The
+//! one exception: once the index has dropped a dead chunk, gc may punch the
+//! whole blocks of its blob out ([`punchable`]), so a full disk gets space
+//! back without first finding room to copy a pack.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -657,6 +660,19 @@ pub struct ScannedRecord {
     pub raw_len: u32,
     /// The CRC matched and the blob header parsed.
     pub intact: bool,
+    /// Not intact because gc punched its body out (see [`punchable`]):
+    /// the chunk had been dropped from the index, nothing is lost.
+    pub punched: bool,
+}
+
+/// The part of a record at `offset` of `record_len` bytes that gc may
+/// punch out once its chunk is dropped: the whole filesystem blocks of
+/// its blob, never the record header, so a scan still steps over it.
+pub fn punchable(offset: u64, record_len: u64) -> Option<(u64, u64)> {
+    const BLOCK: u64 = 4096;
+    let start = (offset + RECORD_HEADER_LEN as u64).div_ceil(BLOCK) * BLOCK;
+    let end = (offset + record_len) / BLOCK * BLOCK;
+    (end > start).then_some((start, end))
 }
 
 /// What a sequential scan of a pack found.
@@ -701,12 +717,20 @@ pub fn scan_pack(path: &Path, want_records: bool) -> io::Result<(PackId, PackSca
         }
         let parsed = BlobHeader::decode(&blob).ok();
         let intact = parsed.is_some() && rh.crc_matches(&blob);
+        let punched = !intact
+            && punchable(off, rh.record_len()).is_some_and(|(a, b)| {
+                let base = off + RECORD_HEADER_LEN as u64;
+                blob[(a - base) as usize..(b - base) as usize]
+                    .iter()
+                    .all(|x| *x == 0)
+            });
         if want_records || !intact {
             records.push(ScannedRecord {
                 offset: off,
                 header: rh,
                 raw_len: parsed.map(|h| h.raw_len).unwrap_or(0),
                 intact,
+                punched,
             });
         }
         off += rh.record_len();

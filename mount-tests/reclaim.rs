@@ -1,0 +1,213 @@
+//! Space comes back without the user doing anything: on a store filled to
+//! ENOSPC, deleting files makes room for as much new data within a bounded
+//! time, with no command run; removals work on the full disk; a snapshot
+//! holding the deleted files keeps their space until it is deleted.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+const SNAPCTL: &str = env!("CARGO_BIN_EXE_snapctl");
+const FILE: usize = 2 << 20;
+
+/// A tmpfs mounted on a temp dir, unmounted (lazily) on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = sys::umount_lazy(&self.0);
+    }
+}
+
+fn write_new(p: &Path, data: &[u8]) -> Result<(), i32> {
+    let mut f = res(OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p))?;
+    for piece in data.chunks(1 << 20) {
+        res(f.write_all(piece))?;
+    }
+    res(f.sync_all())?;
+    drop(f);
+    Ok(())
+}
+
+/// Writes 2 MiB files of fresh random bytes until the store is full;
+/// returns their names and contents.
+fn fill_store(t: &TestFs, rng: &mut Rng, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for i in 0.. {
+        let name = format!("{prefix}{i:04}");
+        let data = rng.bytes(FILE);
+        match write_new(&t.p(&name), &data) {
+            Ok(()) => files.push((name, data)),
+            Err(e) => {
+                assert_eq!(e, libc::ENOSPC, "filling: errno {e}\n{}", t.log());
+                let _ = fs::remove_file(t.p(&name));
+                break;
+            }
+        }
+    }
+    // Wait until ingest has taken every closed file into packs, so the
+    // staging files are gone and what is full is the packs.
+    std::thread::sleep(Duration::from_secs(3));
+    files
+}
+
+/// Writes `n` new files, retrying ENOSPC until `limit`; returns how long
+/// it took for all of them to fit.
+fn write_when_room(t: &TestFs, rng: &mut Rng, n: usize, limit: Duration) -> Duration {
+    let start = Instant::now();
+    for i in 0..n {
+        let data = rng.bytes(FILE);
+        let p = t.p(format!("new{i:04}"));
+        loop {
+            match write_new(&p, &data) {
+                Ok(()) => break,
+                Err(libc::ENOSPC) if start.elapsed() < limit => {
+                    let _ = fs::remove_file(&p);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!(
+                    "file {i} of {n}: errno {e} after {:?}\n{}",
+                    start.elapsed(),
+                    t.log()
+                ),
+            }
+        }
+        assert_bytes_eq(&read_file(&p), &data, &format!("new{i:04}"));
+    }
+    start.elapsed()
+}
+
+fn with_small_store(size: &str, f: impl FnOnce(&mut TestFs, &Path)) {
+    if !fuse_available() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("dedupfs-reclaim-")
+        .tempdir()
+        .unwrap();
+    let tpath = dir.path().join("t");
+    fs::create_dir(&tpath).unwrap();
+    if let Err(e) = sys::mount_tmpfs(&tpath, size) {
+        eprintln!("skipping: cannot mount a tmpfs (errno {e})");
+        return;
+    }
+    let _tmpfs = Tmpfs(tpath.clone());
+    let mut t = TestFs::at(tpath.join("store"), dir.path().join("mnt"));
+    f(&mut t, &tpath);
+}
+
+#[test]
+fn deleting_files_gives_their_space_back_without_a_command() {
+    with_small_store("300m", |t, _| {
+        let mut rng = Rng::new(seed(51));
+        t.mount();
+        let files = fill_store(t, &mut rng, "f");
+        assert!(
+            files.len() >= 40,
+            "only {} files fit\n{}",
+            files.len(),
+            t.log()
+        );
+        // Removals work on the full disk: a quarter of the files, and a
+        // rename, and an empty directory made before.
+        let mut kept = Vec::new();
+        let mut deleted = 0;
+        for (i, (name, data)) in files.into_iter().enumerate() {
+            if i % 4 == 0 {
+                fs::remove_file(t.p(&name))
+                    .unwrap_or_else(|e| panic!("unlink on a full disk: {e}\n{}", t.log()));
+                deleted += 1;
+            } else {
+                kept.push((name, data));
+            }
+        }
+        let (n0, d0) = kept.remove(0);
+        fs::rename(t.p(&n0), t.p("renamed"))
+            .unwrap_or_else(|e| panic!("rename on a full disk: {e}\n{}", t.log()));
+        kept.push(("renamed".into(), d0));
+        sys::fsync_dir(&t.mnt).unwrap();
+        let took = write_when_room(t, &mut rng, deleted, Duration::from_secs(90));
+        eprintln!("{deleted} deleted files' worth written again after {took:?}");
+        for (name, data) in &kept {
+            assert_bytes_eq(&read_file(&t.p(name)), data, name);
+        }
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}
+
+#[test]
+fn a_snapshot_keeps_deleted_space_until_it_goes() {
+    with_small_store("300m", |t, _| {
+        let mut rng = Rng::new(seed(52));
+        t.mount();
+        let mut files = fill_store(t, &mut rng, "f");
+        // Room for the snapshot's own commit (a full disk may refuse it).
+        for _ in 0..2 {
+            if let Some((name, _)) = files.pop() {
+                fs::remove_file(t.p(name)).unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        let out = Command::new(SNAPCTL)
+            .arg("-m")
+            .arg(&t.mnt)
+            .args(["create", "s1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "snapshot: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            t.log()
+        );
+        let mut deleted = 0;
+        for (i, (name, _)) in files.iter().enumerate() {
+            if i % 4 == 0 {
+                fs::remove_file(t.p(name)).unwrap();
+                deleted += 1;
+            }
+        }
+        // The snapshot holds them: their room does not come back.
+        std::thread::sleep(Duration::from_secs(4));
+        let extra = fill_store(t, &mut rng, "g");
+        assert!(
+            extra.len() * 2 < deleted,
+            "{} files fit after deleting {deleted} a snapshot holds\n{}",
+            extra.len(),
+            t.log()
+        );
+        for (name, _) in &extra {
+            fs::remove_file(t.p(name)).unwrap();
+        }
+        let out = Command::new(SNAPCTL)
+            .arg("-m")
+            .arg(&t.mnt)
+            .args(["delete", "s1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "snapshot delete on a full disk: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            t.log()
+        );
+        let took = write_when_room(t, &mut rng, deleted, Duration::from_secs(90));
+        eprintln!("after the snapshot went, {deleted} files' worth written in {took:?}");
+        for (i, (name, data)) in files.iter().enumerate() {
+            if i % 4 != 0 {
+                assert_bytes_eq(&read_file(&t.p(name)), data, name);
+            }
+        }
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}
