@@ -4,6 +4,7 @@
 //!
 //! Calls `fs::volume` (and through it the layers below). Never `mirror`.
 
+pub mod acl;
 pub mod readahead;
 pub mod staging;
 pub mod volume;
