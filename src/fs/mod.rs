@@ -174,6 +174,32 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// The kernel's `in_group_or_capable`: whether the caller is in group
+/// `gid` (its own or a supplementary group) or holds CAP_FSETID. FUSE
+/// sends only the caller's uid, gid and pid; the supplementary groups and
+/// capabilities come from /proc (FUSE_SETXATTR_EXT would carry the
+/// kernel's own answer, but fuser 0.18 cannot parse that request). A
+/// caller whose /proc entry is gone is judged by its gid, and root as
+/// capable.
+fn in_group_or_capable(req: &Request, gid: u32) -> bool {
+    const CAP_FSETID: u32 = 4;
+    if req.gid() == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return req.uid() == 0;
+    };
+    status.lines().any(|line| {
+        if let Some(groups) = line.strip_prefix("Groups:") {
+            groups.split_whitespace().any(|g| g.parse() == Ok(gid))
+        } else if let Some(caps) = line.strip_prefix("CapEff:") {
+            u64::from_str_radix(caps.trim(), 16).is_ok_and(|c| c & (1 << CAP_FSETID) != 0)
+        } else {
+            false
+        }
+    })
+}
+
 fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -302,6 +328,17 @@ impl Filesystem for DedupFs {
         // round trip fewer, and the file is empty when opened, so its
         // writes can take passthrough (see `Volume::open_file_by`).
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // POSIX ACLs as ext4 has them (docs/design.md, "POSIX ACLs"): the
+        // kernel enforces and caches them and leaves the umask to us
+        // (DONT_MASK), and we keep mode and ACL in step and inherit
+        // default ACLs (`acl`, `Volume::set_acl`, `Volume::make_node`).
+        if config
+            .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+            .is_err()
+        {
+            log::warn!("the kernel offers no POSIX ACLs; ACL xattrs are stored but not enforced");
+            let _ = config.add_capabilities(InitFlags::FUSE_DONT_MASK);
+        }
         if !self.want_passthrough {
             log::info!("passthrough off (mount option); writes go through the daemon");
         } else if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
@@ -409,7 +446,8 @@ impl Filesystem for DedupFs {
             parent.0,
             name.as_bytes(),
             kind,
-            mode & !umask,
+            mode,
+            umask,
             rdev,
             None,
         );
@@ -430,7 +468,8 @@ impl Filesystem for DedupFs {
             parent.0,
             name.as_bytes(),
             Kind::Dir,
-            mode & !umask,
+            mode,
+            umask,
             0,
             None,
         );
@@ -459,6 +498,7 @@ impl Filesystem for DedupFs {
             link_name.as_bytes(),
             Kind::Symlink,
             0o777,
+            0,
             0,
             Some(target.as_os_str().as_bytes()),
         );
@@ -658,7 +698,7 @@ impl Filesystem for DedupFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -668,7 +708,10 @@ impl Filesystem for DedupFs {
     ) {
         reply_empty(
             reply,
-            self.vol.setxattr(ino.0, name.as_bytes(), value, flags),
+            self.vol
+                .setxattr(caller(req), ino.0, name.as_bytes(), value, flags, &|gid| {
+                    in_group_or_capable(req, gid)
+                }),
         );
     }
 
@@ -706,7 +749,8 @@ impl Filesystem for DedupFs {
                 parent.0,
                 name.as_bytes(),
                 Kind::File,
-                mode & !umask,
+                mode,
+                umask,
                 0,
                 None,
             )
