@@ -174,30 +174,47 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
-/// The kernel's `in_group_or_capable`: whether the caller is in group
-/// `gid` (its own or a supplementary group) or holds CAP_FSETID. FUSE
-/// sends only the caller's uid, gid and pid; the supplementary groups and
-/// capabilities come from /proc (FUSE_SETXATTR_EXT would carry the
-/// kernel's own answer, but fuser 0.18 cannot parse that request). A
-/// caller whose /proc entry is gone is judged by its gid, and root as
-/// capable.
-fn in_group_or_capable(req: &Request, gid: u32) -> bool {
-    const CAP_FSETID: u32 = 4;
-    if req.gid() == gid {
-        return true;
-    }
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
-        return req.uid() == 0;
-    };
-    status.lines().any(|line| {
-        if let Some(groups) = line.strip_prefix("Groups:") {
-            groups.split_whitespace().any(|g| g.parse() == Ok(gid))
-        } else if let Some(caps) = line.strip_prefix("CapEff:") {
-            u64::from_str_radix(caps.trim(), 16).is_ok_and(|c| c & (1 << CAP_FSETID) != 0)
-        } else {
-            false
+/// What the kernel's `in_group_or_capable` looks at besides the caller's
+/// gid: its supplementary groups and whether it holds CAP_FSETID. FUSE
+/// sends only uid, gid and pid, so these come from /proc
+/// (FUSE_SETXATTR_EXT would carry the kernel's own answer, but fuser 0.18
+/// cannot parse that request). Read before the volume's transaction, not
+/// inside it. A caller whose /proc entry is gone counts as capable only if
+/// it is root.
+struct Creds {
+    gid: u32,
+    groups: Vec<u32>,
+    cap_fsetid: bool,
+}
+
+impl Creds {
+    fn of(req: &Request) -> Creds {
+        const CAP_FSETID: u32 = 4;
+        let mut c = Creds {
+            gid: req.gid(),
+            groups: Vec::new(),
+            cap_fsetid: req.uid() == 0,
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+            return c;
+        };
+        for line in status.lines() {
+            if let Some(groups) = line.strip_prefix("Groups:") {
+                c.groups = groups
+                    .split_whitespace()
+                    .filter_map(|g| g.parse().ok())
+                    .collect();
+            } else if let Some(caps) = line.strip_prefix("CapEff:") {
+                c.cap_fsetid = u64::from_str_radix(caps.trim(), 16)
+                    .is_ok_and(|caps| caps & (1 << CAP_FSETID) != 0);
+            }
         }
-    })
+        c
+    }
+
+    fn in_group_or_capable(&self, gid: u32) -> bool {
+        self.gid == gid || self.cap_fsetid || self.groups.contains(&gid)
+    }
 }
 
 fn errno(e: &Error) -> Errno {
@@ -706,11 +723,21 @@ impl Filesystem for DedupFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        // Only an access ACL needs them (set-group-id clearing).
+        let creds = if name.as_bytes() == acl::ACCESS {
+            Creds::of(req)
+        } else {
+            Creds {
+                gid: req.gid(),
+                groups: Vec::new(),
+                cap_fsetid: false,
+            }
+        };
         reply_empty(
             reply,
             self.vol
                 .setxattr(caller(req), ino.0, name.as_bytes(), value, flags, &|gid| {
-                    in_group_or_capable(req, gid)
+                    creds.in_group_or_capable(gid)
                 }),
         );
     }
