@@ -3,6 +3,7 @@
 //! and always unmounts (see `harness::TestFs`). They skip when /dev/fuse or
 //! fusermount3 is missing.
 
+mod acl;
 mod big;
 mod cli;
 mod corrupt;

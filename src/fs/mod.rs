@@ -4,6 +4,7 @@
 //!
 //! Calls `fs::volume` (and through it the layers below). Never `mirror`.
 
+pub mod acl;
 pub mod readahead;
 pub mod staging;
 pub mod volume;
@@ -172,6 +173,49 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+    }
+}
+
+/// What the kernel's `in_group_or_capable` looks at besides the caller's
+/// gid: its supplementary groups and whether it holds CAP_FSETID. FUSE
+/// sends only uid, gid and pid, so these come from /proc
+/// (FUSE_SETXATTR_EXT would carry the kernel's own answer, but fuser 0.18
+/// cannot parse that request). Read before the volume's transaction, not
+/// inside it. A caller whose /proc entry is gone counts as capable only if
+/// it is root.
+struct Creds {
+    gid: u32,
+    groups: Vec<u32>,
+    cap_fsetid: bool,
+}
+
+impl Creds {
+    fn of(req: &Request) -> Creds {
+        const CAP_FSETID: u32 = 4;
+        let mut c = Creds {
+            gid: req.gid(),
+            groups: Vec::new(),
+            cap_fsetid: req.uid() == 0,
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+            return c;
+        };
+        for line in status.lines() {
+            if let Some(groups) = line.strip_prefix("Groups:") {
+                c.groups = groups
+                    .split_whitespace()
+                    .filter_map(|g| g.parse().ok())
+                    .collect();
+            } else if let Some(caps) = line.strip_prefix("CapEff:") {
+                c.cap_fsetid = u64::from_str_radix(caps.trim(), 16)
+                    .is_ok_and(|caps| caps & (1 << CAP_FSETID) != 0);
+            }
+        }
+        c
+    }
+
+    fn in_group_or_capable(&self, gid: u32) -> bool {
+        self.gid == gid || self.cap_fsetid || self.groups.contains(&gid)
     }
 }
 
@@ -483,6 +527,17 @@ impl Filesystem for DedupFs {
         // round trip fewer, and the file is empty when opened, so its
         // writes can take passthrough (see `Volume::open_file_by`).
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // POSIX ACLs as ext4 has them (docs/design.md, "POSIX ACLs"): the
+        // kernel enforces and caches them and leaves the umask to us
+        // (DONT_MASK), and we keep mode and ACL in step and inherit
+        // default ACLs (`acl`, `Volume::set_acl`, `Volume::make_node`).
+        if config
+            .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+            .is_err()
+        {
+            log::warn!("the kernel offers no POSIX ACLs; ACL xattrs are stored but not enforced");
+            let _ = config.add_capabilities(InitFlags::FUSE_DONT_MASK);
+        }
         if !self.want_passthrough {
             log::info!("passthrough off (mount option); writes go through the daemon");
         } else if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
@@ -612,7 +667,8 @@ impl Filesystem for DedupFs {
                 parent.0,
                 name.as_bytes(),
                 kind,
-                mode & !umask,
+                mode,
+                umask,
                 rdev,
                 None,
             );
@@ -635,7 +691,8 @@ impl Filesystem for DedupFs {
                 parent.0,
                 name.as_bytes(),
                 Kind::Dir,
-                mode & !umask,
+                mode,
+                umask,
                 0,
                 None,
             );
@@ -676,6 +733,7 @@ impl Filesystem for DedupFs {
                 link_name.as_bytes(),
                 Kind::Symlink,
                 0o777,
+                0,
                 0,
                 Some(target.as_os_str().as_bytes()),
             );
@@ -905,7 +963,7 @@ impl Filesystem for DedupFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -914,9 +972,22 @@ impl Filesystem for DedupFs {
         reply: ReplyEmpty,
     ) {
         self.guarded("setxattr", || {
+            // Only an access ACL needs them (set-group-id clearing).
+            let creds = if name.as_bytes() == acl::ACCESS {
+                Creds::of(req)
+            } else {
+                Creds {
+                    gid: req.gid(),
+                    groups: Vec::new(),
+                    cap_fsetid: false,
+                }
+            };
             reply_empty(
                 reply,
-                self.vol.setxattr(ino.0, name.as_bytes(), value, flags),
+                self.vol
+                    .setxattr(caller(req), ino.0, name.as_bytes(), value, flags, &|gid| {
+                        creds.in_group_or_capable(gid)
+                    }),
             );
         })
     }
@@ -964,7 +1035,8 @@ impl Filesystem for DedupFs {
                     parent.0,
                     name.as_bytes(),
                     Kind::File,
-                    mode & !umask,
+                    mode,
+                    umask,
                     0,
                     None,
                 )

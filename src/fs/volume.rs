@@ -24,6 +24,7 @@ use parking_lot::{Condvar, Mutex};
 use redb::{Durability, ReadableDatabase, ReadableTable};
 
 use super::Error;
+use super::acl;
 use super::staging::{self, ChunkMap, Piece, RangeSet, Sidecar, Staged, StagedView};
 use crate::format::{self, ChunkId, ChunkRef, Content, InodeRec, Kind, LIVE, OwnerId, Timespec};
 use crate::meta::{self, Gens};
@@ -769,6 +770,7 @@ impl Volume {
         name: &[u8],
         kind: Kind,
         mode: u32,
+        umask: u32,
         rdev: u32,
         target: Option<&[u8]>,
     ) -> Result<Attr> {
@@ -782,7 +784,18 @@ impl Volume {
             }
             let ino = meta::alloc_ino(&mut m.state)?;
             let now = Timespec::now();
-            let mut perm = mode & 0o7777;
+            // The kernel leaves the umask to us (FUSE_DONT_MASK): a parent's
+            // default ACL replaces it (`posix_acl_create`).
+            let parent_default = meta::get_xattr(&*m.t.xattrs.get()?, parent, acl::DEFAULT)?;
+            let inherited = acl::inherit(
+                parent_default.as_deref(),
+                mode & 0o7777,
+                umask,
+                kind == Kind::Dir,
+                kind == Kind::Symlink,
+            )
+            .map_err(|e| stored_acl_error(parent, &e))?;
+            let mut perm = inherited.perm;
             let mut gid = who.gid;
             if p.perm & 0o2000 != 0 {
                 // BSD group semantics under a set-group-id directory.
@@ -814,6 +827,12 @@ impl Volume {
                 name: name.to_vec(),
             };
             m.t.write_inode(ino, &rec)?;
+            if let Some(a) = &inherited.access {
+                m.t.set_xattr(ino, acl::ACCESS, a)?;
+            }
+            if let Some(d) = &inherited.default {
+                m.t.set_xattr(ino, acl::DEFAULT, d)?;
+            }
             m.t.write_dirent(parent, name, ino, kind)?;
             if kind == Kind::Dir {
                 p.nlink += 1;
@@ -1059,6 +1078,18 @@ impl Volume {
                 if who.uid != 0 && rec.gid != who.gid && rec.kind != Kind::Dir {
                     rec.perm &= !0o2000;
                 }
+                // `posix_acl_chmod`: the ACL's owner, mask and other
+                // entries follow the new mode.
+                let stored = meta::get_xattr(&*m.t.xattrs.get()?, ino, acl::ACCESS)?;
+                if let Some(old) = stored
+                    && let Ok(Some(mut a)) = acl::Acl::parse(&old)
+                {
+                    a.chmod(rec.perm);
+                    let new = a.to_bytes();
+                    if new != old {
+                        m.t.set_xattr(ino, acl::ACCESS, &new)?;
+                    }
+                }
             }
             if s.uid.is_some() || s.gid.is_some() {
                 let new_uid = s.uid.unwrap_or(rec.uid);
@@ -1101,9 +1132,22 @@ impl Volume {
 
     // ------------------------------------------------------------ xattrs
 
-    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+    /// `in_group_or_capable(gid)` says whether the caller may keep a
+    /// file's set-group-id when it sets an access ACL (see `set_acl`).
+    pub fn setxattr(
+        &self,
+        who: Caller,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+        in_group_or_capable: &dyn Fn(u32) -> bool,
+    ) -> Result<()> {
         refuse_snap(ino)?;
         check_xattr_name(name)?;
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            return self.set_acl(who, ino, name, value, in_group_or_capable);
+        }
         self.meta_write(Space::Grows, |m| {
             let mut rec = m.inode(ino)?;
             let exists = meta::get_xattr(&*m.t.xattrs.get()?, ino, name)?.is_some();
@@ -1120,6 +1164,60 @@ impl Volume {
         })
     }
 
+    /// setxattr of an ACL, as ext4 does it (`ext4_set_acl`). An access ACL
+    /// sets the mode's owner, group (the mask, if any) and other bits; one
+    /// the mode says in full is then dropped, any other is kept. The
+    /// set-group-id bit goes unless the caller is in the file's group or
+    /// holds CAP_FSETID (`posix_acl_update_mode`). The kernel checks the
+    /// value, the owner and the file type before it asks; these checks
+    /// repeat them with ext4's errnos for any other way in.
+    fn set_acl(
+        &self,
+        who: Caller,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        in_group_or_capable: &dyn Fn(u32) -> bool,
+    ) -> Result<()> {
+        let parsed = acl::Acl::parse(value).map_err(|e| Error::Errno(e.errno()))?;
+        self.meta_write(Space::Grows, |m| {
+            let mut rec = m.inode(ino)?;
+            if who.uid != 0 && who.uid != rec.uid {
+                return Err(Error::Errno(libc::EPERM));
+            }
+            if rec.kind == Kind::Symlink {
+                return Err(Error::Errno(libc::EOPNOTSUPP));
+            }
+            match parsed {
+                _ if name == acl::DEFAULT && rec.kind != Kind::Dir => {
+                    return match parsed {
+                        Some(_) => Err(Error::Errno(libc::EACCES)),
+                        None => Ok(()),
+                    };
+                }
+                None => {
+                    m.t.remove_xattr(ino, name)?;
+                }
+                Some(a) if name == acl::DEFAULT => m.t.set_xattr(ino, name, &a.to_bytes())?,
+                Some(a) => {
+                    let (bits, equiv) = a.mode_bits();
+                    rec.perm = (rec.perm & !0o777) | bits;
+                    if !in_group_or_capable(rec.gid) {
+                        rec.perm &= !0o2000;
+                    }
+                    if equiv {
+                        m.t.remove_xattr(ino, name)?;
+                    } else {
+                        m.t.set_xattr(ino, name, &a.to_bytes())?;
+                    }
+                }
+            }
+            rec.ctime = Timespec::now();
+            m.t.write_inode(ino, &rec)?;
+            Ok(())
+        })
+    }
+
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         if is_snap_ino(ino) {
             check_xattr_name(name)?;
@@ -1128,31 +1226,40 @@ impl Volume {
         check_xattr_name(name)?;
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
-        meta::get_xattr(&t, ino, name)?.ok_or(Error::Errno(libc::ENODATA))
+        let stored = meta::get_xattr(&t, ino, name)?;
+        if name == acl::ACCESS && stored.is_some() {
+            let inodes = rt.open_table(meta::INODES).map_err(store::Error::from)?;
+            let (_, rec) = meta::live_inode(&inodes, ino)?.ok_or(Error::Errno(libc::ENOENT))?;
+            return xattr_view(ino, name, stored, rec.perm);
+        }
+        stored.ok_or(Error::Errno(libc::ENODATA))
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
         if is_snap_ino(ino) {
             return self.snap_listxattr(ino);
         }
-        self.read_inode(ino)?;
+        let perm = self.read_inode(ino)?.perm;
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
-        let mut out = Vec::new();
-        for n in meta::list_xattrs(&t, ino)? {
-            out.extend_from_slice(&n);
-            out.push(0);
-        }
-        Ok(out)
+        let names = meta::list_xattrs(&t, ino)?;
+        list_view(ino, names, perm, |n| meta::get_xattr(&t, ino, n))
     }
 
+    /// Removing an ACL leaves the mode as it is; removing one there is not
+    /// succeeds, as on ext4.
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
         refuse_snap(ino)?;
         check_xattr_name(name)?;
+        let is_acl = name == acl::ACCESS || name == acl::DEFAULT;
         self.meta_write(Space::Frees, |m| {
             let mut rec = m.inode(ino)?;
             if !m.t.remove_xattr(ino, name)? {
-                return Err(Error::Errno(libc::ENODATA));
+                return if is_acl {
+                    Ok(())
+                } else {
+                    Err(Error::Errno(libc::ENODATA))
+                };
             }
             rec.ctime = Timespec::now();
             m.t.write_inode(ino, &rec)?;
@@ -3234,6 +3341,57 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
         return Err(Error::Errno(libc::EOPNOTSUPP));
     }
     Ok(())
+}
+
+/// getxattr's answer for `name` of `ino`, stored as `stored`, the inode's
+/// mode being `perm`: an access ACL is shown under the mode (see
+/// `acl::access_view`), and one the mode says in full is not there.
+pub(crate) fn xattr_view(
+    ino: u64,
+    name: &[u8],
+    stored: Option<Vec<u8>>,
+    perm: u32,
+) -> Result<Vec<u8>> {
+    let v = stored.ok_or(Error::Errno(libc::ENODATA))?;
+    if name != acl::ACCESS {
+        return Ok(v);
+    }
+    match acl::access_view(&v, perm) {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(Error::Errno(libc::ENODATA)),
+        Err(e) => Err(stored_acl_error(ino, &e)),
+    }
+}
+
+/// listxattr's answer: the names, each NUL-terminated, without an access
+/// ACL that getxattr would not show (`xattr_view`).
+pub(crate) fn list_view(
+    ino: u64,
+    names: Vec<Vec<u8>>,
+    perm: u32,
+    get: impl Fn(&[u8]) -> std::result::Result<Option<Vec<u8>>, store::Error>,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for n in names {
+        if n == acl::ACCESS {
+            match xattr_view(ino, &n, get(&n)?, perm) {
+                Err(e) if e.errno() == libc::ENODATA => continue,
+                r => {
+                    r?;
+                }
+            }
+        }
+        out.extend_from_slice(&n);
+        out.push(0);
+    }
+    Ok(out)
+}
+
+/// A stored ACL that does not parse: only a damaged store holds one (every
+/// ACL is checked before it is stored), so EIO, and a log line.
+fn stored_acl_error(ino: u64, e: &acl::AclError) -> Error {
+    log::error!("inode {ino}: stored ACL is unreadable: {e}");
+    Error::Errno(libc::EIO)
 }
 
 /// The tables of one meta write transaction.

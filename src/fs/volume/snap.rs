@@ -588,9 +588,13 @@ impl Volume {
         let sgen = self.snap_gen(sid)?;
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
-        meta::xattr_at(&t, inner, name, sgen)?
-            .map(|(_, v)| v)
-            .ok_or(Error::Errno(libc::ENODATA))
+        let stored = meta::xattr_at(&t, inner, name, sgen)?.map(|(_, v)| v);
+        if name == acl::ACCESS && stored.is_some() {
+            // Shown under the snapshot's own mode, as the live tree's are.
+            let (_, _, _, rec) = self.snap_inode(ino)?;
+            return xattr_view(ino, name, stored, rec.perm);
+        }
+        stored.ok_or(Error::Errno(libc::ENODATA))
     }
 
     pub(super) fn snap_listxattr(&self, ino: u64) -> Result<Vec<u8>> {
@@ -601,12 +605,14 @@ impl Volume {
         let sgen = self.snap_gen(sid)?;
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
-        let mut out = Vec::new();
-        for n in meta::list_xattrs_at(&t, inner, sgen)? {
-            out.extend_from_slice(&n);
-            out.push(0);
+        let names = meta::list_xattrs_at(&t, inner, sgen)?;
+        if names.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let (_, _, _, rec) = self.snap_inode(ino)?;
+        list_view(ino, names, rec.perm, |n| {
+            Ok(meta::xattr_at(&t, inner, n, sgen)?.map(|(_, v)| v))
+        })
     }
 
     // ------------------------------------------------------------ create
