@@ -177,3 +177,35 @@ fn link_while_rewritten_through_passthrough() {
 fn link_while_rewritten_through_the_daemon() {
     link_while_rewritten(&["nopassthrough"]);
 }
+
+/// renameat2(RENAME_WHITEOUT), as overlayfs asks of its upper directory:
+/// the source name becomes a 0/0 character device, as on ext4.
+#[test]
+fn rename_whiteout_leaves_a_whiteout() {
+    use std::os::unix::fs::FileTypeExt;
+    with_fs(|t| {
+        t.mount();
+        write_file(&t.p("a"), b"moved");
+        sys::renameat2(&t.p("a"), &t.p("b"), libc::RENAME_WHITEOUT)
+            .unwrap_or_else(|e| panic!("RENAME_WHITEOUT: errno {e}"));
+        let check = |t: &TestFs, when: &str| {
+            assert_eq!(read_file(&t.p("b")), b"moved", "{when}");
+            let m = fs::symlink_metadata(t.p("a")).unwrap();
+            assert!(m.file_type().is_char_device(), "{when}: {m:?}");
+            assert_eq!(m.rdev(), 0, "{when}");
+        };
+        check(t, "live");
+        assert_eq!(
+            sys::renameat2(
+                &t.p("b"),
+                &t.p("c"),
+                libc::RENAME_WHITEOUT | libc::RENAME_EXCHANGE
+            ),
+            Err(libc::EINVAL)
+        );
+        t.remount();
+        check(t, "after a remount");
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}

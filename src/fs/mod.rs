@@ -743,7 +743,7 @@ impl Filesystem for DedupFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -762,6 +762,7 @@ impl Filesystem for DedupFs {
             reply_empty(
                 reply,
                 self.vol.rename(
+                    caller(req),
                     parent.0,
                     name.as_bytes(),
                     newparent.0,

@@ -930,6 +930,7 @@ impl Volume {
 
     pub fn rename(
         &self,
+        who: Caller,
         parent: u64,
         name: &[u8],
         newparent: u64,
@@ -943,9 +944,14 @@ impl Volume {
         }
         refuse_snap_name(parent, name, libc::EROFS)?;
         refuse_snap_name(newparent, newname, libc::EROFS)?;
-        const NOREPLACE: u32 = 1;
-        const EXCHANGE: u32 = 2;
-        if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
+        const NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+        const EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+        // Leaves a whiteout (a 0/0 character device) where the source was,
+        // as overlayfs asks of its upper filesystem; ext4 supports it.
+        const WHITEOUT: u32 = libc::RENAME_WHITEOUT;
+        if flags & !(NOREPLACE | EXCHANGE | WHITEOUT) != 0
+            || flags & EXCHANGE != 0 && flags & (NOREPLACE | WHITEOUT) != 0
+        {
             return Err(Error::Errno(libc::EINVAL));
         }
         self.meta_write(Space::Frees, |m| {
@@ -1010,6 +1016,29 @@ impl Volume {
                 r.parent = newparent;
                 r.name = newname.to_vec();
                 m.t.write_inode(src.ino, &r)?;
+                if flags & WHITEOUT != 0 {
+                    let ino = meta::alloc_ino(&mut m.state)?;
+                    let w = InodeRec {
+                        died: LIVE,
+                        kind: Kind::CharDev,
+                        perm: 0,
+                        uid: who.uid,
+                        gid: who.gid,
+                        nlink: 1,
+                        rdev: 0,
+                        size: 0,
+                        atime: now,
+                        mtime: now,
+                        ctime: now,
+                        btime: now,
+                        content: Content::Empty,
+                        holes: 0,
+                        parent,
+                        name: name.to_vec(),
+                    };
+                    m.t.write_inode(ino, &w)?;
+                    m.t.write_dirent(parent, name, ino, Kind::CharDev)?;
+                }
             }
             for p in [parent, newparent] {
                 let mut r = m.inode(p)?;
