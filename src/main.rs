@@ -761,13 +761,17 @@ fn mount(
         .append(true)
         .open(store.join("dedupfs.log"))
         .ok();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Pipe(Box::new(Tee {
-            file: log_file,
-            stderr: !daemon,
-        })))
-        .try_init()
-        .ok();
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .target(env_logger::Target::Pipe(Box::new(Tee {
+                file: log_file,
+                stderr: !daemon,
+            })))
+            .build();
+    let level = logger.filter();
+    if log::set_boxed_logger(Box::new(DaemonLog(logger))).is_ok() {
+        log::set_max_level(level);
+    }
     let mut config = Config::default();
     let mut read_only = false;
     let mut show_snapdir = false;
@@ -1011,6 +1015,34 @@ fn fuse_connection_of(mnt: &Path) -> Option<u32> {
         }
         dev.split_once(':')?.1.parse().ok()
     })
+}
+
+/// The daemon's logger: env_logger, less one message of fuser's that is
+/// not an error. fuser logs every failed reply at error level; ENOENT from
+/// /dev/fuse means the kernel had already given the request up (the caller
+/// was interrupted by a signal, as fsstress does), so nothing was lost.
+/// Those go to debug; any other failed reply stays an error.
+struct DaemonLog(env_logger::Logger);
+
+impl log::Log for DaemonLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        self.0.enabled(m)
+    }
+
+    fn log(&self, r: &log::Record) {
+        if r.level() == log::Level::Error
+            && r.target().starts_with("fuser::reply")
+            && r.args().to_string().ends_with("(os error 2)")
+        {
+            log::debug!("reply to an interrupted request dropped: {}", r.args());
+            return;
+        }
+        self.0.log(r)
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
 }
 
 /// `mount -t fuse.dedupfs STORE MNT -o OPTS` runs `dedupfs STORE MNT -o OPTS`:
