@@ -396,3 +396,66 @@ fn layout_replayed_after_its_commit_keeps_the_bytes() {
         t.assert_fsck_clean();
     });
 }
+
+/// A layout made against another chunk list than the one committed would
+/// replay its clean ranges from the wrong chunks. fsck must report it; a
+/// mount must keep the committed file and set the staged bytes aside.
+#[test]
+fn layout_made_against_another_list_is_reported_and_not_replayed() {
+    with_fs(|t| {
+        use std::os::unix::fs::MetadataExt;
+        let mut rng = Rng::new(seed(8));
+        let first = rng.bytes(300_000);
+        let second = rng.bytes(500_000);
+        t.mount();
+        let f = t.p("f");
+        fs::write(&f, &first).unwrap();
+        t.remount();
+        let ino = fs::metadata(&f).unwrap().ino();
+        let staging = t.store.join("staging");
+        let saved = tempfile::tempdir().unwrap();
+        let names = [ino.to_string(), format!("{ino}.side")];
+        {
+            let h = OpenOptions::new().write(true).open(&f).unwrap();
+            h.write_all_at(&rng.bytes(5000), 1000).unwrap();
+            h.sync_all().unwrap();
+            for n in &names {
+                fs::copy(staging.join(n), saved.path().join(n))
+                    .unwrap_or_else(|e| panic!("staging/{n}: {e}\n{}", t.log()));
+            }
+        }
+        // The file is then rewritten whole and committed: another list.
+        t.remount();
+        fs::write(&f, &second).unwrap();
+        t.umount();
+        for n in &names {
+            fs::copy(saved.path().join(n), staging.join(n)).unwrap();
+        }
+        let (clean, report) = t.fsck();
+        assert!(!clean, "fsck missed a layout it cannot replay: {report}");
+        assert!(
+            report.contains(&format!("staged inode {ino}")),
+            "fsck does not name the inode: {report}"
+        );
+        t.mount();
+        assert_bytes_eq(
+            &fs::read(&f).unwrap(),
+            &second,
+            "f keeps its committed content",
+        );
+        assert!(
+            t.log()
+                .contains(&format!("staged writes of inode {ino} not replayed")),
+            "{}",
+            t.log()
+        );
+        t.umount();
+        let aside: Vec<_> = fs::read_dir(staging.join("lost+found"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(aside.len(), 2, "the staged bytes and their layout are kept");
+        let (clean, report) = t.fsck();
+        assert!(!clean && report.contains("lost+found"), "{report}");
+    });
+}

@@ -416,9 +416,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
-            let r: dedupfs::repo::FsckReport = match Repo::open(&store)
-                .and_then(|repo| repo.fsck(&Bar::new("checking")))
-            {
+            let r: dedupfs::repo::FsckReport = match Repo::open(&store).and_then(|repo| {
+                let mut r = repo.fsck(&Bar::new("checking"))?;
+                // What a crash left staged must replay to what it recorded.
+                r.staging = dedupfs::fs::staging::check_layouts(&store, repo.meta())?;
+                r.clean &= r.staging.is_empty();
+                Ok(r)
+            }) {
                 Ok(r) => r,
                 Err(dedupfs::store::Error::Locked(_)) if !repair => via_daemon(&store, "fsck")?,
                 // Damage found is fsck's finding, not a failure to run.
@@ -466,6 +470,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 for p in &r.store.problems {
                     outln!("problem: {p}");
+                }
+                for p in &r.staging {
+                    outln!("{p}");
                 }
                 for o in &r.damaged_objects {
                     outln!("damaged object: {o}");

@@ -84,6 +84,10 @@ pub struct FsckReport {
     pub objects_checked: u64,
     /// Objects that refer to a chunk the store lacks or cannot read.
     pub damaged_objects: Vec<String>,
+    /// Staged writes a crash left that a mount could not replay as
+    /// recorded (filled in by the CLI from `fs::staging::check_layouts`).
+    #[serde(default)]
+    pub staging: Vec<String>,
     pub clean: bool,
 }
 
@@ -437,6 +441,7 @@ impl Repo {
             store: report,
             objects_checked: objects,
             damaged_objects,
+            staging: Vec::new(),
             clean,
         })
     }

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::format::{ChunkRef, Timespec};
+use crate::format::{ChunkRef, Content, InodeRec, Timespec};
 
 /// A file's chunk list with the offset where each chunk starts.
 #[derive(Debug, Default)]
@@ -35,6 +35,35 @@ pub struct ChunkMap {
     pub starts: Vec<u64>,
     /// The list's holes, adjacent hole entries merged, in order.
     holes: Vec<(u64, u64)>,
+    /// See [`ChunkMap::mark`]; computed on first use.
+    mark: std::sync::OnceLock<BaseMark>,
+}
+
+/// Names the chunk list a staged layout was made against, so a replay (and
+/// fsck) can tell whether the committed list is still that one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseMark {
+    pub chunks: u64,
+    pub len: u64,
+    /// CRC-32 of the entries (id and length of each), in order.
+    pub crc: u32,
+}
+
+impl BaseMark {
+    pub fn of(chunks: &[ChunkRef]) -> BaseMark {
+        let mut h = crc32fast::Hasher::new();
+        let mut len = 0u64;
+        for c in chunks {
+            h.update(&c.id.0);
+            h.update(&c.len.to_le_bytes());
+            len += c.len as u64;
+        }
+        BaseMark {
+            chunks: chunks.len() as u64,
+            len,
+            crc: h.finalize(),
+        }
+    }
 }
 
 impl ChunkMap {
@@ -58,7 +87,13 @@ impl ChunkMap {
             chunks,
             starts,
             holes,
+            mark: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The mark of this list (see [`BaseMark`]).
+    pub fn mark(&self) -> BaseMark {
+        *self.mark.get_or_init(|| BaseMark::of(&self.chunks))
     }
 
     /// How many bytes below `end` are holes.
@@ -223,6 +258,10 @@ pub struct Sidecar {
     pub base_limit: u64,
     pub dirty: Vec<(u64, u64)>,
     pub mtime: (i64, u32),
+    /// The chunk list the layout's clean ranges read from (absent in
+    /// layouts written before 2026-12-04).
+    #[serde(default)]
+    pub base: Option<BaseMark>,
 }
 
 /// A file with uncommitted writes.
@@ -262,6 +301,118 @@ pub struct Staged {
 /// Marks a staging file that holds its whole file: after a crash it is
 /// replayed as it stands (its length the size, its mtime the mtime).
 pub const WHOLE_XATTR: &str = "user.dedupfs.whole";
+
+/// Where recovery sets aside staged bytes it cannot replay (under
+/// `STORE/staging`).
+pub const LOST_DIR: &str = "lost+found";
+
+/// Why a layout cannot be replayed against the committed record `rec`
+/// (whose list's mark `mark` gives), or None when it can.
+///
+/// A layout made against another list than the committed one reads its
+/// clean ranges from the wrong chunks. One case is harmless: a kill
+/// between an ingest commit and the removal of its staging file leaves
+/// the layout of the very state that commit holds (same size and mtime),
+/// and replaying it gives those bytes again.
+pub fn layout_mismatch<E>(
+    side: &Sidecar,
+    rec: &InodeRec,
+    mark: impl FnOnce() -> Result<BaseMark, E>,
+) -> Result<Option<String>, E> {
+    let Some(want) = side.base else {
+        return Ok(None);
+    };
+    if rec.size == side.size && (rec.mtime.secs, rec.mtime.nanos) == side.mtime {
+        return Ok(None);
+    }
+    let have = mark()?;
+    if have == want {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "its layout was made against a list of {} chunks ({} bytes), the committed \
+         one has {} chunks ({} bytes)",
+        want.chunks, want.len, have.chunks, have.len
+    )))
+}
+
+/// fsck's look at `STORE/staging` of an unmounted store: each layout a
+/// mount would replay must fit the committed record it replays against,
+/// and its dirty ranges must lie in its staging file. Returns one line
+/// per problem; staged bytes set aside by an earlier recovery count too.
+pub fn check_layouts(
+    dir: &std::path::Path,
+    db: &redb::Database,
+) -> crate::store::Result<Vec<String>> {
+    use redb::ReadableDatabase;
+    let staging = dir.join("staging");
+    let mut problems = Vec::new();
+    let Ok(rd) = std::fs::read_dir(&staging) else {
+        return Ok(problems);
+    };
+    let rt = db.begin_read()?;
+    let inodes = rt.open_table(crate::meta::INODES)?;
+    let contents = rt.open_table(crate::meta::CONTENTS)?;
+    let mut names: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let Some(ino) = name
+            .strip_suffix(".side")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let Some(side) = std::fs::read(staging.join(&name))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Sidecar>(&b).ok())
+        else {
+            problems.push(format!("staging/{name}: unreadable layout"));
+            continue;
+        };
+        // No live inode: recovery discards it, as the file is gone.
+        let Some((_, rec)) = crate::meta::live_inode(&inodes, ino)? else {
+            continue;
+        };
+        let why = layout_mismatch(&side, &rec, || {
+            Ok::<_, crate::store::Error>(match rec.content {
+                Content::Chunked => BaseMark::of(
+                    &crate::meta::live_content(&contents, ino)?
+                        .map(|(_, l)| l)
+                        .unwrap_or_default(),
+                ),
+                _ => BaseMark::of(&[]),
+            })
+        })?;
+        if let Some(why) = why {
+            problems.push(format!(
+                "staged inode {ino}: {why}; a mount will set it aside rather than replay it"
+            ));
+        }
+        let len = std::fs::metadata(staging.join(ino.to_string()))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if let Some(&(_, end)) = side.dirty.iter().max_by_key(|r| r.1)
+            && end > len
+        {
+            problems.push(format!(
+                "staged inode {ino}: its layout has written bytes up to {end}, its staging \
+                 file holds {len}"
+            ));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(staging.join(LOST_DIR)) {
+        for e in rd.flatten() {
+            problems.push(format!(
+                "staging/{LOST_DIR}/{}: staged bytes a recovery could not replay",
+                e.file_name().to_string_lossy()
+            ));
+        }
+    }
+    Ok(problems)
+}
 
 /// Whether a staging file carries [`WHOLE_XATTR`].
 pub fn is_marked_whole(f: &File) -> bool {
@@ -555,6 +706,7 @@ impl Staged {
             base_limit: self.base_limit,
             dirty: self.dirty.ranges().collect(),
             mtime: (self.mtime.secs, self.mtime.nanos),
+            base: Some(self.base.mark()),
         }
     }
 

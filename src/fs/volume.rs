@@ -2526,6 +2526,7 @@ impl Volume {
                     std::os::unix::fs::MetadataExt::mtime(&m),
                     std::os::unix::fs::MetadataExt::mtime_nsec(&m) as u32,
                 ),
+                base: None,
             };
             match serde_json::to_vec(&side) {
                 Ok(b) => {
@@ -2554,6 +2555,32 @@ impl Volume {
                 let _ = fs::remove_file(&data_path);
                 continue;
             };
+            if let Some(why) = staging::layout_mismatch(&side, &rec, || {
+                Ok::<_, Error>(match rec.content {
+                    Content::Chunked => self.chunk_map(ino)?.mark(),
+                    _ => staging::BaseMark::of(&[]),
+                })
+            })? {
+                // Replayed, its clean ranges would read another list's
+                // bytes: keep the committed file, and the staged bytes
+                // aside for a person (fsck lists them).
+                let aside = self.staging_dir.join(staging::LOST_DIR);
+                let stamp = Timespec::now().secs;
+                let moved = fs::create_dir_all(&aside)
+                    .and_then(|_| fs::rename(&data_path, aside.join(format!("{ino}.{stamp}"))))
+                    .and_then(|_| {
+                        fs::rename(&side_path, aside.join(format!("{ino}.{stamp}.side")))
+                    });
+                log::error!(
+                    "staged writes of inode {ino} not replayed: {why}; the file keeps its \
+                     committed content{}",
+                    match moved {
+                        Ok(()) => format!(", the staged bytes are in {}", aside.display()),
+                        Err(e) => format!(" (setting the staged bytes aside failed: {e})"),
+                    }
+                );
+                continue;
+            }
             let mut dirty = RangeSet::default();
             for (a, b) in side.dirty {
                 dirty.insert(a, b);
