@@ -32,75 +32,102 @@ const ROUNDS: usize = 20;
 #[test]
 fn kill_9_loses_nothing_fsynced() {
     with_fs(|t| {
-        let seed = seed(5);
-        let mut rng = Rng::new(seed);
-        let mut expect: Expect = BTreeMap::new();
-        let mut history: History = BTreeMap::new();
-        t.mount();
-        // The writer works in a directory that exists only inside the
-        // mount: once the dead mount is detached, its paths fail instead
-        // of landing in the bare mountpoint below (where an fsync would
-        // "succeed" and the check would then blame the filesystem).
-        fs::create_dir(t.p("w")).unwrap();
-        sys::fsync_dir(&t.mnt).expect("fsync of the mount's root");
-        for round in 0..ROUNDS {
-            let (tx, rx) = mpsc::channel();
-            let stop = Arc::new(AtomicBool::new(false));
-            let known: Vec<(String, Vec<u8>)> = expect
-                .iter()
-                .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
-                .collect();
-            let writer = {
-                let (mnt, stop) = (t.p("w"), stop.clone());
-                let wseed = rng.next();
-                std::thread::spawn(move || writer(mnt, round, wseed, known, tx, stop))
-            };
-            // Let it run for a random while, sometimes long enough for
-            // closes to reach ingest.
-            let ms = match rng.below(3) {
-                0 => rng.below(30),
-                1 => rng.below(300),
-                _ => 300 + rng.below(1200),
-            };
-            std::thread::sleep(Duration::from_millis(ms));
-            t.crash();
-            stop.store(true, Ordering::Relaxed);
-            let ops = writer.join().expect("writer thread");
-            for ev in rx.try_iter() {
-                match ev {
-                    Event::Touch(n) => {
-                        expect.remove(&n);
-                    }
-                    Event::Synced(n, c) => {
-                        history.entry(n.clone()).or_default().push(c.clone());
-                        expect.insert(n, Some(c));
-                    }
-                    Event::Gone(n) => {
-                        expect.insert(n, None);
-                    }
+        crash_rounds(
+            t,
+            seed(5),
+            ROUNDS,
+            [30, 300, 1200],
+            5,
+            |dir, round, s, known, tx, stop| {
+                format!("{} writer ops", writer(dir, round, s, known, tx, stop))
+            },
+        );
+    });
+}
+
+/// A writer for [`crash_rounds`]: it works in `dir` until `stop` (or the
+/// mount dies), reports in order what it changed and what became durable,
+/// and returns a summary for the log.
+pub(crate) type Writer =
+    fn(PathBuf, usize, u64, Vec<(String, Vec<u8>)>, mpsc::Sender<Event>, Arc<AtomicBool>) -> String;
+
+/// `rounds` rounds of: `writer` runs in `w/` for a random while (under
+/// `waits[0]` ms, under `waits[1]`, or `waits[1]` plus under `waits[2]`,
+/// a third of the rounds each, sometimes long enough for closes to reach
+/// ingest), the daemon is killed with -9, the store is mounted again and
+/// every file whose last change was fsynced must read back exactly; every
+/// `fsck_every` rounds a clean remount, fsck, and the same check again.
+pub(crate) fn crash_rounds(
+    t: &mut TestFs,
+    seed: u64,
+    rounds: usize,
+    waits: [u64; 3],
+    fsck_every: usize,
+    writer: Writer,
+) {
+    let mut rng = Rng::new(seed);
+    let mut expect: Expect = BTreeMap::new();
+    let mut history: History = BTreeMap::new();
+    t.mount();
+    // The writer works in a directory that exists only inside the
+    // mount: once the dead mount is detached, its paths fail instead
+    // of landing in the bare mountpoint below (where an fsync would
+    // "succeed" and the check would then blame the filesystem).
+    fs::create_dir(t.p("w")).unwrap();
+    sys::fsync_dir(&t.mnt).expect("fsync of the mount's root");
+    for round in 0..rounds {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let known: Vec<(String, Vec<u8>)> = expect
+            .iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
+            .collect();
+        let handle = {
+            let (mnt, stop) = (t.p("w"), stop.clone());
+            let wseed = rng.next();
+            std::thread::spawn(move || writer(mnt, round, wseed, known, tx, stop))
+        };
+        let ms = match rng.below(3) {
+            0 => rng.below(waits[0]),
+            1 => rng.below(waits[1]),
+            _ => waits[1] + rng.below(waits[2]),
+        };
+        std::thread::sleep(Duration::from_millis(ms));
+        t.crash();
+        stop.store(true, Ordering::Relaxed);
+        let did = handle.join().expect("writer thread");
+        for ev in rx.try_iter() {
+            match ev {
+                Event::Touch(n) => {
+                    expect.remove(&n);
+                }
+                Event::Synced(n, c) => {
+                    history.entry(n.clone()).or_default().push(c.clone());
+                    expect.insert(n, Some(c));
+                }
+                Event::Gone(n) => {
+                    expect.insert(n, None);
                 }
             }
-            t.mount();
-            let durable = expect.values().filter(|v| v.is_some()).count();
-            eprintln!(
-                "round {round}: killed after {ms} ms, {ops} writer ops, {durable} durable files"
-            );
-            verify(t, &expect, &history, &format!("seed {seed} round {round}"));
-            if round % 5 == 4 {
-                t.umount();
-                t.assert_fsck_clean();
-                t.mount();
-                verify(
-                    t,
-                    &expect,
-                    &history,
-                    &format!("seed {seed} round {round}, clean remount"),
-                );
-            }
         }
-        t.umount();
-        t.assert_fsck_clean();
-    });
+        t.mount();
+        let durable = expect.values().filter(|v| v.is_some()).count();
+        eprintln!("round {round}: killed after {ms} ms, {did}, {durable} durable files");
+        verify(t, &expect, &history, &format!("seed {seed} round {round}"));
+        if round % fsck_every == fsck_every - 1 {
+            t.umount();
+            t.assert_fsck_clean();
+            t.mount();
+            verify(
+                t,
+                &expect,
+                &history,
+                &format!("seed {seed} round {round}, clean remount"),
+            );
+        }
+    }
+    t.umount();
+    t.assert_fsck_clean();
 }
 
 /// Every content a name was ever synced with, oldest first.

@@ -11,9 +11,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Duration;
 
-use crate::crash::{Event, Expect, History, verify};
+use crate::crash::{Event, crash_rounds};
 use crate::harness::*;
 
 /// copy_file_range of `len` bytes, looping over short copies as `cp` does.
@@ -100,62 +99,17 @@ const ROUNDS: usize = 24;
 #[test]
 fn kill_9_loses_nothing_fsynced_whatever_wrote_it() {
     with_fs(|t| {
-        let seed = seed(22);
-        let mut rng = Rng::new(seed);
-        let mut expect: Expect = Default::default();
-        let mut history: History = Default::default();
-        t.mount();
-        fs::create_dir(t.p("w")).unwrap();
-        sys::fsync_dir(&t.mnt).expect("fsync of the mount's root");
-        for round in 0..ROUNDS {
-            let (tx, rx) = mpsc::channel();
-            let stop = Arc::new(AtomicBool::new(false));
-            let known: Vec<(String, Vec<u8>)> = expect
-                .iter()
-                .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
-                .collect();
-            let writer = {
-                let (dir, stop) = (t.p("w"), stop.clone());
-                let wseed = rng.next();
-                std::thread::spawn(move || writer(dir, round, wseed, known, tx, stop))
-            };
-            let ms = match rng.below(3) {
-                0 => rng.below(50),
-                1 => rng.below(400),
-                _ => 400 + rng.below(2500),
-            };
-            std::thread::sleep(Duration::from_millis(ms));
-            t.crash();
-            stop.store(true, Ordering::Relaxed);
-            let (ops, kinds) = writer.join().expect("writer thread");
-            for ev in rx.try_iter() {
-                match ev {
-                    Event::Touch(n) => {
-                        expect.remove(&n);
-                    }
-                    Event::Synced(n, c) => {
-                        history.entry(n.clone()).or_default().push(c.clone());
-                        expect.insert(n, Some(c));
-                    }
-                    Event::Gone(n) => {
-                        expect.insert(n, None);
-                    }
-                }
-            }
-            t.mount();
-            eprintln!(
-                "round {round}: killed after {ms} ms, {ops} writer ops ({kinds:?}), {} durable files",
-                expect.values().filter(|v| v.is_some()).count()
-            );
-            verify(t, &expect, &history, &format!("seed {seed} round {round}"));
-            if round % 6 == 5 {
-                t.umount();
-                t.assert_fsck_clean();
-                t.mount();
-            }
-        }
-        t.umount();
-        t.assert_fsck_clean();
+        crash_rounds(
+            t,
+            seed(22),
+            ROUNDS,
+            [50, 400, 2500],
+            6,
+            |dir, round, s, known, tx, stop| {
+                let (ops, kinds) = writer(dir, round, s, known, tx, stop);
+                format!("{ops} writer ops ({kinds:?})")
+            },
+        );
     });
 }
 

@@ -5,36 +5,9 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::harness::*;
-
-/// A tmpfs mounted on a temp dir, unmounted (lazily) on drop.
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = sys::umount_lazy(&self.path);
-    }
-}
-
-/// Writes `data` as a new file and fsyncs it: the first errno on the way.
-fn write_new(p: &Path, data: &[u8]) -> Result<(), i32> {
-    let mut f = res(OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(p))?;
-    for piece in data.chunks(1 << 20) {
-        res(f.write_all(piece))?;
-    }
-    res(f.sync_all())?;
-    // close(2) reports errors too; std ignores them, so flush explicitly.
-    drop(f);
-    Ok(())
-}
 
 /// Appends to `p` until its filesystem is full.
 fn fill(p: &Path) -> u64 {
@@ -73,9 +46,7 @@ fn disk_full_is_enospc_and_recovers() {
         eprintln!("skipping: cannot mount a tmpfs (errno {e})");
         return;
     }
-    let _tmpfs = Tmpfs {
-        path: tpath.clone(),
-    };
+    let _tmpfs = Tmpfs(tpath.clone());
     // Dropped before the tmpfs guard (reverse order of declaration).
     let mut t = TestFs::at(tpath.join("store"), dir.path().join("mnt"));
     let mut rng = Rng::new(seed(7));

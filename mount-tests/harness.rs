@@ -862,6 +862,34 @@ pub fn reference_dir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// A tmpfs mounted on a temp dir (`sys::mount_tmpfs`), unmounted (lazily)
+/// on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = sys::umount_lazy(&self.0);
+    }
+}
+
+/// Writes `data` as a new file in 1 MiB writes and fsyncs it: the first
+/// errno on the way (close(2) reports errors too; std ignores them, so
+/// the sync stands in for it).
+pub fn write_new(p: &Path, data: &[u8]) -> Result<(), i32> {
+    use std::io::Write;
+    let mut f = res(fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p))?;
+    for piece in data.chunks(1 << 20) {
+        res(f.write_all(piece))?;
+    }
+    res(f.sync_all())?;
+    drop(f);
+    Ok(())
+}
+
 pub fn write_file(p: &Path, data: &[u8]) {
     fs::write(p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
 }

@@ -3,8 +3,7 @@
 //! time, with no command run; removals work on the full disk; a snapshot
 //! holding the deleted files keeps their space until it is deleted.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,29 +12,6 @@ use crate::harness::*;
 
 const SNAPCTL: &str = env!("CARGO_BIN_EXE_snapctl");
 const FILE: usize = 2 << 20;
-
-/// A tmpfs mounted on a temp dir, unmounted (lazily) on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = sys::umount_lazy(&self.0);
-    }
-}
-
-fn write_new(p: &Path, data: &[u8]) -> Result<(), i32> {
-    let mut f = res(OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(p))?;
-    for piece in data.chunks(1 << 20) {
-        res(f.write_all(piece))?;
-    }
-    res(f.sync_all())?;
-    drop(f);
-    Ok(())
-}
 
 /// Writes 2 MiB files of fresh random bytes until the store is full;
 /// returns their names and contents.
