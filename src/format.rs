@@ -977,6 +977,38 @@ pub struct InodeRec {
 }
 
 impl InodeRec {
+    /// A live inode made at `now` under (`parent`, `name`): no content,
+    /// one link (two for a directory), every time `now`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_live(
+        kind: Kind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        now: Timespec,
+        parent: u64,
+        name: &[u8],
+    ) -> InodeRec {
+        InodeRec {
+            died: LIVE,
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            rdev: 0,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            content: Content::Empty,
+            holes: 0,
+            parent,
+            name: name.to_vec(),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(96);
         v.push(INODE_REC_VERSION);

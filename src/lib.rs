@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chunker;
+pub mod cli;
 pub mod ctl;
 pub mod format;
 pub mod fs;

@@ -13,39 +13,13 @@ use dedupfs::repo::Repo;
 use dedupfs::store::InitOptions;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// `println!` that ends the process quietly when stdout is a closed pipe
-/// (`dedupfs object ls | head`), where `println!` panics.
+/// `println!` that ends the process quietly on a closed pipe (see
+/// `dedupfs::cli`).
 macro_rules! outln {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
-            output_failed(&e)
-        }
-    }};
+    ($($arg:tt)*) => { dedupfs::outln!("dedupfs"; $($arg)*) };
 }
 
-/// Stdout is gone: a closed pipe ends the command quietly (what a
-/// reader that stopped reading wants); anything else is an error.
-fn output_failed(e: &std::io::Error) -> ! {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        std::process::exit(0);
-    }
-    eprintln!("dedupfs: writing output: {e}");
-    std::process::exit(2);
-}
-
-/// Whether an error is a write to a closed pipe.
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        let kind = match c.downcast_ref::<std::io::Error>() {
-            Some(io) => Some(io.kind()),
-            None => c
-                .downcast_ref::<serde_json::Error>()
-                .and_then(|j| j.io_error_kind()),
-        };
-        kind == Some(std::io::ErrorKind::BrokenPipe)
-    })
-}
+use dedupfs::cli::is_broken_pipe;
 
 #[derive(Parser)]
 #[command(

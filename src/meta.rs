@@ -685,24 +685,8 @@ pub fn ensure_fs(db: &Database, uid: u32, gid: u32) -> Result<()> {
         let mut inodes = tx.open_table(INODES)?;
         if live_inode(&inodes, ROOT_INO)?.is_none() {
             let now = format::Timespec::now();
-            let root = format::InodeRec {
-                died: format::LIVE,
-                kind: format::Kind::Dir,
-                perm: 0o755,
-                uid,
-                gid,
-                nlink: 2,
-                rdev: 0,
-                size: 0,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                btime: now,
-                content: format::Content::Empty,
-                holes: 0,
-                parent: ROOT_INO,
-                name: Vec::new(),
-            };
+            let root =
+                format::InodeRec::new_live(format::Kind::Dir, 0o755, uid, gid, now, ROOT_INO, b"");
             inodes.insert((ROOT_INO, 1), root.encode().as_slice())?;
         }
     }

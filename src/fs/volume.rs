@@ -808,24 +808,10 @@ impl Volume {
                 Some(t) => (t.len() as u64, Content::Inline(t.to_vec())),
                 None => (0, Content::Empty),
             };
-            let rec = InodeRec {
-                died: LIVE,
-                kind,
-                perm,
-                uid: who.uid,
-                gid,
-                nlink: if kind == Kind::Dir { 2 } else { 1 },
-                rdev,
-                size,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                btime: now,
-                content,
-                holes: 0,
-                parent,
-                name: name.to_vec(),
-            };
+            let mut rec = InodeRec::new_live(kind, perm, who.uid, gid, now, parent, name);
+            rec.rdev = rdev;
+            rec.size = size;
+            rec.content = content;
             m.t.write_inode(ino, &rec)?;
             if let Some(a) = &inherited.access {
                 m.t.set_xattr(ino, acl::ACCESS, a)?;
@@ -1018,24 +1004,8 @@ impl Volume {
                 m.t.write_inode(src.ino, &r)?;
                 if flags & WHITEOUT != 0 {
                     let ino = meta::alloc_ino(&mut m.state)?;
-                    let w = InodeRec {
-                        died: LIVE,
-                        kind: Kind::CharDev,
-                        perm: 0,
-                        uid: who.uid,
-                        gid: who.gid,
-                        nlink: 1,
-                        rdev: 0,
-                        size: 0,
-                        atime: now,
-                        mtime: now,
-                        ctime: now,
-                        btime: now,
-                        content: Content::Empty,
-                        holes: 0,
-                        parent,
-                        name: name.to_vec(),
-                    };
+                    let w =
+                        InodeRec::new_live(Kind::CharDev, 0, who.uid, who.gid, now, parent, name);
                     m.t.write_inode(ino, &w)?;
                     m.t.write_dirent(parent, name, ino, Kind::CharDev)?;
                 }
