@@ -85,7 +85,10 @@ fn deleting_files_gives_their_space_back_without_a_command() {
     with_small_store("300m", |t, _| {
         let mut rng = Rng::new(seed(51));
         t.mount();
+        fs::create_dir(t.p("empty")).unwrap();
         let files = fill_store(t, &mut rng, "f");
+        fs::remove_dir(t.p("empty"))
+            .unwrap_or_else(|e| panic!("rmdir on a full disk: {e}\n{}", t.log()));
         assert!(
             files.len() >= 40,
             "only {} files fit\n{}",
