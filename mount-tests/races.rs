@@ -209,3 +209,58 @@ fn rename_whiteout_leaves_a_whiteout() {
         t.assert_fsck_clean();
     });
 }
+
+/// A copy shares its source's chunks before its record holds them; the
+/// source deleted meanwhile must not let background gc drop them (the
+/// copy holds a pin until its ingest or fsync commits the list).
+#[test]
+fn a_copy_keeps_its_chunks_when_the_source_goes_first() {
+    use std::os::unix::io::AsRawFd;
+    with_fs(|t| {
+        let mut rng = Rng::new(seed(33));
+        let data = rng.bytes(3 << 20);
+        t.mount();
+        write_file(&t.p("a"), &data);
+        t.remount();
+        let src = fs::File::open(t.p("a")).unwrap();
+        let dst = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(t.p("b"))
+            .unwrap();
+        let (mut i, mut o) = (0i64, 0i64);
+        while (i as usize) < data.len() {
+            // SAFETY: copy_file_range between descriptors we own.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut i,
+                    dst.as_raw_fd(),
+                    &mut o,
+                    data.len() - i as usize,
+                    0,
+                )
+            };
+            assert!(
+                n > 0,
+                "copy_file_range: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        drop(src);
+        fs::remove_file(t.p("a")).unwrap();
+        // The source's pack is now all dead: the reclaimer (every second)
+        // would compact or punch it.
+        std::thread::sleep(Duration::from_secs(4));
+        let mut got = vec![0u8; data.len()];
+        dst.read_exact_at(&mut got, 0)
+            .unwrap_or_else(|e| panic!("reading the copy: {e}\n{}", t.log()));
+        assert_bytes_eq(&got, &data, "the copy, source gone, still open");
+        drop(dst);
+        t.remount();
+        assert_bytes_eq(&read_file(&t.p("b")), &data, "the copy after a remount");
+        t.umount();
+        t.assert_fsck_clean();
+    });
+}

@@ -267,6 +267,12 @@ pub struct Sidecar {
 /// A file with uncommitted writes.
 pub struct Staged {
     pub ino: u64,
+    /// Set while `base` is another file's chunk list that this file's
+    /// record does not hold yet (a whole-file copy_file_range): keeps gc
+    /// from dropping those chunks, and says a layout written now could
+    /// not be replayed (the record's list is not `base`). fsync commits
+    /// the shared list first; ingest commits it with the file.
+    pub share_pin: Option<crate::store::Pin>,
     pub file: Arc<File>,
     pub path: PathBuf,
     /// Where clean ranges read from.

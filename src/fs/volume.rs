@@ -439,8 +439,16 @@ impl Volume {
         // had failed was dropped at the next mount.
         self.queue_idle_staged();
         self.wait_ingest_idle();
-        let left: Vec<_> = self.staged.lock().values().cloned().collect();
-        for st in left {
+        let left: Vec<_> = self
+            .staged
+            .lock()
+            .iter()
+            .map(|(i, st)| (*i, st.clone()))
+            .collect();
+        for (ino, st) in left {
+            if let Err(e) = self.commit_share(ino, &st) {
+                log::error!("inode {ino}: committing a shared copy at shutdown: {e}");
+            }
             let mut s = st.lock();
             s.sync_file_mtime();
             if let Err(e) = s
@@ -1807,6 +1815,7 @@ impl Volume {
         };
         let st = Arc::new(Mutex::new(Staged {
             ino,
+            share_pin: None,
             file,
             path,
             base: Arc::new(ChunkMap::default()),
@@ -1899,6 +1908,7 @@ impl Volume {
             let marked = staging::is_marked_whole(&file);
             return Ok(Staged {
                 ino,
+                share_pin: None,
                 file,
                 path,
                 base: Arc::new(ChunkMap::default()),
@@ -1937,6 +1947,7 @@ impl Volume {
         };
         Ok(Staged {
             ino,
+            share_pin: None,
             file: Arc::new(file),
             path,
             base_limit: base.len(),
@@ -2198,6 +2209,7 @@ impl Volume {
     /// does all metadata committed so far.
     pub fn fsync(&self, ino: u64) -> Result<()> {
         if let Some(st) = self.staged_of(ino) {
+            self.commit_share(ino, &st)?;
             let mut s = st.lock();
             refresh(&mut s);
             // An entry ingest has just committed is durable already; a
@@ -2365,7 +2377,7 @@ impl Volume {
                 } else {
                     self.chunk_map(ino_in)?
                 };
-                return self.share_chunks(ino_out, &mut st, base);
+                return self.share_chunks(&mut st, base);
             }
         }
         let mut n = len.min(src_size.saturating_sub(off_in)).min(16 << 20);
@@ -2390,64 +2402,59 @@ impl Volume {
         Ok(done)
     }
 
-    /// Makes an empty staged file a copy of `base` by sharing its chunks,
-    /// and commits that at once (with `content_lock` held), so the file's
-    /// record holds the list the staged layout is built on.
-    ///
-    /// Why commit now: a staged file's layout (and its sidecar) says which
-    /// bytes come from its base, and a replay after a crash takes the base
-    /// from the committed record. A base set only in memory replayed
-    /// against the empty record of a new file: `cp` inside the mount, then
-    /// fsync and kill -9, gave a file of zeros. Holding the references from
-    /// the copy on also keeps the chunks alive if the source goes first.
-    fn share_chunks(&self, ino: u64, st: &mut Staged, base: Arc<ChunkMap>) -> Result<u64> {
+    /// Makes an empty staged file a copy of `base` by sharing its chunks
+    /// (metadata only), with a pin that keeps gc from dropping them until
+    /// the file's record holds them: its ingest, or an fsync first
+    /// (`commit_share`).
+    fn share_chunks(&self, st: &mut Staged, base: Arc<ChunkMap>) -> Result<u64> {
         self.check_writable()?;
-        self.check_space(Space::Grows)?;
-        let new = NewContent::Chunked(base.chunks.clone());
-        let saved = (
-            st.base.clone(),
-            st.base_limit,
-            st.size,
-            st.dirty.clone(),
-            st.mtime,
-            st.ctime,
-        );
+        let pin = self.repo.store().pin()?;
         st.base = base;
         st.base_limit = st.base.len();
         st.size = st.base.len();
         st.dirty = RangeSet::default();
+        st.share_pin = Some(pin);
         st.touch();
-        let view = st.view();
-        let committed = (|| {
-            let mut batch = self.repo.store().batch()?;
-            let live = self.queue_content_refs(&mut batch, &[(ino, &new)])?;
-            if !live.first().copied().unwrap_or(false) {
-                return Err(Error::Errno(libc::ENOENT));
-            }
-            self.commit_with_meta(batch, |tx, g| {
-                let mut t = meta::Versioned::open(tx, g)?;
-                commit_content(&mut t, ino, &view, &new)
-            })
-        })();
-        if let Err(e) = committed {
-            (
-                st.base,
-                st.base_limit,
-                st.size,
-                st.dirty,
-                st.mtime,
-                st.ctime,
-            ) = saved;
-            return Err(e);
-        }
-        self.maps.lock().pop(&ino);
-        // A layout written before the copy describes the file it replaced.
-        if sidecar_path(&st.path).exists()
-            && let Err(e) = write_sidecar(st, false)
-        {
-            log::error!("inode {ino}: rewriting the staged layout after a copy: {e}");
-        }
         Ok(st.size)
+    }
+
+    /// Commits the chunk list a copy shared into `ino` (see
+    /// `share_chunks`) as the file's record, so its staged layout, built
+    /// on that list, can be replayed after a crash. Takes `content_lock`,
+    /// then the entry's lock (the lock order); nothing to do without a
+    /// pending share.
+    ///
+    /// Why: a replay takes the base from the committed record. With the
+    /// shared list only in memory, `cp` inside the mount, fsync and kill -9
+    /// gave a file of zeros (the new file's record was empty).
+    fn commit_share(&self, ino: u64, st: &Arc<Mutex<Staged>>) -> Result<()> {
+        if st.lock().share_pin.is_none() {
+            return Ok(());
+        }
+        let _c = self.content_lock.lock();
+        let mut s = st.lock();
+        if s.share_pin.is_none() || !self.is_current(ino, st) {
+            return Ok(());
+        }
+        self.check_space(Space::Grows)?;
+        let new = NewContent::Chunked(s.base.chunks.clone());
+        // The record gets the shared list as it is; writes and truncates
+        // since stay in the layout, on top of it.
+        let mut view = s.view();
+        view.size = s.base.len();
+        let mut batch = self.repo.store().batch()?;
+        let live = self.queue_content_refs(&mut batch, &[(ino, &new)])?;
+        if !live.first().copied().unwrap_or(false) {
+            return Err(Error::Errno(libc::ENOENT));
+        }
+        self.commit_with_meta(batch, |tx, g| {
+            let mut t = meta::Versioned::open(tx, g)?;
+            commit_content(&mut t, ino, &view, &new)
+        })?;
+        s.base_limit = s.base_limit.min(s.base.len());
+        s.share_pin = None;
+        self.maps.lock().pop(&ino);
+        Ok(())
     }
 
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
@@ -2579,6 +2586,7 @@ impl Volume {
             );
             let st = Arc::new(Mutex::new(Staged {
                 ino,
+                share_pin: None,
                 file: Arc::new(file),
                 path: data_path,
                 base_limit: base_limit.min(base.len()),
@@ -3290,6 +3298,12 @@ fn sidecar_path(p: &std::path::Path) -> PathBuf {
 }
 
 fn write_sidecar(s: &Staged, sync: bool) -> io::Result<()> {
+    if s.share_pin.is_some() {
+        // Built on a list the record does not hold: a replay would read
+        // the wrong base. Callers that need it durable commit the share
+        // first (`commit_share`); until then a crash keeps the old file.
+        return Ok(());
+    }
     if s.whole && s.marked {
         // The staging file describes itself; fsync makes its bytes, length
         // and tag durable, and the directory entry naming it.

@@ -246,7 +246,7 @@ pub struct Store {
     /// each). Lock order: commit_lock before any other lock here.
     commit_lock: Mutex<()>,
     /// Running batches by id, with the commit sequence each started at.
-    batches: Mutex<BTreeMap<u64, u64>>,
+    batches: Arc<Mutex<BTreeMap<u64, u64>>>,
     next_batch: AtomicU64,
     gc_lock: Mutex<()>,
     /// Dead bytes each pack had when gc last punched it (a cache: a pack
@@ -488,7 +488,7 @@ impl Store {
             windows: window::Windows::default(),
             direct_ok: AtomicBool::new(true),
             commit_lock: Mutex::new(()),
-            batches: Mutex::new(BTreeMap::new()),
+            batches: Arc::new(Mutex::new(BTreeMap::new())),
             next_batch: AtomicU64::new(1),
             gc_lock: Mutex::new(()),
             punched_at: Mutex::new(HashMap::new()),
@@ -737,6 +737,20 @@ impl Store {
             encoder: pack::BlobEncoder::new(self.config.compression, self.config.zstd_level),
             read: None,
             lookups: 0,
+        })
+    }
+
+    /// Keeps gc from dropping any chunk that dies from now on, as a
+    /// running batch does, until the pin is dropped. Whoever holds chunks
+    /// it has not yet taken references to (a copy sharing another file's
+    /// list until it commits) holds one.
+    pub fn pin(&self) -> Result<Pin> {
+        let start_seq = self.commit_seq()?;
+        let id = self.next_batch.fetch_add(1, Ordering::SeqCst);
+        self.batches.lock().insert(id, start_seq);
+        Ok(Pin {
+            batches: self.batches.clone(),
+            id,
         })
     }
 
@@ -1330,6 +1344,24 @@ impl Drop for Batch<'_> {
         if let Some(w) = self.writer.take() {
             self.store.return_writer(w, clean);
         }
+    }
+}
+
+/// See [`Store::pin`].
+pub struct Pin {
+    batches: Arc<Mutex<BTreeMap<u64, u64>>>,
+    id: u64,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.batches.lock().remove(&self.id);
+    }
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pin({})", self.id)
     }
 }
 
