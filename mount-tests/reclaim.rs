@@ -193,3 +193,34 @@ fn a_snapshot_keeps_deleted_space_until_it_goes() {
         t.assert_fsck_clean();
     });
 }
+
+/// The same file written twice at once (two `cp` of one tree running
+/// together): each copy is bigger than an ingest group, so the daemon's
+/// two workers take one each and chunk them at the same time. Each
+/// worker's batch used to store its own copy of every chunk, the second
+/// commit keeping its copy as dead weight: a store that only received
+/// copies was half dead (issue 12; item 4 of issue 13). Now a chunk in
+/// flight is stored once.
+#[test]
+fn the_same_bytes_written_twice_at_once_are_stored_once() {
+    with_fs(|t| {
+        t.mount();
+        let mut rng = Rng::new(seed(31));
+        // Over INGEST_GROUP_BYTES (128 MiB): a group holds one copy.
+        let data = rng.bytes(136 << 20);
+        std::thread::scope(|s| {
+            for name in ["a", "b"] {
+                let (t, data) = (&*t, &data);
+                s.spawn(move || write_file(&t.p(name), data));
+            }
+        });
+        t.umount();
+        let s = t.stats();
+        let dead = s["dead_fraction"].as_f64().expect("dead_fraction");
+        assert!(dead < 0.01, "dead fraction {dead} after copies only: {s}");
+        t.mount();
+        for name in ["a", "b"] {
+            assert_bytes_eq(&read_file(&t.p(name)), &data, name);
+        }
+    });
+}

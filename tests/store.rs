@@ -944,27 +944,88 @@ fn objects_read_back_while_their_packs_grow() {
 }
 
 /// Why a store that only ever received copies showed a dead fraction
-/// (issue 12): two batches running at once that meet the same chunk both
-/// append it, and the one that commits second keeps its copy as dead
-/// weight (`commit_inner`, "Another batch stored it first"). The daemon's
-/// two ingest workers do this whenever files sharing chunks are ingested
-/// together. gc reclaims the space; not storing it twice needs batches to
-/// know what the others have in flight.
+/// (issues 12 and 13): two batches running at once that met the same chunk
+/// both appended it, and the one that committed second kept its copy as
+/// dead weight (`commit_inner`, "Another batch stored it first"). The
+/// daemon's two ingest workers did this whenever files sharing chunks were
+/// ingested together. Now a chunk in flight is claimed, and a second batch
+/// borrows it and waits for its commit (`Batch::settle`).
+///
+/// The threads interleave: each ingests the same data in a different
+/// order of parts, so each borrows from the other, and both must settle
+/// without waiting for each other forever.
 #[test]
-#[ignore = "known: concurrent batches store a shared chunk twice (issue 12)"]
 fn concurrent_batches_do_not_store_a_shared_chunk_twice() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("s");
     let repo = small_chunk_repo(&dir);
-    let data = random_bytes(1 << 20, 9);
-    let mut b1 = repo.store().batch().unwrap();
-    let mut b2 = repo.store().batch().unwrap();
-    let r1 = b1.ingest(&data[..]).unwrap();
-    let r2 = b2.ingest(&data[..]).unwrap();
-    b1.add_refs(OwnerId::LOCAL, r1.iter().map(|c| c.id));
-    b2.add_refs(OwnerId::LOCAL, r2.iter().map(|c| c.id));
-    b1.commit(|_| Ok(())).unwrap();
-    b2.commit(|_| Ok(())).unwrap();
-    let s = repo.stats().unwrap();
-    assert_eq!(s.dead_fraction, 0.0, "{s:?}");
+    let parts: Vec<Vec<u8>> = (0..8).map(|i| random_bytes(256 << 10, 40 + i)).collect();
+    for round in 0..4 {
+        let go = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            for worker in 0..2usize {
+                let (repo, parts, go) = (&repo, &parts, &go);
+                s.spawn(move || {
+                    let mut b = repo.store().batch().unwrap();
+                    go.wait();
+                    for k in 0..parts.len() {
+                        // One forwards, one backwards: they meet halfway.
+                        let i = if worker == 0 { k } else { parts.len() - 1 - k };
+                        let refs = b.ingest(&parts[i][..]).unwrap();
+                        b.add_refs(OwnerId::LOCAL, refs.iter().map(|c| c.id));
+                    }
+                    b.commit(|_| Ok(())).unwrap();
+                });
+            }
+        });
+        let s = repo.stats().unwrap();
+        assert_eq!(s.dead_fraction, 0.0, "round {round}: {s:?}");
+    }
+    // Every chunk either thread referenced is in the index and reads back.
+    for p in &parts {
+        let mut b = repo.store().batch().unwrap();
+        for c in b.ingest(&p[..]).unwrap() {
+            let e = repo.store().lookup(&c.id).unwrap().expect("indexed");
+            assert!(e.is_live());
+            assert_eq!(
+                repo.store().read_chunk(&c.id).unwrap().len(),
+                c.len as usize
+            );
+        }
+        assert!(b.is_empty(), "nothing left to store");
+    }
+}
+
+/// A batch that borrowed a chunk from another that then failed (dropped
+/// without committing) must fail its own commit, not name a chunk the
+/// index never got; the next try stores it.
+#[test]
+fn a_batch_whose_lender_gives_up_fails_cleanly_and_the_retry_stores_it() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    let repo = small_chunk_repo(&dir);
+    let data = random_bytes(64 << 10, 77);
+    let (claimed_tx, claimed_rx) = std::sync::mpsc::channel();
+    let (borrowed_tx, borrowed_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let (repo, data) = (&repo, &data);
+        s.spawn(move || {
+            let mut b = repo.store().batch().unwrap();
+            b.ingest(&data[..]).unwrap();
+            claimed_tx.send(()).unwrap();
+            borrowed_rx.recv().unwrap();
+            drop(b); // gives its claims up uncommitted
+        });
+        claimed_rx.recv().unwrap();
+        let mut b = repo.store().batch().unwrap();
+        let refs = b.ingest(&data[..]).unwrap();
+        b.add_refs(OwnerId::LOCAL, refs.iter().map(|c| c.id));
+        borrowed_tx.send(()).unwrap();
+        let err = b.commit(|_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("try again"), "{err}");
+    });
+    repo.put_object(OwnerId::LOCAL, "again", &data[..]).unwrap();
+    assert_eq!(get(&repo, "again").unwrap(), data);
+    let report = repo.fsck(&NoProgress).unwrap();
+    assert!(report.clean, "{report:?}");
 }

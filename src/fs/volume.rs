@@ -2754,6 +2754,9 @@ impl Volume {
         if built.is_empty() {
             return Ok(Vec::new());
         }
+        // Before content_lock: a batch whose chunks we share may need it to
+        // commit them.
+        batch.settle()?;
         let _c = self.content_lock.lock();
         built.sort_by_key(|b| b.0);
         let mut guards: Vec<_> = built.iter().map(|b| b.1.lock()).collect();

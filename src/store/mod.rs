@@ -25,9 +25,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
@@ -57,6 +59,10 @@ const FLUSH_EVERY_CHUNKS: usize = 32768;
 /// deltas (64 KB each), so neither a value nor the redb page holding it
 /// grows with the size of a commit.
 const UNDO_SEGMENT_DELTAS: usize = 2000;
+/// How long a batch waits for the batches whose chunks it shares to commit
+/// them before it gives up with [`Error::Contended`]. Far longer than any
+/// commit; reached only if the batch it waits for is stuck.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// redb's page cache for index.redb. Small on purpose: lookups of new chunks
 /// are answered by the negative cache, so a bigger cache only grows memory
 /// with the store (4 GiB of unique data filled 16 MiB and cost 1.6x the
@@ -95,6 +101,8 @@ pub enum Error {
     Db(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("{0}; try again")]
+    Contended(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -252,6 +260,58 @@ pub struct Store {
     /// Dead bytes each pack had when gc last punched it (a cache: a pack
     /// is punched again only once more of it has died).
     punched_at: Mutex<HashMap<PackId, u64>>,
+    /// Chunks written by a running batch and not yet in the index, each
+    /// with the batch storing it: another batch meeting the same chunk
+    /// shares that copy instead of writing its own (see [`Claim`]).
+    claims: Mutex<HashMap<ChunkId, Claim>>,
+    /// Counts index commits that may have added chunks, bumped after each
+    /// lands: a batch whose read snapshot is older looks again.
+    index_epoch: AtomicU64,
+    /// Signalled when a batch that lent chunks commits or gives them up.
+    settled: (Mutex<()>, Condvar),
+}
+
+/// A chunk a running batch has written and not yet committed. Claims are
+/// exclusive: while one stands, every other batch that meets the chunk
+/// borrows it (takes its reference to that copy), and before its own commit
+/// waits until the claiming batch has committed it ([`Batch::settle`]).
+///
+/// Why: two batches ingesting the same bytes at once (two files copied
+/// together, `object put --threads 2`) each wrote their own copy, and the
+/// second commit found the first's: 30-34% of a fresh store was dead.
+struct Claim {
+    owner: Arc<Lender>,
+    /// The owner's commit count when it claimed: the claim is settled once
+    /// the owner has committed more often than that.
+    round: u64,
+}
+
+/// What other batches may learn of a batch whose chunks they borrow.
+struct Lender {
+    commits: AtomicU64,
+    /// Set by a borrower that waits: commit your chunks soon.
+    wanted: AtomicBool,
+    /// The batch was dropped with chunks uncommitted: borrowers fail.
+    abandoned: AtomicBool,
+    /// Some other batch borrowed from this one (wake waiters on commit).
+    lent: AtomicBool,
+    /// A batch never borrows from one made on its own thread: it would wait
+    /// for itself.
+    thread: ThreadId,
+}
+
+impl Lender {
+    fn settled(&self, round: u64) -> Result<bool> {
+        if self.commits.load(Ordering::SeqCst) > round {
+            Ok(true)
+        } else if self.abandoned.load(Ordering::SeqCst) {
+            Err(Error::Contended(
+                "another ingest holding a chunk this one shares failed before committing it".into(),
+            ))
+        } else {
+            Ok(false)
+        }
+    }
 }
 
 /// Options for `init`.
@@ -492,6 +552,9 @@ impl Store {
             next_batch: AtomicU64::new(1),
             gc_lock: Mutex::new(()),
             punched_at: Mutex::new(HashMap::new()),
+            claims: Mutex::new(HashMap::new()),
+            index_epoch: AtomicU64::new(0),
+            settled: (Mutex::new(()), Condvar::new()),
         };
         // Both read the whole index: a damaged page panics inside redb.
         let path = dir.join(INDEX_FILE);
@@ -736,7 +799,17 @@ impl Store {
             deltas: Vec::new(),
             encoder: pack::BlobEncoder::new(self.config.compression, self.config.zstd_level),
             read: None,
+            read_epoch: 0,
             lookups: 0,
+            lender: Arc::new(Lender {
+                commits: AtomicU64::new(0),
+                wanted: AtomicBool::new(false),
+                abandoned: AtomicBool::new(false),
+                lent: AtomicBool::new(false),
+                thread: std::thread::current().id(),
+            }),
+            borrowed: Vec::new(),
+            may_wait: true,
         })
     }
 
@@ -1044,7 +1117,16 @@ pub struct Batch<'s> {
     deltas: Vec<(ChunkId, OwnerId, i64)>,
     encoder: pack::BlobEncoder,
     read: Option<ReadTransaction>,
+    /// `Store::index_epoch` when `read` began.
+    read_epoch: u64,
     lookups: u32,
+    lender: Arc<Lender>,
+    /// Batches whose uncommitted chunks this one references, with the
+    /// claim generation to wait past (one entry per lender and generation).
+    borrowed: Vec<(Arc<Lender>, u64)>,
+    /// Cleared for a batch used under locks another ingest may wait for:
+    /// it stores its own copies rather than wait (see `never_wait`).
+    may_wait: bool,
 }
 
 impl<'s> Batch<'s> {
@@ -1063,11 +1145,15 @@ impl<'s> Batch<'s> {
         Ok(out)
     }
 
-    fn lookup(&mut self, id: &ChunkId) -> Result<Option<ChunkEntry>> {
-        // A slightly stale snapshot is safe: a chunk it shows live can only
-        // die after this batch started, and gc keeps such chunks.
-        if self.read.is_none() || self.lookups >= 4096 {
+    /// Looks `id` up in a snapshot of the index that holds every commit
+    /// counted by `epoch`.
+    fn lookup(&mut self, id: &ChunkId, epoch: u64) -> Result<Option<ChunkEntry>> {
+        // A snapshot is refreshed only when a commit may have added chunks:
+        // one that shows a chunk live is safe however old, since that chunk
+        // can only die after this batch started, and gc keeps such chunks.
+        if self.read.is_none() || self.lookups >= 4096 || self.read_epoch != epoch {
             self.read = Some(self.store.db.begin_read()?);
+            self.read_epoch = epoch;
             self.lookups = 0;
         }
         self.lookups += 1;
@@ -1088,13 +1174,12 @@ impl<'s> Batch<'s> {
         if self.new.contains_key(&id) {
             return Ok(r);
         }
-        let maybe = self.store.negcache.read().may_contain(&id);
-        if maybe && let Some(e) = self.lookup(&id)? {
-            // A dead chunk that died before we started may be collected
-            // before we commit; store our own copy instead.
-            if e.is_live() || e.dead_since >= self.start_seq {
-                return Ok(r);
-            }
+        if self.lender.wanted.swap(false, Ordering::SeqCst) && !self.new.is_empty() {
+            // A batch that shares our chunks waits for them.
+            self.commit_inner(false, |_| Ok(()))?;
+        }
+        if !self.claim(&id)? {
+            return Ok(r);
         }
         self.store.negcache.read().insert(&id);
         let cfg = &self.store.config;
@@ -1131,6 +1216,139 @@ impl<'s> Batch<'s> {
             self.commit_inner(false, |_| Ok(()))?;
         }
         Ok(r)
+    }
+
+    /// Decides whether this batch writes chunk `id`: false when the index
+    /// holds a copy we may use, or another batch is writing one we borrow.
+    /// True once this batch holds the claim (or, for a batch that may not
+    /// wait, when it must write its own copy).
+    fn claim(&mut self, id: &ChunkId) -> Result<bool> {
+        let store = self.store;
+        loop {
+            let epoch = store.index_epoch.load(Ordering::SeqCst);
+            let maybe = store.negcache.read().may_contain(id);
+            if maybe && let Some(e) = self.lookup(id, epoch)? {
+                // A dead chunk that died before we started may be collected
+                // before we commit; store our own copy instead.
+                if e.is_live() || e.dead_since >= self.start_seq {
+                    return Ok(false);
+                }
+            }
+            let mut claims = store.claims.lock();
+            if let Some(c) = claims.get(id) {
+                let own_thread = c.owner.thread == self.lender.thread;
+                if !self.may_wait || own_thread {
+                    // Leave the claim to its batch; our copy is written and
+                    // whichever commits second finds it dead weight.
+                    return Ok(true);
+                }
+                c.owner.lent.store(true, Ordering::SeqCst);
+                let round = c.round;
+                let owner = c.owner.clone();
+                drop(claims);
+                if !self
+                    .borrowed
+                    .iter()
+                    .any(|(o, g)| Arc::ptr_eq(o, &owner) && *g == round)
+                {
+                    self.borrowed.push((owner, round));
+                }
+                return Ok(false);
+            }
+            if store.index_epoch.load(Ordering::SeqCst) != epoch {
+                // A commit landed since we looked (perhaps of this very
+                // chunk, its claim gone): look again.
+                continue;
+            }
+            claims.insert(
+                *id,
+                Claim {
+                    owner: self.lender.clone(),
+                    round: self.lender.commits.load(Ordering::SeqCst),
+                },
+            );
+            return Ok(true);
+        }
+    }
+
+    /// Marks a batch used under a lock that other ingest may wait for (the
+    /// filesystem's content lock): it never waits for another batch's
+    /// chunks, storing its own copy instead, so it cannot deadlock with a
+    /// batch that waits for the lock.
+    pub fn never_wait(&mut self) {
+        self.may_wait = false;
+    }
+
+    /// Waits until every chunk this batch borrowed from another running
+    /// batch is committed, so that its references can be. First commits
+    /// its own new chunks, so that no batch waits for one that waits.
+    /// Call it before taking locks that other ingest may need; `commit`
+    /// calls it too.
+    pub fn settle(&mut self) -> Result<()> {
+        let mut open = Vec::new();
+        for (o, g) in self.borrowed.drain(..) {
+            if !o.settled(g)? {
+                open.push((o, g));
+            }
+        }
+        if open.is_empty() {
+            return Ok(());
+        }
+        if !self.new.is_empty() {
+            self.commit_inner(false, |_| Ok(()))?;
+        }
+        for (o, _) in &open {
+            o.wanted.store(true, Ordering::SeqCst);
+        }
+        let t0 = Instant::now();
+        let deadline = t0 + SETTLE_TIMEOUT;
+        let (m, cv) = &self.store.settled;
+        let mut g = m.lock();
+        loop {
+            let mut all = true;
+            for (o, round) in &open {
+                all &= o.settled(*round)?;
+            }
+            if all {
+                break;
+            }
+            if cv.wait_until(&mut g, deadline).timed_out() {
+                return Err(Error::Contended(format!(
+                    "chunks shared with another ingest were not committed within {}s",
+                    SETTLE_TIMEOUT.as_secs()
+                )));
+            }
+        }
+        log::debug!(
+            "waited {:?} for chunks shared with other batches",
+            t0.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Wakes batches waiting for ours after it committed or gave up.
+    fn wake_borrowers(&self) {
+        if self.lender.lent.load(Ordering::SeqCst) {
+            let (m, cv) = &self.store.settled;
+            drop(m.lock());
+            cv.notify_all();
+        }
+    }
+
+    /// Forgets the claims of this batch's uncommitted chunks.
+    fn release_claims(&self) {
+        if self.new.is_empty() {
+            return;
+        }
+        let mut claims = self.store.claims.lock();
+        for id in self.new.keys() {
+            if claims
+                .get(id)
+                .is_some_and(|c| Arc::ptr_eq(&c.owner, &self.lender))
+            {
+                claims.remove(id);
+            }
+        }
     }
 
     pub fn add_refs(&mut self, owner: OwnerId, chunks: impl IntoIterator<Item = ChunkId>) {
@@ -1196,6 +1414,9 @@ impl<'s> Batch<'s> {
         if final_commit && self.is_empty() {
             then(None)?;
             return Ok(CommitInfo::default());
+        }
+        if final_commit {
+            self.settle()?;
         }
         let t0 = std::time::Instant::now();
         // Blobs first: everything the index will name must be on disk,
@@ -1291,6 +1512,14 @@ impl<'s> Batch<'s> {
         }
         let t_tx = t0.elapsed();
         tx.commit()?;
+        if !self.new.is_empty() {
+            // In this order: a batch that finds the claim gone sees the
+            // epoch moved and looks in the index again.
+            store.index_epoch.fetch_add(1, Ordering::SeqCst);
+            self.release_claims();
+            self.lender.commits.fetch_add(1, Ordering::SeqCst);
+            self.wake_borrowers();
+        }
         let n_deltas = deltas.len();
         // The meta commit below holds the chunk lists it writes and their
         // encoding; the deltas need not be held with them (the undo record
@@ -1338,6 +1567,11 @@ impl Drop for Batch<'_> {
     fn drop(&mut self) {
         self.store.batches.lock().remove(&self.id);
         let clean = self.new.is_empty();
+        if !clean {
+            self.release_claims();
+            self.lender.abandoned.store(true, Ordering::SeqCst);
+            self.wake_borrowers();
+        }
         for w in self.full.drain(..) {
             self.store.return_writer(w, false);
         }

@@ -1080,6 +1080,9 @@ impl Volume {
         entries.sort_by_key(|e| e.0);
         let mut guards: Vec<_> = entries.iter().map(|e| e.1.lock()).collect();
         let mut batch = self.repo.store().batch()?;
+        // We hold content_lock and the staged files' locks, which an ingest
+        // whose chunks we might share needs before it can commit them.
+        batch.never_wait();
         let mut built: Vec<(usize, StagedView, NewContent)> = Vec::new();
         for (i, g) in guards.iter_mut().enumerate() {
             // A passthrough writer's bytes reached the staging file
