@@ -371,6 +371,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outln!("waiting for gc: {} ({})", s.dead_bytes, human(s.dead_bytes));
                 outln!("files:          {}", s.files);
                 outln!("objects:        {}", s.objects);
+                for (name, d) in [("index", &s.index), ("metadata", &s.meta)] {
+                    outln!(
+                        "{:<15} {} ({}), {} free",
+                        format!("{name} db:"),
+                        d.file_bytes,
+                        human(d.file_bytes),
+                        human(d.free_bytes)
+                    );
+                }
             }
         }
         Cmd::Fsck {
@@ -462,8 +471,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threshold,
             json,
         } => {
-            let repo = Repo::open(&store)?;
-            let r = repo.gc(threshold, &Bar::new("compacting"))?;
+            let mut repo = Repo::open(&store)?;
+            let mut r = repo.gc(threshold, &Bar::new("compacting"))?;
+            r.db_bytes_freed = repo.compact_dbs()?;
             if json {
                 print_json(&r)?;
             } else {
@@ -475,6 +485,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     count(r.chunks_moved, "chunk"),
                     r.chunks_dropped
                 );
+                if r.db_bytes_freed > 0 {
+                    outln!("databases gave back {}", human(r.db_bytes_freed));
+                }
             }
         }
         Cmd::Object(cmd) => return object(cmd),
@@ -514,6 +527,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         anyhow::bail!("daemon of {} did not exit", store.display());
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                // The store is ours for a moment: give the databases'
+                // free pages back (the daemon cannot while it serves).
+                match Repo::open(&store).and_then(|mut r| r.compact_dbs()) {
+                    Ok(_) | Err(dedupfs::store::Error::Locked(_)) => {}
+                    Err(e) => log::warn!("compacting the databases of {}: {e}", store.display()),
                 }
             }
         }
@@ -735,7 +754,7 @@ fn mount(
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
-    let repo = Repo::open_or_init(store, dedupfs::meta::DAEMON_CACHE_BYTES)?;
+    let mut repo = Repo::open_or_init(store, dedupfs::meta::DAEMON_CACHE_BYTES)?;
     let daemon = std::env::var_os("DEDUPFS_DAEMON").is_some();
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -752,6 +771,11 @@ fn mount(
     let level = logger.filter();
     if log::set_boxed_logger(Box::new(DaemonLog(logger))).is_ok() {
         log::set_max_level(level);
+    }
+    // Free pages a crash or an unmount by fusermount3 left: given back
+    // before serving, while nothing else holds the databases.
+    if let Err(e) = repo.compact_dbs() {
+        log::warn!("compacting the databases: {e}");
     }
     let mut config = Config::default();
     let mut read_only = false;

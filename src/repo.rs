@@ -75,6 +75,12 @@ pub struct Stats {
     pub dead_bytes: u64,
     pub commits: u64,
     pub objects: u64,
+    /// The chunk index's file: what it holds and what is free.
+    #[serde(default)]
+    pub index: crate::store::DbSpace,
+    /// The metadata database's file (inodes, names, chunk lists, objects).
+    #[serde(default)]
+    pub meta: crate::store::DbSpace,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -327,6 +333,21 @@ impl Repo {
         Ok(out)
     }
 
+    /// Gives the free pages of index.redb and meta.redb back to the disk
+    /// where that pays (`store::compact_db`); needs the repo to itself.
+    /// Returns the bytes both files shrank by.
+    pub fn compact_dbs(&mut self) -> Result<u64> {
+        let mut saved = 0;
+        if let Some((a, b)) = self.store.compact_index()? {
+            saved += a.saturating_sub(b);
+        }
+        let path = self.dir().join(meta::META_FILE);
+        if let Some((a, b)) = crate::store::compact_db(&mut self.meta, &path)? {
+            saved += a.saturating_sub(b);
+        }
+        Ok(saved)
+    }
+
     pub fn gc(&self, threshold: f64, progress: &dyn Progress) -> Result<GcReport> {
         maint::gc(&self.store, threshold, progress)
     }
@@ -367,6 +388,8 @@ impl Repo {
             },
             commits: c.commits,
             objects,
+            index: crate::store::db_space(self.store.db(), &self.dir().join(crate::store::INDEX_FILE))?,
+            meta: crate::store::db_space(&self.meta, &self.dir().join(meta::META_FILE))?,
         })
     }
 

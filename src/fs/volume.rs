@@ -40,7 +40,7 @@ pub use snap::{
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Content at most this long lives in the inode record.
-pub const INLINE_MAX: u64 = 4096;
+pub const INLINE_MAX: u64 = 128;
 pub const NAME_MAX: usize = 255;
 /// A stretch of a file that reads as zeros without being stored (a hole of
 /// its staging file, of its old chunk list, or past what was written) is

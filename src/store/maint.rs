@@ -137,6 +137,10 @@ pub struct GcReport {
     /// compacted for want of space.
     #[serde(default)]
     pub bytes_punched: u64,
+    /// Bytes index.redb and meta.redb gave back by compaction (offline
+    /// `dedupfs gc` only).
+    #[serde(default)]
+    pub db_bytes_freed: u64,
 }
 
 /// Compacts every idle pack whose dead fraction is at least `threshold`

@@ -576,6 +576,12 @@ impl Store {
         &self.config
     }
 
+    /// Compacts index.redb (see [`compact_db`]).
+    pub fn compact_index(&mut self) -> Result<Option<(u64, u64)>> {
+        let path = self.dir.join(INDEX_FILE);
+        compact_db(&mut self.db, &path)
+    }
+
     pub fn db(&self) -> &Database {
         &self.db
     }
@@ -1617,4 +1623,87 @@ pub fn walk_table<K: redb::Key + 'static, V: redb::Value + 'static>(
         n += 1;
     }
     Ok(n)
+}
+
+/// Where a redb file's bytes go: what `dedupfs stats` reports for
+/// `index.redb` and `meta.redb`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct DbSpace {
+    /// The file's length.
+    pub file_bytes: u64,
+    /// Pages in use (by tables, redb's own tables and pending frees).
+    pub allocated_bytes: u64,
+    /// Bytes of the file no page uses: what a compaction gives back.
+    pub free_bytes: u64,
+    /// Key and value bytes stored, all tables together.
+    pub stored_bytes: u64,
+    /// Per table: the bytes of its pages.
+    pub tables: BTreeMap<String, u64>,
+}
+
+/// Measures `db`, kept in `path`. Takes a write transaction for a moment
+/// (redb reports allocated pages only there) and aborts it.
+pub fn db_space(db: &Database, path: &Path) -> Result<DbSpace> {
+    let file_bytes = fs::metadata(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+        .len();
+    let tx = db.begin_write()?;
+    let st = tx.stats()?;
+    let page = st.page_size() as u64;
+    let allocated_bytes = st.allocated_pages() * page;
+    tx.abort()?;
+    let rt = db.begin_read()?;
+    let mut tables = BTreeMap::new();
+    let mut stored_bytes = 0;
+    for h in rt.list_tables()? {
+        let name = redb::TableHandle::name(&h).to_string();
+        let t = rt.open_untyped_table(h)?;
+        let s = t.stats()?;
+        stored_bytes += s.stored_bytes();
+        tables.insert(name, (s.leaf_pages() + s.branch_pages()) * page);
+    }
+    Ok(DbSpace {
+        file_bytes,
+        allocated_bytes,
+        free_bytes: file_bytes.saturating_sub(allocated_bytes),
+        stored_bytes,
+        tables,
+    })
+}
+
+/// A database file is compacted when at least this fraction of it is free
+/// pages, and at least `COMPACT_MIN_FREE` bytes.
+pub const COMPACT_MIN_FRACTION: f64 = 0.2;
+pub const COMPACT_MIN_FREE: u64 = 1 << 20;
+
+/// Compacts `db` (kept in `path`) when its free pages pay for it: redb
+/// reuses free pages but never gives them back on its own, so a big
+/// delete, a snapshot deletion or a rollback left the file at its peak.
+/// Needs the database to itself (no transaction open anywhere), hence
+/// `&mut`. Returns the file's length before and after, or None when it
+/// did not pay. redb compacts with two-phase commits, so a crash in the
+/// middle leaves the database as it was before or after a step.
+pub fn compact_db(db: &mut Database, path: &Path) -> Result<Option<(u64, u64)>> {
+    let space = db_space(db, path)?;
+    if space.free_bytes < COMPACT_MIN_FREE
+        || (space.free_bytes as f64) < COMPACT_MIN_FRACTION * space.file_bytes as f64
+    {
+        return Ok(None);
+    }
+    let t0 = Instant::now();
+    while db
+        .compact()
+        .map_err(|e| Error::Db(format!("compacting {}: {e}", path.display())))?
+    {}
+    let after = fs::metadata(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+        .len();
+    log::info!(
+        "compacted {}: {} -> {} bytes in {:?}",
+        path.display(),
+        space.file_bytes,
+        after,
+        t0.elapsed()
+    );
+    Ok(Some((space.file_bytes, after)))
 }
