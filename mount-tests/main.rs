@@ -11,6 +11,7 @@ mod crash;
 mod crashways;
 mod dbdamage;
 mod diskfull;
+mod formats;
 mod harness;
 mod many;
 mod model;

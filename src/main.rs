@@ -56,6 +56,10 @@ enum Cmd {
         /// zstd, lz4 or none.
         #[arg(long, default_value = "zstd")]
         compression: Compression,
+        /// zstd level, 1 (fastest) to 22 (smallest).
+        #[arg(long, default_value_t = dedupfs::format::DEFAULT_ZSTD_LEVEL,
+              value_parser = clap::value_parser!(i32).range(1..=22))]
+        zstd_level: i32,
     },
     /// Space used, dedup and compression ratios.
     ///
@@ -321,6 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chunk_avg,
             chunk_max,
             compression,
+            zstd_level,
         } => {
             let opts = InitOptions {
                 chunker: ChunkerParams {
@@ -329,6 +334,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max: chunk_max,
                 },
                 compression,
+                zstd_level,
             };
             Repo::init(&store, &opts)?;
             log::info!("created store {}", store.display());

@@ -21,7 +21,9 @@ use crate::format::{self, ChunkId, ChunkRef, ObjectId, ObjectRec, OwnerId, Pendi
 use crate::store::{Error, Result};
 
 pub const META_FILE: &str = "meta.redb";
-pub const META_FORMAT_VERSION: u64 = 2;
+/// 1: objects' chunk lists whole. 2: in segments. 3: inode records
+/// version 4 and dirent values version 2 (varints), half the bytes.
+pub const META_FORMAT_VERSION: u64 = 3;
 
 pub const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
 /// (owner, name) -> object record.
@@ -48,6 +50,8 @@ pub const DAEMON_CACHE_BYTES: usize = 16 << 20;
 
 /// Objects whose chunks a migration transaction converts before it commits.
 const MIGRATE_CHUNKS_PER_TX: usize = 1 << 18;
+/// Inode and dirent records a format 2 -> 3 transaction rewrites.
+const MIGRATE_RECORDS_PER_TX: usize = 1 << 16;
 
 pub fn create(dir: &Path) -> Result<Database> {
     let db = Database::builder()
@@ -145,20 +149,30 @@ fn open_unguarded(path: &Path, cache_bytes: usize) -> Result<Database> {
     let version = st.get("meta_format")?.map(|v| v.value());
     drop(st);
     drop(rt);
-    match version {
-        Some(META_FORMAT_VERSION) => {}
-        Some(1) => migrate_v1(&db, MIGRATE_CHUNKS_PER_TX)?,
-        Some(v) => {
-            return Err(Error::Format {
-                path,
-                err: format::FormatError::UnknownVersion {
-                    what: "metadata",
-                    found: v as u32,
-                    supported: META_FORMAT_VERSION as u32,
-                },
-            });
+    let mut version = version;
+    loop {
+        match version {
+            Some(META_FORMAT_VERSION) => break,
+            Some(1) => {
+                migrate_v1(&db, MIGRATE_CHUNKS_PER_TX)?;
+                version = Some(2);
+            }
+            Some(2) => {
+                migrate_v2(&db, MIGRATE_RECORDS_PER_TX)?;
+                version = Some(3);
+            }
+            Some(v) => {
+                return Err(Error::Format {
+                    path,
+                    err: format::FormatError::UnknownVersion {
+                        what: "metadata",
+                        found: v as u32,
+                        supported: META_FORMAT_VERSION as u32,
+                    },
+                });
+            }
+            None => return Err(damaged("no format version recorded".into())),
         }
-        None => return Err(damaged("no format version recorded".into())),
     }
     Ok(db)
 }
@@ -219,13 +233,103 @@ fn migrate_v1(db: &Database, chunks_per_tx: usize) -> Result<()> {
             st.insert("next_object", next)?;
             finished = !more;
             if finished {
-                st.insert("meta_format", META_FORMAT_VERSION)?;
+                st.insert("meta_format", 2)?;
             }
             if let Some((o, n, _)) = todo.pop() {
                 resume = Some((o, n));
             }
         }
         tx.commit()?;
+        if finished {
+            return Ok(());
+        }
+    }
+}
+
+/// Format 2 wrote inode records at version 1-3 and dirent values at
+/// version 1, with fixed-width fields. Rewrites each one in the compact
+/// encoding, `per_tx` records per transaction; a record already rewritten
+/// is skipped, so an interrupted migration resumes. A record that does not
+/// decode (damaged) is left as it is for fsck to report. Small files kept
+/// inline stay inline: their bytes move to packs when they next change.
+/// `meta_format` becomes 3 in the last transaction; no reference changes.
+/// A `dirents` key, owned: (parent, name, born).
+type DirentKey = (u64, Vec<u8>, u64);
+
+fn migrate_v2(db: &Database, per_tx: usize) -> Result<()> {
+    log::info!("meta.redb: migrating inodes and directory entries to meta format 3 (compact)");
+    let mut ino_from = (0u64, 0u64);
+    let mut dir_from: DirentKey = (0, Vec::new(), 0);
+    loop {
+        let tx = db.begin_write()?;
+        let mut done = 0usize;
+        let mut skipped = 0usize;
+        {
+            let mut inodes = tx.open_table(INODES)?;
+            let mut todo: Vec<((u64, u64), Vec<u8>)> = Vec::new();
+            for row in inodes.range(ino_from..)? {
+                if todo.len() >= per_tx {
+                    break;
+                }
+                let (k, v) = row?;
+                let v = v.value();
+                if v.first() == Some(&format::INODE_REC_VERSION) {
+                    continue;
+                }
+                match format::InodeRec::decode(v) {
+                    Ok(r) => todo.push((k.value(), r.encode())),
+                    Err(e) => {
+                        skipped += 1;
+                        log::warn!("inode {:?}: left as it is ({e})", k.value());
+                    }
+                }
+            }
+            if let Some((k, _)) = todo.last() {
+                ino_from = (k.0, k.1.saturating_add(1));
+            }
+            done += todo.len();
+            for (k, v) in &todo {
+                inodes.insert(*k, v.as_slice())?;
+            }
+        }
+        if done < per_tx {
+            let mut dirents = tx.open_table(DIRENTS)?;
+            let mut todo: Vec<(DirentKey, Vec<u8>)> = Vec::new();
+            let from = (dir_from.0, dir_from.1.as_slice(), dir_from.2);
+            for row in dirents.range(from..)? {
+                if done + todo.len() >= per_tx {
+                    break;
+                }
+                let (k, v) = row?;
+                let v = v.value();
+                if v.first() == Some(&2) {
+                    continue;
+                }
+                let (p, n, b) = k.value();
+                match format::DirentVal::decode(v) {
+                    Ok(d) => todo.push(((p, n.to_vec(), b), d.encode())),
+                    Err(e) => {
+                        skipped += 1;
+                        log::warn!("dirent {p}/{}: left as it is ({e})", n.escape_ascii());
+                    }
+                }
+            }
+            if let Some(((p, n, b), _)) = todo.last() {
+                dir_from = (*p, n.clone(), b.saturating_add(1));
+            }
+            done += todo.len();
+            for ((p, n, b), v) in &todo {
+                dirents.insert((*p, n.as_slice(), *b), v.as_slice())?;
+            }
+        }
+        let finished = done < per_tx;
+        if finished {
+            tx.open_table(STATE)?.insert("meta_format", 3)?;
+        }
+        tx.commit()?;
+        if skipped > 0 {
+            log::warn!("meta.redb: {skipped} damaged records left for fsck");
+        }
         if finished {
             return Ok(());
         }
@@ -1269,12 +1373,105 @@ mod tests {
         assert!(next_object_id(&db).unwrap() > ids.iter().map(|i| i.0).max().unwrap());
         assert_eq!(ref_seq(&db).unwrap(), 7);
         drop(db);
-        // Now it opens as format 2 without migrating again.
+        // Now it opens without migrating the objects again (and goes on
+        // to the current format).
         let db = open(t.path(), CACHE_BYTES).unwrap();
         let rt = db.begin_read().unwrap();
         let st = rt.open_table(STATE).unwrap();
-        assert_eq!(st.get("meta_format").unwrap().unwrap().value(), 2);
+        assert_eq!(
+            st.get("meta_format").unwrap().unwrap().value(),
+            META_FORMAT_VERSION
+        );
         assert_eq!(read_all(&db, "d").1, lists[3].1);
+    }
+
+    #[test]
+    fn format_2_inodes_and_dirents_migrate_in_several_transactions_and_resume() {
+        use format::{Content, DirentVal, InodeRec, Kind, Timespec};
+        let t = tempfile::tempdir().unwrap();
+        let now = Timespec::now();
+        let mut want_inodes = Vec::new();
+        let mut want_dirents = Vec::new();
+        for ino in 1..=40u64 {
+            let kind = if ino % 5 == 0 { Kind::Dir } else { Kind::File };
+            let mut r =
+                InodeRec::new_live(kind, 0o640, 1000, 100, now, 1, format!("f{ino}").as_bytes());
+            r.size = ino * 100;
+            r.content = if ino % 3 == 0 {
+                Content::Inline(vec![ino as u8; r.size as usize])
+            } else {
+                Content::Chunked
+            };
+            // An ended version beside the live one for some.
+            if ino % 4 == 0 {
+                let mut old = r.clone();
+                old.died = 3;
+                want_inodes.push(((ino, 1), old));
+                want_inodes.push(((ino, 3), r.clone()));
+            } else {
+                want_inodes.push(((ino, 1), r.clone()));
+            }
+            let d = DirentVal {
+                died: format::LIVE,
+                ino,
+                kind,
+            };
+            want_dirents.push(((1u64, format!("f{ino}").into_bytes(), 1u64), d));
+        }
+        let db = Database::create(t.path().join(META_FILE)).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut st = tx.open_table(STATE).unwrap();
+            st.insert("meta_format", 2).unwrap();
+            let mut inodes = tx.open_table(INODES).unwrap();
+            for (k, r) in &want_inodes {
+                inodes.insert(*k, r.encode_v3().as_slice()).unwrap();
+            }
+            // One damaged record: left for fsck, not a failed open.
+            let mut bad = want_inodes[0].1.encode_v3();
+            bad[20] ^= 1;
+            inodes.insert((999, 1), bad.as_slice()).unwrap();
+            let mut dirents = tx.open_table(DIRENTS).unwrap();
+            for ((p, n, b), d) in &want_dirents {
+                dirents
+                    .insert((*p, n.as_slice(), *b), d.encode_v1().as_slice())
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        // Interrupted: one transaction of 7 records, then a crash (the
+        // database dropped without finishing).
+        {
+            let tx = db.begin_write().unwrap();
+            let n = {
+                let mut inodes = tx.open_table(INODES).unwrap();
+                let mut n = 0;
+                for (k, r) in want_inodes.iter().take(7) {
+                    inodes.insert(*k, r.encode().as_slice()).unwrap();
+                    n += 1;
+                }
+                n
+            };
+            assert_eq!(n, 7);
+            tx.commit().unwrap();
+        }
+        migrate_v2(&db, 9).unwrap();
+        let rt = db.begin_read().unwrap();
+        let inodes = rt.open_table(INODES).unwrap();
+        for (k, r) in &want_inodes {
+            let v = inodes.get(*k).unwrap().unwrap();
+            assert_eq!(v.value()[0], format::INODE_REC_VERSION, "{k:?}");
+            assert_eq!(&InodeRec::decode(v.value()).unwrap(), r, "{k:?}");
+        }
+        assert!(InodeRec::decode(inodes.get((999, 1)).unwrap().unwrap().value()).is_err());
+        let dirents = rt.open_table(DIRENTS).unwrap();
+        for ((p, n, b), d) in &want_dirents {
+            let v = dirents.get((*p, n.as_slice(), *b)).unwrap().unwrap();
+            assert_eq!(v.value()[0], 2);
+            assert_eq!(&DirentVal::decode(v.value()).unwrap(), d);
+        }
+        let st = rt.open_table(STATE).unwrap();
+        assert_eq!(st.get("meta_format").unwrap().unwrap().value(), 3);
     }
 
     #[test]
@@ -1291,7 +1488,7 @@ mod tests {
         let err = open(t.path(), CACHE_BYTES).err().unwrap();
         assert!(
             err.to_string()
-                .contains("metadata has format version 99; this build understands 2"),
+                .contains("metadata has format version 99; this build understands 3"),
             "{err}"
         );
     }

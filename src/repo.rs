@@ -24,6 +24,8 @@ use crate::store::{Batch, Error, InitOptions, Result, Store, StoreStats};
 pub struct Repo {
     store: Store,
     meta: Database,
+    /// meta.redb's page cache, kept for a compaction's fresh copy.
+    meta_cache: usize,
     /// The next object id to hand out. Each meta commit records its
     /// high-water mark, so ids stay unique across opens.
     next_object: AtomicU64,
@@ -119,6 +121,7 @@ impl Repo {
         let repo = Repo {
             store,
             meta,
+            meta_cache: meta_cache_bytes,
             next_object,
         };
         repo.reconcile()?;
@@ -342,7 +345,21 @@ impl Repo {
             saved += a.saturating_sub(b);
         }
         let path = self.dir().join(meta::META_FILE);
-        if let Some((a, b)) = crate::store::compact_db(&mut self.meta, &path)? {
+        let copied = crate::store::rewrite_db(&mut self.meta, &path, self.meta_cache, |c| {
+            c.copy(meta::STATE)?;
+            c.copy(meta::OBJECTS)?;
+            c.copy(meta::OBJECT_SEGMENTS)?;
+            c.copy(meta::PENDING_OBJECTS)?;
+            c.copy(meta::INODES)?;
+            c.copy(meta::DIRENTS)?;
+            c.copy(meta::XATTRS)?;
+            c.copy(meta::CONTENTS)?;
+            c.copy(meta::ORPHANS)?;
+            c.copy(meta::CHANGES)?;
+            c.copy(meta::SNAPS)?;
+            c.copy(meta::SETTINGS)
+        })?;
+        if let Some((a, b)) = copied {
             saved += a.saturating_sub(b);
         }
         Ok(saved)
@@ -388,7 +405,10 @@ impl Repo {
             },
             commits: c.commits,
             objects,
-            index: crate::store::db_space(self.store.db(), &self.dir().join(crate::store::INDEX_FILE))?,
+            index: crate::store::db_space(
+                self.store.db(),
+                &self.dir().join(crate::store::INDEX_FILE),
+            )?,
             meta: crate::store::db_space(&self.meta, &self.dir().join(meta::META_FILE))?,
         })
     }

@@ -901,7 +901,7 @@ fn an_unknown_meta_format_is_a_one_line_error() {
     let tx = db.begin_write().unwrap();
     tx.open_table(dedupfs::meta::STATE)
         .unwrap()
-        .insert("meta_format", 3)
+        .insert("meta_format", 4)
         .unwrap();
     tx.commit().unwrap();
     drop(db);
@@ -909,7 +909,7 @@ fn an_unknown_meta_format_is_a_one_line_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr.contains("metadata has format version 3; this build understands 2"),
+        stderr.contains("metadata has format version 4; this build understands 3"),
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");

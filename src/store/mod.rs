@@ -319,6 +319,8 @@ impl Lender {
 pub struct InitOptions {
     pub chunker: ChunkerParams,
     pub compression: Compression,
+    /// 1..=22, used when `compression` is zstd.
+    pub zstd_level: i32,
 }
 
 impl Default for InitOptions {
@@ -326,6 +328,7 @@ impl Default for InitOptions {
         InitOptions {
             chunker: ChunkerParams::default(),
             compression: Compression::Zstd,
+            zstd_level: crate::format::DEFAULT_ZSTD_LEVEL,
         }
     }
 }
@@ -384,7 +387,8 @@ impl Store {
         }
         tx.commit()?;
         drop(db);
-        let cfg = StoreConfig::new(opts.chunker, opts.compression, random_id());
+        let mut cfg = StoreConfig::new(opts.chunker, opts.compression, random_id());
+        cfg.zstd_level = opts.zstd_level;
         // The config goes last: a directory without it is not a store yet.
         write_file_atomic(&dir.join(CONFIG_FILE), &cfg.encode())
             .map_err(|e| Error::io("writing config.json", e))?;
@@ -576,10 +580,15 @@ impl Store {
         &self.config
     }
 
-    /// Compacts index.redb (see [`compact_db`]).
+    /// Gives index.redb's free and slack pages back (see [`rewrite_db`]).
     pub fn compact_index(&mut self) -> Result<Option<(u64, u64)>> {
         let path = self.dir.join(INDEX_FILE);
-        compact_db(&mut self.db, &path)
+        rewrite_db(&mut self.db, &path, INDEX_CACHE_BYTES, |c| {
+            c.copy(CHUNKS)?;
+            c.copy(PACKS)?;
+            c.copy(STATE)?;
+            c.copy(UNDO)
+        })
     }
 
     pub fn db(&self) -> &Database {
@@ -1637,8 +1646,17 @@ pub struct DbSpace {
     pub free_bytes: u64,
     /// Key and value bytes stored, all tables together.
     pub stored_bytes: u64,
-    /// Per table: the bytes of its pages.
-    pub tables: BTreeMap<String, u64>,
+    /// Per table: its pages and what they hold.
+    pub tables: BTreeMap<String, TableSpace>,
+}
+
+/// One table's pages: `page_bytes` allocated, `stored_bytes` of keys and
+/// values in them; the rest is redb's per-entry bookkeeping and slack.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct TableSpace {
+    pub page_bytes: u64,
+    pub stored_bytes: u64,
+    pub entries: u64,
 }
 
 /// Measures `db`, kept in `path`. Takes a write transaction for a moment
@@ -1660,7 +1678,14 @@ pub fn db_space(db: &Database, path: &Path) -> Result<DbSpace> {
         let t = rt.open_untyped_table(h)?;
         let s = t.stats()?;
         stored_bytes += s.stored_bytes();
-        tables.insert(name, (s.leaf_pages() + s.branch_pages()) * page);
+        tables.insert(
+            name,
+            TableSpace {
+                page_bytes: (s.leaf_pages() + s.branch_pages()) * page,
+                stored_bytes: s.stored_bytes(),
+                entries: t.len()?,
+            },
+        );
     }
     Ok(DbSpace {
         file_bytes,
@@ -1671,30 +1696,134 @@ pub fn db_space(db: &Database, path: &Path) -> Result<DbSpace> {
     })
 }
 
-/// A database file is compacted when at least this fraction of it is free
-/// pages, and at least `COMPACT_MIN_FREE` bytes.
+/// A rewrite runs when it would give back at least this fraction of the
+/// file, and at least `COMPACT_MIN_FREE` bytes.
 pub const COMPACT_MIN_FRACTION: f64 = 0.2;
 pub const COMPACT_MIN_FREE: u64 = 1 << 20;
 
-/// Compacts `db` (kept in `path`) when its free pages pay for it: redb
-/// reuses free pages but never gives them back on its own, so a big
-/// delete, a snapshot deletion or a rollback left the file at its peak.
-/// Needs the database to itself (no transaction open anywhere), hence
-/// `&mut`. Returns the file's length before and after, or None when it
-/// did not pay. redb compacts with two-phase commits, so a crash in the
-/// middle leaves the database as it was before or after a step.
-pub fn compact_db(db: &mut Database, path: &Path) -> Result<Option<(u64, u64)>> {
+/// What a freshly written copy of a database would take: its keys and
+/// values, redb's per-entry offsets, pages packed about 93% full.
+fn rewritten_estimate(space: &DbSpace) -> u64 {
+    let entries: u64 = space.tables.values().map(|t| t.entries).sum();
+    ((space.stored_bytes + 8 * entries) as f64 / 0.93) as u64 + (64 << 10)
+}
+
+/// Copies whole tables from a read snapshot into a new database, noting
+/// each one, so that [`rewrite_db`] can refuse a copy that left one out.
+pub struct TableCopier<'a> {
+    rt: &'a ReadTransaction,
+    wt: &'a redb::WriteTransaction,
+    copied: std::collections::BTreeSet<String>,
+}
+
+impl TableCopier<'_> {
+    /// Copies `def` in key order through a cursor's insert run, which packs
+    /// leaves full (ordinary inserts split a full leaf in half, so a table
+    /// filled in key order settles near half full). A table the source
+    /// lacks is left out of the copy too.
+    pub fn copy<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &mut self,
+        def: TableDefinition<K, V>,
+    ) -> Result<()> {
+        let name = redb::TableHandle::name(&def).to_string();
+        let src = match self.rt.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut dst = self.wt.open_table(def)?;
+        let mut cur = dst.lower_bound_mut(std::ops::Bound::<K::SelfType<'_>>::Unbounded)?;
+        for row in src.iter()? {
+            let (k, v) = row?;
+            cur.insert_before(k.value(), v.value())
+                .map_err(|e| Error::Db(format!("copying table {name}: {e}")))?;
+        }
+        self.copied.insert(name);
+        Ok(())
+    }
+}
+
+/// Gives a database's space back by writing a fresh copy of it and
+/// renaming the copy over the file, when that pays (see
+/// [`COMPACT_MIN_FRACTION`]). `Database::compact` alone is not enough:
+/// it only moves pages, stops at the first page it cannot move lower, and
+/// never refills the half-empty leaves that key-order inserts leave (on a
+/// real tree: inode table 54% full, a fifth of the file free after it ran).
+///
+/// `copy_all` copies every table through the [`TableCopier`]; a table the
+/// file holds that it did not copy aborts the rewrite with the old file
+/// untouched. Needs the database to itself (`&mut`, no transaction open).
+/// Crash-safe: the copy is committed (fsynced) under another name before
+/// the rename, and a leftover copy is removed by the next rewrite. Returns
+/// the file's length before and after, or None when it did not pay.
+pub fn rewrite_db(
+    db: &mut Database,
+    path: &Path,
+    cache_bytes: usize,
+    copy_all: impl FnOnce(&mut TableCopier) -> Result<()>,
+) -> Result<Option<(u64, u64)>> {
+    let tmp = path.with_extension("redb.rewrite");
+    match fs::remove_file(&tmp) {
+        Ok(()) => log::info!(
+            "removed {}, left by an interrupted compaction",
+            tmp.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("removing {}", tmp.display()), e)),
+    }
     let space = db_space(db, path)?;
-    if space.free_bytes < COMPACT_MIN_FREE
-        || (space.free_bytes as f64) < COMPACT_MIN_FRACTION * space.file_bytes as f64
+    let saving = space.file_bytes.saturating_sub(rewritten_estimate(&space));
+    if saving < COMPACT_MIN_FREE || (saving as f64) < COMPACT_MIN_FRACTION * space.file_bytes as f64
     {
         return Ok(None);
     }
     let t0 = Instant::now();
-    while db
+    let new = Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(&tmp)?;
+    {
+        let rt = db.begin_read()?;
+        let wt = new.begin_write()?;
+        let mut copier = TableCopier {
+            rt: &rt,
+            wt: &wt,
+            copied: Default::default(),
+        };
+        copy_all(&mut copier)?;
+        let mut missed: Vec<String> = rt
+            .list_tables()?
+            .map(|h| redb::TableHandle::name(&h).to_string())
+            .filter(|n| !copier.copied.contains(n))
+            .collect();
+        missed.extend(
+            rt.list_multimap_tables()?
+                .map(|h| redb::MultimapTableHandle::name(&h).to_string()),
+        );
+        if !missed.is_empty() {
+            drop(wt);
+            drop(new);
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::Db(format!(
+                "not compacting {}: tables {missed:?} have no copier",
+                path.display()
+            )));
+        }
+        wt.commit()?;
+    }
+    // The copy's own transaction left pages free (buffers of the insert
+    // runs); on a fresh file nothing is in the way of moving them.
+    let mut new = new;
+    while new
         .compact()
-        .map_err(|e| Error::Db(format!("compacting {}: {e}", path.display())))?
+        .map_err(|e| Error::Db(format!("compacting {}: {e}", tmp.display())))?
     {}
+    fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))?;
+    }
+    drop(std::mem::replace(db, new));
     let after = fs::metadata(path)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
         .len();
