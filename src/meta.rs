@@ -140,10 +140,13 @@ fn open_unguarded(path: &Path, cache_bytes: usize) -> Result<Database> {
     if !path.is_file() {
         return Err(damaged("the file is missing".into()));
     }
-    let db = Database::builder()
-        .set_cache_size(cache_bytes)
-        .open(&path)
-        .map_err(|e| damaged(e.to_string()))?;
+    let db = match Database::builder().set_cache_size(cache_bytes).open(&path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(Error::Locked(path.clone()));
+        }
+        Err(e) => return Err(damaged(e.to_string())),
+    };
     let rt = db.begin_read()?;
     let st = rt.open_table(STATE).map_err(|e| damaged(e.to_string()))?;
     let version = st.get("meta_format")?.map(|v| v.value());

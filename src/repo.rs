@@ -22,8 +22,10 @@ use crate::store::maint::{self, GcReport, RebuildReport, RefMap, VerifyReport};
 use crate::store::{Batch, Error, InitOptions, Result, Store, StoreStats};
 
 pub struct Repo {
-    store: Store,
+    // Dropped in this order: meta.redb is closed before the store gives up
+    // its lock, so whoever takes the lock next can open it.
     meta: Database,
+    store: Store,
     /// meta.redb's page cache, kept for a compaction's fresh copy.
     meta_cache: usize,
     /// The next object id to hand out. Each meta commit records its

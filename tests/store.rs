@@ -1029,3 +1029,47 @@ fn a_batch_whose_lender_gives_up_fails_cleanly_and_the_retry_stores_it() {
     let report = repo.fsck(&NoProgress).unwrap();
     assert!(report.clean, "{report:?}");
 }
+
+/// `dedupfs umount` waits for the store's lock, then opens the store to
+/// compact it. The lock must outlive both databases: when the store gave
+/// its lock up before meta.redb was closed, the next opener found meta.redb
+/// "already open" and reported it damaged.
+#[test]
+fn whoever_takes_the_lock_next_can_open_the_store() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("s");
+    drop(new_repo(&dir));
+    for round in 0..40 {
+        let repo = Repo::open(&dir).unwrap();
+        // A non-durable commit, as the filesystem makes: closing the
+        // database then has to make it durable, which takes a while.
+        let tx = {
+            let mut tx = repo.meta().begin_write().unwrap();
+            tx.set_durability(redb::Durability::None).unwrap();
+            tx
+        };
+        {
+            let def: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("test_pad");
+            let mut t = tx.open_table(def).unwrap();
+            for i in 0..2000u64 {
+                t.insert(i, [round as u8; 1000].as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        let d = dir.clone();
+        let waiter = std::thread::spawn(move || {
+            let lock = loop {
+                if let Ok(l) = dedupfs::store::Store::lock(&d) {
+                    break l;
+                }
+                std::hint::spin_loop();
+            };
+            drop(lock);
+            Repo::open(&d).map(drop)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        drop(repo);
+        let r = waiter.join().unwrap();
+        assert!(r.is_ok(), "round {round}: {:?}", r.err());
+    }
+}
