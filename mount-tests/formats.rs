@@ -205,7 +205,12 @@ fn a_compaction_killed_anywhere_loses_nothing() {
             .unwrap()
             .success();
         assert!(ok);
-        let mut child = Command::new(BIN).arg("gc").arg(&t.store).spawn().unwrap();
+        let mut child = Command::new(BIN)
+            .arg("gc")
+            .arg(&t.store)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let at = Duration::from_micros(rng.below(full.as_micros() as u64 * 3 / 2 + 1));
         std::thread::sleep(at);
         // SAFETY: kill(2) on our own child's pid.

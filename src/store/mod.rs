@@ -1743,6 +1743,55 @@ impl TableCopier<'_> {
     }
 }
 
+/// Free space a compaction leaves on the disk beyond its copy.
+pub const COMPACT_SPARE_BYTES: u64 = 64 << 20;
+
+/// Writes a compacted copy of `db` at `tmp` (see [`rewrite_db`]): every
+/// table through `copy_all`, one commit, then the copy's own free pages
+/// moved out.
+fn write_copy(
+    db: &Database,
+    tmp: &Path,
+    cache_bytes: usize,
+    copy_all: impl FnOnce(&mut TableCopier) -> Result<()>,
+) -> Result<Database> {
+    let mut new = Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(tmp)?;
+    {
+        let rt = db.begin_read()?;
+        let wt = new.begin_write()?;
+        let mut copier = TableCopier {
+            rt: &rt,
+            wt: &wt,
+            copied: Default::default(),
+        };
+        copy_all(&mut copier)?;
+        let mut missed: Vec<String> = rt
+            .list_tables()?
+            .map(|h| redb::TableHandle::name(&h).to_string())
+            .filter(|n| !copier.copied.contains(n))
+            .collect();
+        missed.extend(
+            rt.list_multimap_tables()?
+                .map(|h| redb::MultimapTableHandle::name(&h).to_string()),
+        );
+        if !missed.is_empty() {
+            return Err(Error::Db(format!(
+                "not compacting: tables {missed:?} have no copier"
+            )));
+        }
+        wt.commit()?;
+    }
+    // The copy's own transaction left pages free (buffers of the insert
+    // runs); on a fresh file nothing is in the way of moving them.
+    while new
+        .compact()
+        .map_err(|e| Error::Db(format!("compacting {}: {e}", tmp.display())))?
+    {}
+    Ok(new)
+}
+
 /// Gives a database's space back by writing a fresh copy of it and
 /// renaming the copy over the file, when that pays (see
 /// [`COMPACT_MIN_FRACTION`]). `Database::compact` alone is not enough:
@@ -1772,51 +1821,37 @@ pub fn rewrite_db(
         Err(e) => return Err(Error::io(format!("removing {}", tmp.display()), e)),
     }
     let space = db_space(db, path)?;
-    let saving = space.file_bytes.saturating_sub(rewritten_estimate(&space));
+    let estimate = rewritten_estimate(&space);
+    let saving = space.file_bytes.saturating_sub(estimate);
     if saving < COMPACT_MIN_FREE || (saving as f64) < COMPACT_MIN_FRACTION * space.file_bytes as f64
     {
         return Ok(None);
     }
-    let t0 = Instant::now();
-    let new = Database::builder()
-        .set_cache_size(cache_bytes)
-        .create(&tmp)?;
+    // The copy needs room for what the database holds; on a nearly full
+    // disk it waits for a better time rather than take the last of it.
+    if let Some(dir) = path.parent()
+        && maint::free_bytes(dir)? < estimate + COMPACT_SPARE_BYTES
     {
-        let rt = db.begin_read()?;
-        let wt = new.begin_write()?;
-        let mut copier = TableCopier {
-            rt: &rt,
-            wt: &wt,
-            copied: Default::default(),
-        };
-        copy_all(&mut copier)?;
-        let mut missed: Vec<String> = rt
-            .list_tables()?
-            .map(|h| redb::TableHandle::name(&h).to_string())
-            .filter(|n| !copier.copied.contains(n))
-            .collect();
-        missed.extend(
-            rt.list_multimap_tables()?
-                .map(|h| redb::MultimapTableHandle::name(&h).to_string()),
+        log::info!(
+            "not compacting {}: the copy needs about {estimate} bytes and the disk is nearly full",
+            path.display()
         );
-        if !missed.is_empty() {
-            drop(wt);
-            drop(new);
-            let _ = fs::remove_file(&tmp);
-            return Err(Error::Db(format!(
-                "not compacting {}: tables {missed:?} have no copier",
-                path.display()
-            )));
-        }
-        wt.commit()?;
+        return Ok(None);
     }
-    // The copy's own transaction left pages free (buffers of the insert
-    // runs); on a fresh file nothing is in the way of moving them.
-    let mut new = new;
-    while new
-        .compact()
-        .map_err(|e| Error::Db(format!("compacting {}: {e}", tmp.display())))?
-    {}
+    let t0 = Instant::now();
+    // A damaged page can make redb panic mid-copy: that is an error of
+    // this compaction (the database stays as it was), not of the mount.
+    let copied = crate::guard::catch(|| write_copy(db, &tmp, cache_bytes, copy_all))
+        .unwrap_or_else(|p| Err(Error::Db(format!("copying {}: {}", path.display(), p.0))));
+    let new = match copied {
+        Ok(new) => new,
+        Err(e) => {
+            // A half-written copy only takes space (ENOSPC is the likely
+            // cause): remove it now, not at the next compaction.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
     if let Some(dir) = path.parent() {
         fs::File::open(dir)
