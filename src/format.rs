@@ -1207,25 +1207,7 @@ impl InodeRec {
             t.secs = r.u64()? as i64;
             t.nanos = r.u32()?;
         }
-        let mut holes = 0;
-        let content = match r.u8()? {
-            0 => Content::Empty,
-            1 => {
-                let n = r.u32()? as usize;
-                Content::Inline(r.take(n)?.to_vec())
-            }
-            2 => Content::Chunked,
-            3 => {
-                holes = r.u64()?;
-                Content::Chunked
-            }
-            c => {
-                return Err(FormatError::Malformed {
-                    what: "inode",
-                    why: format!("unknown content tag {c}"),
-                });
-            }
-        };
+        let (content, holes) = read_content(&mut r, false)?;
         let (parent, name) = if version >= 2 {
             let p = r.u64()?;
             let n = r.u16()? as usize;
@@ -1275,25 +1257,7 @@ impl InodeRec {
             t.secs = mtime.secs.wrapping_add(unzigzag(r.varint()?));
             t.nanos = r.varint_u32()?;
         }
-        let mut holes = 0;
-        let content = match r.u8()? {
-            0 => Content::Empty,
-            1 => {
-                let n = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
-                Content::Inline(r.take(n)?.to_vec())
-            }
-            2 => Content::Chunked,
-            3 => {
-                holes = r.varint()?;
-                Content::Chunked
-            }
-            c => {
-                return Err(FormatError::Malformed {
-                    what: "inode",
-                    why: format!("unknown content tag {c}"),
-                });
-            }
-        };
+        let (content, holes) = read_content(&mut r, true)?;
         let parent = r.varint()?;
         let n = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
         let name = r.take(n)?.to_vec();
@@ -1317,6 +1281,31 @@ impl InodeRec {
             name,
         })
     }
+}
+
+/// An inode record's content tag and what follows it: (content, holes).
+/// Version 4 writes the inline length and the hole bytes as varints,
+/// older versions as u32 and u64.
+fn read_content(r: &mut Reader, varints: bool) -> Result<(Content, u64), FormatError> {
+    let num = |r: &mut Reader, fixed: fn(&mut Reader) -> Result<u64, FormatError>| {
+        if varints { r.varint() } else { fixed(r) }
+    };
+    Ok(match r.u8()? {
+        0 => (Content::Empty, 0),
+        1 => {
+            let n = num(r, |r| r.u32().map(u64::from))?;
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            (Content::Inline(r.take(n)?.to_vec()), 0)
+        }
+        2 => (Content::Chunked, 0),
+        3 => (Content::Chunked, num(r, |r| r.u64())?),
+        c => {
+            return Err(FormatError::Malformed {
+                what: "inode",
+                why: format!("unknown content tag {c}"),
+            });
+        }
+    })
 }
 
 /// Value of the `dirents` table (key: parent ino, name, born generation).
