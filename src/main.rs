@@ -99,7 +99,8 @@ enum Cmd {
     ///
     /// Copies the live chunks of mostly dead packs into new packs and
     /// deletes the old ones, giving back the space of deleted files and
-    /// snapshots. The store must not be mounted.
+    /// snapshots, then gives the databases' free pages back. On a mounted
+    /// store the daemon does it (index.redb is compacted at the unmount).
     #[command(after_help = "Example:\n  dedupfs gc ~/store --threshold 0.1")]
     Gc {
         /// The store directory.
@@ -408,7 +409,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r: dedupfs::repo::FsckReport = match Repo::open(&store).and_then(|repo| {
                 let mut r = repo.fsck(&Bar::new("checking"))?;
                 // What a crash left staged must replay to what it recorded.
-                r.staging = dedupfs::fs::staging::check_layouts(&store, repo.meta())?;
+                r.staging = dedupfs::fs::staging::check_layouts(&store, &repo.meta())?;
                 r.clean &= r.staging.is_empty();
                 Ok(r)
             }) {
@@ -477,9 +478,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threshold,
             json,
         } => {
-            let mut repo = Repo::open(&store)?;
-            let mut r = repo.gc(threshold, &Bar::new("compacting"))?;
-            r.db_bytes_freed = repo.compact_dbs()?;
+            let r = match Repo::open(&store) {
+                Ok(mut repo) => {
+                    let mut r = repo.gc(threshold, &Bar::new("compacting"))?;
+                    r.db_bytes_freed = repo.compact_dbs()?;
+                    r
+                }
+                Err(dedupfs::store::Error::Locked(_)) => {
+                    let args = serde_json::json!({ "threshold": threshold });
+                    let v = dedupfs::ctl::call(&store, "gc", args).map_err(|e| {
+                        anyhow::anyhow!("store {} is mounted, and {e}", store.display())
+                    })?;
+                    serde_json::from_value(v)?
+                }
+                Err(e) => return Err(e.into()),
+            };
             if json {
                 print_json(&r)?;
             } else {
@@ -872,6 +885,16 @@ fn mount(
                 .quiesced(|repo| repo.fsck(&dedupfs::NoProgress))
                 .map_err(|e| e.to_string())
                 .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
+            "gc" => {
+                let threshold = args
+                    .get("threshold")
+                    .and_then(|t| t.as_f64())
+                    .ok_or("gc: missing threshold")?;
+                handler_vol
+                    .gc(threshold)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
+            }
             "sync" => {
                 // Pending ingest committed and metadata durable (benches
                 // and scripts wait on this).

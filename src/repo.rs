@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
-use redb::Database;
 
 use crate::Progress;
 use crate::chunker;
@@ -21,16 +20,35 @@ use crate::meta;
 use crate::store::maint::{self, GcReport, RebuildReport, RefMap, VerifyReport};
 use crate::store::{Batch, Error, InitOptions, Result, Store, StoreStats};
 
+mod metadb;
+pub use metadb::{Held, MetaDb, MetaRef};
+
 pub struct Repo {
     // Dropped in this order: meta.redb is closed before the store gives up
     // its lock, so whoever takes the lock next can open it.
-    meta: Database,
+    meta: MetaDb,
     store: Store,
     /// meta.redb's page cache, kept for a compaction's fresh copy.
     meta_cache: usize,
     /// The next object id to hand out. Each meta commit records its
     /// high-water mark, so ids stay unique across opens.
     next_object: AtomicU64,
+}
+
+/// Copies every table of meta.redb for a compaction.
+fn copy_meta(c: &mut crate::store::TableCopier) -> Result<()> {
+    c.copy(meta::STATE)?;
+    c.copy(meta::OBJECTS)?;
+    c.copy(meta::OBJECT_SEGMENTS)?;
+    c.copy(meta::PENDING_OBJECTS)?;
+    c.copy(meta::INODES)?;
+    c.copy(meta::DIRENTS)?;
+    c.copy(meta::XATTRS)?;
+    c.copy(meta::CONTENTS)?;
+    c.copy(meta::ORPHANS)?;
+    c.copy(meta::CHANGES)?;
+    c.copy(meta::SNAPS)?;
+    c.copy(meta::SETTINGS)
 }
 
 /// Group-commit limits for many small objects: whichever comes first.
@@ -122,7 +140,7 @@ impl Repo {
         let next_object = AtomicU64::new(meta::next_object_id(&meta)?);
         let repo = Repo {
             store,
-            meta,
+            meta: MetaDb::new(meta),
             meta_cache: meta_cache_bytes,
             next_object,
         };
@@ -148,7 +166,7 @@ impl Repo {
     /// index one step ahead lost its meta commit to a crash and is undone.
     fn reconcile(&self) -> Result<()> {
         let idx = self.store.ref_seq()?;
-        let m = meta::ref_seq(&self.meta)?;
+        let m = meta::ref_seq(&self.meta())?;
         if idx == m {
             return Ok(());
         }
@@ -172,7 +190,7 @@ impl Repo {
     /// references were not all dropped yet. Nobody else can be using them:
     /// the store is locked to this process and it has only just opened.
     fn release_pending(&self) -> Result<()> {
-        for (id, p) in meta::pending_objects(&self.meta)? {
+        for (id, p) in meta::pending_objects(&self.meta())? {
             log::warn!(
                 "releasing {id} ('{}', {}): an unfinished write or removal",
                 p.name,
@@ -186,12 +204,12 @@ impl Repo {
     /// Drops the references of pending object `id` and deletes its segments,
     /// a bounded number per commit, then its pending record.
     fn release_object(&self, id: ObjectId) -> Result<()> {
-        while let Some(r) = meta::next_release(&self.meta, id, COMMIT_EVERY_CHUNKS)? {
+        while let Some(r) = meta::next_release(&self.meta(), id, COMMIT_EVERY_CHUNKS)? {
             let mut batch = self.store.batch()?;
             batch.drop_refs(r.owner, r.chunks);
             let done = !r.more;
             batch.commit(|ref_seq| {
-                meta::release_segments(&self.meta, id, r.last_segment, done, ref_seq)
+                meta::release_segments(&self.meta(), id, r.last_segment, done, ref_seq)
             })?;
             if done {
                 break;
@@ -208,8 +226,10 @@ impl Repo {
         self.store.dir()
     }
 
-    pub fn meta(&self) -> &Database {
-        &self.meta
+    /// meta.redb, held so that a compaction waits for what is begun with
+    /// it (see [`MetaDb`]).
+    pub fn meta(&self) -> MetaRef<'_> {
+        self.meta.hold()
     }
 
     /// Ingests one stream as object `name` and commits it.
@@ -292,7 +312,7 @@ impl Repo {
     /// Writes object `name` to `out`, verifying every chunk.
     pub fn get_object(&self, owner: OwnerId, name: &str, out: &mut dyn Write) -> Result<u64> {
         let mut n = 0u64;
-        let found = meta::read_object(&self.meta, owner, name, |list| {
+        let found = meta::read_object(&self.meta(), owner, name, |list| {
             for c in list {
                 let data = self.store.read_chunk(&c.id)?;
                 out.write_all(&data)
@@ -318,7 +338,7 @@ impl Repo {
             .collect();
         // The names go first, in one commit; then each object's references
         // are released in bounded commits under its pending record.
-        let ids = meta::unname_objects(&self.meta, owner, &distinct)?;
+        let ids = meta::unname_objects(&self.meta(), owner, &distinct)?;
         for id in &ids {
             self.release_object(*id)?;
         }
@@ -327,7 +347,7 @@ impl Repo {
 
     pub fn list_objects(&self) -> Result<Vec<ObjectInfo>> {
         let mut out = Vec::new();
-        meta::for_each_object(&self.meta, |_, name, rec| {
+        meta::for_each_object(&self.meta(), |_, name, rec| {
             out.push(ObjectInfo {
                 name: name.to_string(),
                 size: rec.size,
@@ -347,24 +367,28 @@ impl Repo {
             saved += a.saturating_sub(b);
         }
         let path = self.dir().join(meta::META_FILE);
-        let copied = crate::store::rewrite_db(&mut self.meta, &path, self.meta_cache, |c| {
-            c.copy(meta::STATE)?;
-            c.copy(meta::OBJECTS)?;
-            c.copy(meta::OBJECT_SEGMENTS)?;
-            c.copy(meta::PENDING_OBJECTS)?;
-            c.copy(meta::INODES)?;
-            c.copy(meta::DIRENTS)?;
-            c.copy(meta::XATTRS)?;
-            c.copy(meta::CONTENTS)?;
-            c.copy(meta::ORPHANS)?;
-            c.copy(meta::CHANGES)?;
-            c.copy(meta::SNAPS)?;
-            c.copy(meta::SETTINGS)
-        })?;
+        let copied =
+            crate::store::rewrite_db(self.meta.get_mut(), &path, self.meta_cache, copy_meta)?;
         if let Some((a, b)) = copied {
             saved += a.saturating_sub(b);
         }
         Ok(saved)
+    }
+
+    /// Gives meta.redb's free pages back while the filesystem is mounted,
+    /// when that pays: the copy is written with the database to itself, so
+    /// it waits up to `wait` for every transaction to end and makes the
+    /// requests that come meanwhile wait for the copy (the caller picks an
+    /// idle moment). Returns the file's length before and after.
+    pub fn compact_meta_live(&self, wait: std::time::Duration) -> Result<Option<(u64, u64)>> {
+        let path = self.dir().join(meta::META_FILE);
+        if !crate::store::rewrite_pays(&self.meta(), &path)? {
+            return Ok(None);
+        }
+        let Some(mut db) = self.meta.exclusive(wait) else {
+            return Ok(None);
+        };
+        crate::store::rewrite_db(&mut db, &path, self.meta_cache, copy_meta)
     }
 
     pub fn gc(&self, threshold: f64, progress: &dyn Progress) -> Result<GcReport> {
@@ -378,10 +402,10 @@ impl Repo {
             pack_bytes,
             dead_bytes,
         } = self.store.stats()?;
-        let objects = meta::object_count(&self.meta)?;
-        let (file_bytes, files) = meta::live_file_bytes(&self.meta)?;
+        let objects = meta::object_count(&self.meta())?;
+        let (file_bytes, files) = meta::live_file_bytes(&self.meta())?;
         let mut object_bytes = 0;
-        meta::for_each_object(&self.meta, |_, _, rec| {
+        meta::for_each_object(&self.meta(), |_, _, rec| {
             object_bytes += rec.size;
             Ok(())
         })?;
@@ -411,12 +435,12 @@ impl Repo {
                 self.store.db(),
                 &self.dir().join(crate::store::INDEX_FILE),
             )?,
-            meta: crate::store::db_space(&self.meta, &self.dir().join(meta::META_FILE))?,
+            meta: crate::store::db_space(&self.meta(), &self.dir().join(meta::META_FILE))?,
         })
     }
 
     /// The references the metadata holds, per chunk and owner.
-    fn expected_refs(meta_db: &Database) -> Result<(RefMap, u64)> {
+    fn expected_refs(meta_db: &redb::Database) -> Result<(RefMap, u64)> {
         let mut counts: HashMap<(ChunkId, OwnerId), u64> = HashMap::new();
         let objects = meta::object_count(meta_db)?;
         // An object, named or pending, holds one reference per chunk of its
@@ -458,7 +482,7 @@ impl Repo {
         // Every table first: damage would otherwise surface as a panic in
         // whatever read it, or not at all (a clean report on a store whose
         // lookups fail).
-        meta::check_tables(&self.meta, self.store.dir())?;
+        meta::check_tables(&self.meta(), self.store.dir())?;
         self.store.check_index()?;
         // redb checks its page checksums only when asked: a damaged page
         // that still parses reads as whatever it now holds (a small file's
@@ -476,7 +500,7 @@ impl Repo {
                 why,
             }
         })?;
-        let (refs, objects) = Self::expected_refs(&self.meta)?;
+        let (refs, objects) = Self::expected_refs(&self.meta())?;
         let report = maint::verify(&self.store, &refs, progress)?;
         let bad: HashSet<String> = report
             .corrupt
@@ -486,7 +510,7 @@ impl Repo {
             .collect();
         let mut damaged_objects = Vec::new();
         if !bad.is_empty() {
-            meta::for_each_object_segment(&self.meta, |_, name, named, list| {
+            meta::for_each_object_segment(&self.meta(), |_, name, named, list| {
                 // An object's segments come one after another.
                 if named
                     && damaged_objects.last().is_none_or(|n: &String| n != name)
@@ -551,7 +575,7 @@ fn check_integrity(dir: &Path, file: &str, damaged: impl Fn(String) -> Error) ->
         return Ok(());
     }
     let r = crate::guard::catch(|| -> std::result::Result<bool, redb::DatabaseError> {
-        let mut db = Database::builder().open(&copy)?;
+        let mut db = redb::Database::builder().open(&copy)?;
         db.check_integrity()
     });
     let _ = std::fs::remove_file(&copy);
@@ -664,7 +688,7 @@ impl<'r> Ingest<'r> {
             return Ok(());
         }
         let owner = self.owner;
-        let meta_db = &self.repo.meta;
+        let meta_db = self.repo.meta();
         let parts: Vec<meta::ObjectPart<'_>> = self
             .objects
             .iter()
@@ -678,7 +702,7 @@ impl<'r> Ingest<'r> {
             .collect();
         let mut displaced = Vec::new();
         self.batch.commit_part(|ref_seq| {
-            displaced = meta::commit_object_parts(meta_db, owner, &parts, ref_seq)?;
+            displaced = meta::commit_object_parts(&meta_db, owner, &parts, ref_seq)?;
             Ok(())
         })?;
         drop(parts);

@@ -674,11 +674,11 @@ fn a_multi_segment_object_reads_back_is_replaced_and_removal_frees_everything() 
         "committed in parts"
     );
     assert_eq!(get(&repo, "big").unwrap(), data);
-    let segs = rows(repo.meta(), dedupfs::meta::OBJECT_SEGMENTS);
+    let segs = rows(&repo.meta(), dedupfs::meta::OBJECT_SEGMENTS);
     // Parts of 16384 chunks (four whole segments each), then the rest.
     let want = (info.chunks / 16384) * 4 + (info.chunks % 16384).div_ceil(4096);
     assert_eq!(segs, want as u64);
-    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    assert_eq!(rows(&repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
     let s = repo.stats().unwrap();
     assert_eq!(s.logical_bytes, data.len() as u64);
     // Only the chunks around the seam are new in the second half.
@@ -690,7 +690,7 @@ fn a_multi_segment_object_reads_back_is_replaced_and_removal_frees_everything() 
     repo.put_object(OwnerId::LOCAL, "big", &other[..]).unwrap();
     assert_eq!(get(&repo, "big").unwrap(), other);
     assert_eq!(repo.stats().unwrap().logical_bytes, other.len() as u64);
-    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    assert_eq!(rows(&repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
     assert!(repo.fsck(&NoProgress).unwrap().clean);
     repo.put_object(OwnerId::LOCAL, "small", &b"kept"[..])
         .unwrap();
@@ -702,8 +702,8 @@ fn a_multi_segment_object_reads_back_is_replaced_and_removal_frees_everything() 
     assert_eq!(s.logical_bytes, 4);
     assert_eq!(s.live_chunks, 1);
     assert_eq!(s.objects, 1);
-    assert_eq!(rows(repo.meta(), dedupfs::meta::OBJECT_SEGMENTS), 1);
-    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    assert_eq!(rows(&repo.meta(), dedupfs::meta::OBJECT_SEGMENTS), 1);
+    assert_eq!(rows(&repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
     repo.gc(0.0, &NoProgress).unwrap();
     let packs: u64 = packs_of(&dir)
         .iter()
@@ -763,7 +763,7 @@ fn a_failed_put_releases_the_parts_it_committed() {
         repo.stats().unwrap().commits > before.commits,
         "parts committed"
     );
-    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    assert_eq!(rows(&repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
     assert_eq!(get(&repo, "x").unwrap(), old);
     let after = repo.stats().unwrap();
     assert_eq!(after.logical_bytes, before.logical_bytes);
@@ -819,8 +819,8 @@ fn kill_9_between_part_commits_leaves_a_pending_object_that_open_releases() {
     drop(db);
 
     let repo = Repo::open(&dir).unwrap();
-    assert_eq!(rows(repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
-    let segs = rows(repo.meta(), dedupfs::meta::OBJECT_SEGMENTS);
+    assert_eq!(rows(&repo.meta(), dedupfs::meta::PENDING_OBJECTS), 0);
+    let segs = rows(&repo.meta(), dedupfs::meta::OBJECT_SEGMENTS);
     assert_eq!(segs, 1, "only the old object's segment is left");
     assert_eq!(get(&repo, "big").unwrap(), old);
     let after = repo.stats().unwrap();

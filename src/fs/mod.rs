@@ -416,6 +416,7 @@ impl DedupFs {
     /// damaged page) answers that request with EIO, through the reply the
     /// unwinding drops, and is logged, instead of taking the mount down.
     fn guarded(&self, op: &str, f: impl FnOnce()) {
+        self.vol.note_request();
         if let Err(p) = crate::guard::catch(f) {
             log::error!("{op}: {p}; answered with EIO");
         }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex};
-use redb::{Durability, ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadableTable};
 
 use super::Error;
 use super::acl;
@@ -283,6 +283,10 @@ pub struct Volume {
     failed: AtomicBool,
     /// Last free-space reading of the store's disk and when it was taken.
     free_space: Mutex<Option<(std::time::Instant, u64)>>,
+    /// When the volume started, and the last request since then (whole
+    /// seconds): meta.redb is compacted only after a quiet spell.
+    started: std::time::Instant,
+    last_request: AtomicU64,
     snaps: snap::SnapState,
     /// Tells the kernel to forget cached entries and pages (set by the
     /// fuser layer once a session exists).
@@ -303,7 +307,7 @@ impl Volume {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        meta::ensure_fs(repo.meta(), uid, uid)?;
+        meta::ensure_fs(&repo.meta(), uid, uid)?;
         let staging_dir = repo.dir().join("staging");
         fs::create_dir_all(&staging_dir).map_err(|e| io_err("creating staging/", e))?;
         let (tx, rx) = sync_channel::<Msg>(4096);
@@ -347,6 +351,8 @@ impl Volume {
             orphans_clean_upto: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             free_space: Mutex::new(None),
+            started: std::time::Instant::now(),
+            last_request: AtomicU64::new(0),
             snaps: snap::SnapState::default(),
             invalidator: Mutex::new(None),
         });
@@ -2964,6 +2970,54 @@ impl Volume {
 
     /// One bounded round of background gc (see `reclaim_loop`). Returns
     /// whether it compacted a pack and should go again at once.
+    /// Notes that a request came in (the fuser layer calls this for each).
+    pub fn note_request(&self) {
+        let now = self.started.elapsed().as_secs();
+        if self.last_request.load(Ordering::Relaxed) != now {
+            self.last_request.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Compacts meta.redb when it holds enough free pages to pay and no
+    /// request came for `META_COMPACT_IDLE`: the copy has the database to
+    /// itself, so a request that comes during it waits for it.
+    fn compact_meta_if_idle(&self) -> Result<()> {
+        let quiet = self
+            .started
+            .elapsed()
+            .as_secs()
+            .saturating_sub(self.last_request.load(Ordering::Relaxed));
+        if self.read_only || quiet < META_COMPACT_IDLE.as_secs() {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        if let Some((before, after)) = self.repo.compact_meta_live(Duration::from_millis(200))? {
+            log::info!(
+                "gave back {} bytes of meta.redb while mounted ({before} -> {after}) in {:?}",
+                before.saturating_sub(after),
+                t0.elapsed()
+            );
+        }
+        Ok(())
+    }
+
+    /// `dedupfs gc` on a mounted store: every idle pack at or past
+    /// `threshold` compacted, then meta.redb if that pays (waiting up to
+    /// five seconds for a moment when no transaction is open).
+    pub fn gc(&self, threshold: f64) -> Result<store::maint::GcReport> {
+        let opts = store::maint::GcOptions {
+            threshold,
+            free_floor: SPACE_FLOOR,
+            max_packs: usize::MAX,
+        };
+        let mut r = store::maint::gc_with(self.repo.store(), &opts, &crate::NoProgress)?;
+        *self.free_space.lock() = None;
+        if let Some((before, after)) = self.repo.compact_meta_live(Duration::from_secs(5))? {
+            r.db_bytes_freed = before.saturating_sub(after);
+        }
+        Ok(r)
+    }
+
     fn reclaim_round(&self) -> Result<bool> {
         let dir = self.repo.dir();
         let s = rustix::fs::statvfs(dir).map_err(|e| io_err("statvfs", e.into()))?;
@@ -3573,6 +3627,10 @@ const RECLAIM_THRESHOLD: f64 = 0.2;
 const RECLAIM_PRESSED_THRESHOLD: f64 = 0.02;
 /// Packs compacted per round, so a shutdown never waits long for one.
 const RECLAIM_PACKS_PER_ROUND: usize = 2;
+/// How long the filesystem must have been without requests before
+/// meta.redb is compacted, and how often it is looked at.
+const META_COMPACT_IDLE: Duration = Duration::from_secs(30);
+const META_COMPACT_EVERY: Duration = Duration::from_secs(60);
 
 /// Gives the space of deleted data back without a command: compacts packs
 /// whose dead fraction passes `RECLAIM_THRESHOLD`, and under space
@@ -3582,6 +3640,7 @@ const RECLAIM_PACKS_PER_ROUND: usize = 2;
 /// for their one commit, so requests do not wait on the copying.
 fn reclaim_loop(vol: std::sync::Weak<Volume>, stop: &(Mutex<bool>, Condvar)) {
     let mut busy = false;
+    let mut meta_checked = std::time::Instant::now();
     loop {
         {
             let mut stopped = stop.0.lock();
@@ -3608,6 +3667,14 @@ fn reclaim_loop(vol: std::sync::Weak<Volume>, stop: &(Mutex<bool>, Condvar)) {
                 false
             }
         };
+        if !busy && meta_checked.elapsed() >= META_COMPACT_EVERY {
+            meta_checked = std::time::Instant::now();
+            match crate::guard::catch(|| v.compact_meta_if_idle()) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::error!("compacting meta.redb failed: {e}"),
+                Err(p) => log::error!("compacting meta.redb: {p}"),
+            }
+        }
     }
 }
 

@@ -137,8 +137,8 @@ pub struct GcReport {
     /// compacted for want of space.
     #[serde(default)]
     pub bytes_punched: u64,
-    /// Bytes index.redb and meta.redb gave back by compaction (offline
-    /// `dedupfs gc` only).
+    /// Bytes the databases gave back by compaction (`dedupfs gc`: both
+    /// offline, meta.redb alone on a mounted store).
     #[serde(default)]
     pub db_bytes_freed: u64,
 }

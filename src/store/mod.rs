@@ -1708,6 +1708,18 @@ fn rewritten_estimate(space: &DbSpace) -> u64 {
     ((space.stored_bytes + 8 * entries) as f64 / 0.93) as u64 + (64 << 10)
 }
 
+fn pays(space: &DbSpace, estimate: u64) -> bool {
+    let saving = space.file_bytes.saturating_sub(estimate);
+    saving >= COMPACT_MIN_FREE && saving as f64 >= COMPACT_MIN_FRACTION * space.file_bytes as f64
+}
+
+/// Whether [`rewrite_db`] would rewrite `db` now (it checks again itself):
+/// a cheap look before taking the database to oneself.
+pub fn rewrite_pays(db: &Database, path: &Path) -> Result<bool> {
+    let space = db_space(db, path)?;
+    Ok(pays(&space, rewritten_estimate(&space)))
+}
+
 /// Copies whole tables from a read snapshot into a new database, noting
 /// each one, so that [`rewrite_db`] can refuse a copy that left one out.
 pub struct TableCopier<'a> {
@@ -1822,9 +1834,7 @@ pub fn rewrite_db(
     }
     let space = db_space(db, path)?;
     let estimate = rewritten_estimate(&space);
-    let saving = space.file_bytes.saturating_sub(estimate);
-    if saving < COMPACT_MIN_FREE || (saving as f64) < COMPACT_MIN_FRACTION * space.file_bytes as f64
-    {
+    if !pays(&space, estimate) {
         return Ok(None);
     }
     // The copy needs room for what the database holds; on a nearly full
