@@ -59,6 +59,15 @@ impl Error {
     }
 }
 
+impl From<crate::snap::Error> for Error {
+    fn from(e: crate::snap::Error) -> Error {
+        match e {
+            crate::snap::Error::Refused(m) => Error::Snap(m),
+            crate::snap::Error::Store(e) => Error::Store(e),
+        }
+    }
+}
+
 macro_rules! from_db {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {

@@ -32,10 +32,8 @@ use crate::repo::Repo;
 use crate::store::{self, Batch};
 
 mod snap;
-pub use snap::{
-    DeleteReport, DiffEntry, Invalidate, RestoreReport, RollbackReport, SNAPDIR_INO, SNAPDIR_NAME,
-    SnapInfo, SnapRec, is_snap_ino, load_snaps, validate_name,
-};
+pub use crate::snap::{DeleteReport, DiffEntry, SnapInfo, SnapRec, load_snaps, validate_name};
+pub use snap::{Invalidate, RestoreReport, RollbackReport, SNAPDIR_INO, SNAPDIR_NAME, is_snap_ino};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
