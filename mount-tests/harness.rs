@@ -21,17 +21,23 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_dedupfs");
 /// How long an unmount may take to finish pending ingest and exit.
 const UMOUNT_LIMIT: Duration = Duration::from_secs(120);
 
-/// Whether FUSE can be used here; prints why not.
+/// Whether FUSE can be used here; prints why not. With
+/// DEDUPFS_REQUIRE_FUSE=1 (scripts/test sets it) a missing FUSE fails the
+/// test instead: a suite that skips every mount test must not pass.
 pub fn fuse_available() -> bool {
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: /dev/fuse is missing");
-        return false;
-    }
-    if find_in_path("fusermount3").is_none() {
-        eprintln!("skipping: fusermount3 is not installed");
-        return false;
-    }
-    true
+    let why = if !Path::new("/dev/fuse").exists() {
+        "/dev/fuse is missing"
+    } else if find_in_path("fusermount3").is_none() {
+        "fusermount3 is not installed"
+    } else {
+        return true;
+    };
+    assert!(
+        std::env::var_os("DEDUPFS_REQUIRE_FUSE").is_none_or(|v| v != "1"),
+        "FUSE is required (DEDUPFS_REQUIRE_FUSE=1) but {why}"
+    );
+    eprintln!("skipping: {why}");
+    false
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
