@@ -20,6 +20,7 @@ pub mod repo;
 pub mod snap;
 pub mod snapcmd;
 pub mod store;
+pub mod tree;
 
 /// Progress of a long operation; the CLI draws it, the library only reports.
 pub trait Progress: Sync {

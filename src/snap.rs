@@ -384,21 +384,6 @@ pub fn name_at(
     Ok(format!("?inode-{ino}").into_bytes())
 }
 
-/// Splits a path inside the tree into its names ("/a/b", "a/b/" -> a, b).
-pub fn components(path: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    for c in path.split(|b| *b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// Refers of a snapshot: a scan of the inodes it sees (once per snapshot).
 fn refer_at(rt: &ReadTransaction, sgen: u64) -> store::Result<Refer> {
     let t = rt.open_table(meta::INODES)?;

@@ -668,7 +668,7 @@ impl Volume {
         } else {
             let snap = is_snap_ino(ino);
             let rec = if snap {
-                self.snap_inode(ino)?.3
+                self.snap_inode(ino)?.2
             } else {
                 self.read_inode(ino)?
             };
@@ -702,7 +702,7 @@ impl Volume {
             return Err(Error::Errno(libc::EBADF));
         }
         let src_content = if is_snap_ino(ino_in) {
-            self.snap_inode(ino_in)?.3.content
+            self.snap_inode(ino_in)?.2.content
         } else {
             self.read_inode(ino_in)?.content
         };

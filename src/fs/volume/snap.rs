@@ -16,7 +16,8 @@ use serde::Serialize;
 use super::*;
 use crate::format::{self, DirentVal};
 use crate::meta::{NOW, Rec, Versioned};
-use crate::snap::{changed_keys, components, decode_rec, info_of, show_path};
+use crate::snap::{changed_keys, decode_rec, info_of, show_path};
+use crate::tree::{View, components};
 
 pub const SNAP_BIT: u64 = 1 << 63;
 const SID_SHIFT: u32 = 40;
@@ -111,27 +112,31 @@ impl Volume {
         Ok(a)
     }
 
-    pub(super) fn snap_inode(&self, ino: u64) -> Result<(u64, u64, u64, InodeRec)> {
-        let (sid, inner) = split(ino);
+    /// The view a snapshot inode belongs to.
+    fn snap_view(&self, sid: u64) -> Result<View> {
         let sgen = self.snap_gen(sid)?;
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
-        let t = rt.open_table(meta::INODES).map_err(store::Error::from)?;
-        let (_, rec) = meta::inode_at(&t, inner, sgen)?.ok_or(Error::Errno(libc::ENOENT))?;
-        Ok((sid, inner, sgen, rec))
+        Ok(View::at(&rt, sgen)?)
+    }
+
+    pub(super) fn snap_inode(&self, ino: u64) -> Result<(View, u64, InodeRec)> {
+        let (sid, inner) = split(ino);
+        let view = self.snap_view(sid)?;
+        let rec = view.inode(inner)?.ok_or(Error::Errno(libc::ENOENT))?;
+        Ok((view, inner, rec))
     }
 
     pub(super) fn snap_getattr(&self, ino: u64) -> Result<Attr> {
         if ino == SNAPDIR_INO {
             return self.snapdir_attr();
         }
-        let (_, _, _, rec) = self.snap_inode(ino)?;
+        let (_, _, rec) = self.snap_inode(ino)?;
         Ok(self.attr_of(ino, &rec))
     }
 
     pub(super) fn snap_lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
-        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
-        let inodes = rt.open_table(meta::INODES).map_err(store::Error::from)?;
         if parent == SNAPDIR_INO {
+            let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
             let snaps = rt.open_table(meta::SNAPS).map_err(store::Error::from)?;
             let name = std::str::from_utf8(name).map_err(|_| Error::Errno(libc::ENOENT))?;
             let v = snaps
@@ -139,21 +144,23 @@ impl Volume {
                 .map_err(store::Error::from)?
                 .ok_or(Error::Errno(libc::ENOENT))?;
             let r = decode_rec(name, v.value())?;
-            let (_, rec) = meta::inode_at(&inodes, meta::ROOT_INO, r.generation)?
+            let rec = View::at(&rt, r.generation)?
+                .inode(meta::ROOT_INO)?
                 .ok_or(Error::Errno(libc::ENOENT))?;
             return Ok(self.attr_of(join(r.id, meta::ROOT_INO), &rec));
         }
         let (sid, inner) = split(parent);
-        let sgen = self.snap_gen(sid)?;
-        let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
-        let (_, ent) = meta::dirent_at(&d, inner, name, sgen)?.ok_or(Error::Errno(libc::ENOENT))?;
-        let (_, rec) = meta::inode_at(&inodes, ent.ino, sgen)?.ok_or(Error::Errno(libc::ENOENT))?;
+        let view = self.snap_view(sid)?;
+        let ent = view
+            .lookup(inner, name)?
+            .ok_or(Error::Errno(libc::ENOENT))?;
+        let rec = view.inode(ent.ino)?.ok_or(Error::Errno(libc::ENOENT))?;
         Ok(self.attr_of(join(sid, ent.ino), &rec))
     }
 
     pub(super) fn snap_entries(&self, ino: u64) -> Result<Vec<DirEntry>> {
-        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
         if ino == SNAPDIR_INO {
+            let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
             let mut out = dot_entries(ino, meta::ROOT_INO);
             let mut snaps = load_snaps(&rt)?;
             snaps.sort_by(|a, b| a.0.cmp(&b.0));
@@ -166,7 +173,8 @@ impl Volume {
             }
             return Ok(out);
         }
-        let (sid, inner, sgen, rec) = self.snap_inode(ino)?;
+        let sid = split(ino).0;
+        let (view, inner, rec) = self.snap_inode(ino)?;
         if rec.kind != Kind::Dir {
             return Err(Error::Errno(libc::ENOTDIR));
         }
@@ -176,8 +184,7 @@ impl Volume {
             join(sid, rec.parent)
         };
         let mut out = dot_entries(ino, up);
-        let d = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
-        for (name, v) in meta::list_dir_at(&d, inner, sgen, None)? {
+        for (name, v) in view.list(inner)? {
             out.push(DirEntry {
                 name,
                 ino: join(sid, v.ino),
@@ -188,7 +195,7 @@ impl Volume {
     }
 
     pub(super) fn snap_readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        let (_, _, _, rec) = self.snap_inode(ino)?;
+        let (_, _, rec) = self.snap_inode(ino)?;
         match (rec.kind, rec.content) {
             (Kind::Symlink, Content::Inline(t)) => Ok(t),
             _ => Err(Error::Errno(libc::EINVAL)),
@@ -196,7 +203,7 @@ impl Volume {
     }
 
     pub(super) fn snap_read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
-        let (_, _, _, rec) = self.snap_inode(ino)?;
+        let (_, _, rec) = self.snap_inode(ino)?;
         self.read_record(&rec, off, size, || self.snap_chunk_map(ino))
     }
 
@@ -208,12 +215,7 @@ impl Volume {
             return Ok(m.clone());
         }
         let (sid, inner) = split(ino);
-        let sgen = self.snap_gen(sid)?;
-        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
-        let t = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
-        let list = meta::content_at(&t, inner, sgen)?
-            .map(|(_, l)| l)
-            .unwrap_or_default();
+        let list = self.snap_view(sid)?.chunks(inner)?.unwrap_or_default();
         let m = Arc::new(ChunkMap::new(list));
         self.maps.lock().put(ino, m.clone());
         Ok(m)
@@ -224,13 +226,11 @@ impl Volume {
             return Err(Error::Errno(libc::ENODATA));
         }
         let (sid, inner) = split(ino);
-        let sgen = self.snap_gen(sid)?;
-        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
-        let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
-        let stored = meta::xattr_at(&t, inner, name, sgen)?.map(|(_, v)| v);
+        let view = self.snap_view(sid)?;
+        let stored = view.xattr(inner, name)?;
         if name == acl::ACCESS && stored.is_some() {
             // Shown under the snapshot's own mode, as the live tree's are.
-            let (_, _, _, rec) = self.snap_inode(ino)?;
+            let rec = view.inode(inner)?.ok_or(Error::Errno(libc::ENOENT))?;
             return xattr_view(ino, name, stored, rec.perm);
         }
         stored.ok_or(Error::Errno(libc::ENODATA))
@@ -241,17 +241,13 @@ impl Volume {
             return Ok(Vec::new());
         }
         let (sid, inner) = split(ino);
-        let sgen = self.snap_gen(sid)?;
-        let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
-        let t = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
-        let names = meta::list_xattrs_at(&t, inner, sgen)?;
+        let view = self.snap_view(sid)?;
+        let names = view.xattr_names(inner)?;
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let (_, _, _, rec) = self.snap_inode(ino)?;
-        list_view(ino, names, rec.perm, |n| {
-            Ok(meta::xattr_at(&t, inner, n, sgen)?.map(|(_, v)| v))
-        })
+        let rec = view.inode(inner)?.ok_or(Error::Errno(libc::ENOENT))?;
+        list_view(ino, names, rec.perm, |n| view.xattr(inner, n))
     }
 
     // ------------------------------------------------------------ create
@@ -464,59 +460,46 @@ impl Volume {
             .find(|(n, _)| n == snap)
             .map(|(_, r)| r.generation)
             .ok_or_else(|| refused(format!("snapshot {snap} does not exist")))?;
-        let inodes = rt.open_table(meta::INODES).map_err(store::Error::from)?;
-        let dirents = rt.open_table(meta::DIRENTS).map_err(store::Error::from)?;
-        let xattrs = rt.open_table(meta::XATTRS).map_err(store::Error::from)?;
-        let contents = rt.open_table(meta::CONTENTS).map_err(store::Error::from)?;
+        let view = View::at(&rt, sgen)?;
         let shown = show_path(path);
         // Resolve the source in the snapshot.
         let mut src = meta::ROOT_INO;
         for c in &src_parts {
-            let (_, d) = meta::dirent_at(&dirents, src, c, sgen)?
+            let d = view
+                .lookup(src, c)?
                 .ok_or_else(|| refused(format!("snapshot {snap} has no {shown}")))?;
             src = d.ino;
         }
         // Walk the snapshot's subtree.
         let mut plan: Vec<CopyItem> = Vec::new();
-        let mut stack: Vec<(u64, usize, Vec<u8>)> = vec![(src, usize::MAX, dst_name.to_vec())];
         let mut report = RestoreReport {
             path: shown.clone(),
             to: show_path(to.unwrap_or(path)),
             ..Default::default()
         };
-        while let Some((ino, parent, name)) = stack.pop() {
-            let (_, rec) = meta::inode_at(&inodes, ino, sgen)?
-                .ok_or_else(|| refused(format!("snapshot {snap}: inode {ino} is missing")))?;
-            let chunks = match rec.content {
-                Content::Chunked => meta::content_at(&contents, ino, sgen)?.map(|(_, l)| l),
-                _ => None,
-            };
-            let mut xs = Vec::new();
-            for n in meta::list_xattrs_at(&xattrs, ino, sgen)? {
-                if let Some((_, v)) = meta::xattr_at(&xattrs, ino, &n, sgen)? {
-                    xs.push((n, v));
+        view.walk(
+            src,
+            dst_name.to_vec(),
+            |ino| refused(format!("snapshot {snap}: inode {ino} is missing")),
+            |v| {
+                if v.rec.kind == Kind::Dir {
+                    report.dirs += 1;
+                } else {
+                    report.files += 1;
+                    report.bytes += v.rec.size;
                 }
-            }
-            let me = plan.len();
-            if rec.kind == Kind::Dir {
-                report.dirs += 1;
-                for (n, d) in meta::list_dir_at(&dirents, ino, sgen, None)? {
-                    stack.push((d.ino, me, n));
-                }
-            } else {
-                report.files += 1;
-                report.bytes += rec.size;
-            }
-            plan.push(CopyItem {
-                src: ino,
-                parent,
-                name,
-                rec,
-                chunks,
-                xattrs: xs,
-            });
-        }
-        drop((inodes, dirents, xattrs, contents, rt));
+                plan.push(CopyItem {
+                    src: v.ino,
+                    parent: v.parent.unwrap_or(usize::MAX),
+                    name: v.name.clone(),
+                    rec: v.rec.clone(),
+                    chunks: view.chunks_of(v.ino, &v.rec)?,
+                    xattrs: view.xattrs(v.ino)?,
+                });
+                Ok(())
+            },
+        )?;
+        drop((view, rt));
         let mut batch = self.repo.store().batch()?;
         // One reference per chunk per new inode (hard links share one).
         let mut counted: BTreeSet<u64> = BTreeSet::new();
