@@ -292,6 +292,8 @@ fn names_errors_and_finding_the_store() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Something for the diffs below to find.
+        write_file(&t.p("g"), b"between");
         let out = Command::new(SNAPCTL)
             .env("DEDUPFS_STORE", &t.store)
             .current_dir("/")
@@ -305,7 +307,8 @@ fn names_errors_and_finding_the_store() {
         );
         t.umount();
         // Unmounted: snapctl opens the store itself.
-        let s = t.store.to_str().unwrap();
+        let store = t.store.to_str().unwrap().to_string();
+        let s = store.as_str();
         let out = snapctl(&["-s", s, "create", "offline"]);
         assert!(
             out.status.success(),
@@ -321,6 +324,23 @@ fn names_errors_and_finding_the_store() {
             .map(|x| x["name"].as_str().unwrap())
             .collect();
         assert_eq!(names, ["one", "from-cwd", "from-env", "offline"]);
+        // list, show and a diff of two snapshots read the records without
+        // a volume; they must answer what the daemon answers.
+        let offline_diff = snapctl(&["-s", s, "--json", "diff", "one", "from-env"]);
+        assert!(offline_diff.status.success());
+        let offline_diff: Value = serde_json::from_slice(&offline_diff.stdout).unwrap();
+        assert!(offline_diff.to_string().contains("/g"), "{offline_diff}");
+        let shown = snapctl(&["-s", s, "--json", "show", "offline"]);
+        let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+        assert_eq!(shown["name"], "offline");
+        let missing = snapctl(&["-s", s, "show", "nosuch"]);
+        assert!(!missing.status.success());
+        assert!(String::from_utf8_lossy(&missing.stderr).contains("nosuch"));
+        t.mount();
+        let online_diff = snapctl(&["-s", s, "--json", "diff", "one", "from-env"]);
+        let online_diff: Value = serde_json::from_slice(&online_diff.stdout).unwrap();
+        assert_eq!(offline_diff, online_diff);
+        t.umount();
         assert!(
             snapctl(&["-s", s, "delete", "one", "offline"])
                 .status

@@ -181,6 +181,40 @@ fn to_json<T: Serialize>(v: T) -> Result<Value, String> {
 }
 
 /// Runs one snapctl operation (`args.op`) on a volume.
+/// Runs a read-only operation on an unmounted store without starting a
+/// volume (no ingest threads, no replay of staged data): `list`, `show`,
+/// and `diff` between two snapshots, read through `crate::snap`. None for
+/// every other operation, which needs the volume (`diff` against the live
+/// tree included: it must see what a crash left staged, replayed).
+pub fn handle_offline(repo: &crate::repo::Repo, args: &Value) -> Option<Result<Value, String>> {
+    let op = args.get("op").and_then(|v| v.as_str())?;
+    let b = args.get("b").and_then(|v| v.as_str());
+    if !(op == "list" || op == "show" || (op == "diff" && b.is_some())) {
+        return None;
+    }
+    let run = || -> Result<Value, String> {
+        let err = |e: crate::snap::Error| e.to_string();
+        let rt = repo.meta().begin_read().map_err(|e| e.to_string())?;
+        match op {
+            "list" | "show" => {
+                let space =
+                    op == "show" || args.get("space").and_then(|v| v.as_bool()) != Some(false);
+                let (all, _) = crate::snap::list(&rt, repo.store(), space).map_err(err)?;
+                if op == "list" {
+                    return to_json(all);
+                }
+                let name = str_arg(args, "name")?;
+                match all.into_iter().find(|s| s.name == name) {
+                    Some(s) => to_json(s),
+                    None => Err(format!("snapshot {name} does not exist")),
+                }
+            }
+            _ => to_json(crate::snap::diff(&rt, str_arg(args, "a")?, b).map_err(err)?),
+        }
+    };
+    Some(run())
+}
+
 pub fn handle(vol: &Volume, args: &Value) -> Result<Value, String> {
     let op = str_arg(args, "op")?;
     let err = |e: crate::fs::Error| e.to_string();

@@ -234,6 +234,9 @@ fn run_op(store: &Path, mountpoint: Option<&Path>, args: Value) -> anyhow::Resul
             if let Some(mp) = mountpoint {
                 refuse_dead_mount(mp)?;
             }
+            if let Some(r) = snapcmd::handle_offline(&repo, &args) {
+                return r.map_err(|e| anyhow::anyhow!(e));
+            }
             let vol = dedupfs::fs::volume::Volume::start(repo, false, 1)?;
             let r = snapcmd::handle(&vol, &args);
             vol.shutdown();
