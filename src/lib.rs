@@ -17,6 +17,7 @@ pub mod fs;
 pub mod guard;
 pub mod meta;
 pub mod repo;
+pub mod seal;
 pub mod snap;
 pub mod snapcmd;
 pub mod store;
