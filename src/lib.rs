@@ -15,6 +15,7 @@ pub mod ctl;
 pub mod format;
 pub mod fs;
 pub mod guard;
+pub mod ingest;
 pub mod meta;
 pub mod repo;
 pub mod seal;

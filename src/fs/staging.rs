@@ -25,113 +25,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::format::{ChunkRef, Content, InodeRec, Timespec};
+use crate::format::{Content, InodeRec, Timespec};
 
-/// A file's chunk list with the offset where each chunk starts.
-#[derive(Debug, Default)]
-pub struct ChunkMap {
-    pub chunks: Vec<ChunkRef>,
-    /// `starts[i]` is chunk i's offset; one extra entry holds the total.
-    pub starts: Vec<u64>,
-    /// The list's holes, adjacent hole entries merged, in order.
-    holes: Vec<(u64, u64)>,
-    /// See [`ChunkMap::mark`]; computed on first use.
-    mark: std::sync::OnceLock<BaseMark>,
-}
-
-/// Names the chunk list a staged layout was made against, so a replay (and
-/// fsck) can tell whether the committed list is still that one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BaseMark {
-    pub chunks: u64,
-    pub len: u64,
-    /// CRC-32 of the entries (id and length of each), in order.
-    pub crc: u32,
-}
-
-impl BaseMark {
-    pub fn of(chunks: &[ChunkRef]) -> BaseMark {
-        let mut h = crc32fast::Hasher::new();
-        let mut len = 0u64;
-        for c in chunks {
-            h.update(&c.id.0);
-            h.update(&c.len.to_le_bytes());
-            len += c.len as u64;
-        }
-        BaseMark {
-            chunks: chunks.len() as u64,
-            len,
-            crc: h.finalize(),
-        }
-    }
-}
-
-impl ChunkMap {
-    pub fn new(chunks: Vec<ChunkRef>) -> ChunkMap {
-        let mut starts = Vec::with_capacity(chunks.len() + 1);
-        let mut holes: Vec<(u64, u64)> = Vec::new();
-        let mut off = 0u64;
-        for c in &chunks {
-            starts.push(off);
-            let end = off + c.len as u64;
-            if c.is_hole() {
-                match holes.last_mut() {
-                    Some(h) if h.1 == off => h.1 = end,
-                    _ => holes.push((off, end)),
-                }
-            }
-            off = end;
-        }
-        starts.push(off);
-        ChunkMap {
-            chunks,
-            starts,
-            holes,
-            mark: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// The mark of this list (see [`BaseMark`]).
-    pub fn mark(&self) -> BaseMark {
-        *self.mark.get_or_init(|| BaseMark::of(&self.chunks))
-    }
-
-    /// How many bytes below `end` are holes.
-    pub fn hole_bytes_below(&self, end: u64) -> u64 {
-        self.holes
-            .iter()
-            .take_while(|h| h.0 < end)
-            .map(|h| h.1.min(end) - h.0)
-            .sum()
-    }
-
-    /// The first hole that ends after `off`, starting no earlier than it.
-    pub fn hole_from(&self, off: u64) -> Option<(u64, u64)> {
-        let i = self.holes.partition_point(|h| h.1 <= off);
-        self.holes.get(i).map(|&(s, e)| (s.max(off), e))
-    }
-
-    pub fn len(&self) -> u64 {
-        self.starts.last().copied().unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Index of the chunk holding byte `off` (None past the end).
-    pub fn find(&self, off: u64) -> Option<usize> {
-        if off >= self.len() {
-            return None;
-        }
-        Some(self.starts.partition_point(|s| *s <= off) - 1)
-    }
-
-    /// Whether a chunk starts exactly at `off`.
-    pub fn is_cut(&self, off: u64) -> Option<usize> {
-        self.starts[..self.chunks.len()].binary_search(&off).ok()
-    }
-}
+pub use crate::ingest::{BaseMark, ChunkMap};
 
 /// Non-overlapping, non-adjacent half-open ranges.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -911,6 +807,7 @@ impl StagedView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::ChunkRef;
 
     #[test]
     fn range_set_merges_and_truncates() {

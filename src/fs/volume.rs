@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -55,16 +55,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Content at most this long lives in the inode record.
 pub const INLINE_MAX: u64 = 128;
 pub const NAME_MAX: usize = 255;
-/// A stretch of a file that reads as zeros without being stored (a hole of
-/// its staging file, of its old chunk list, or past what was written) is
-/// listed as a hole instead of chunked if it is at least this long. Why:
-/// `truncate -s 1T` chunked and hashed a terabyte of zeros at ingest and
-/// listed the zero chunk 16 million times. Shorter holes are chunked with
-/// the data around them, so an ordinary file chunks the same whether its
-/// zeros were written or skipped.
-const HOLE_MIN: u64 = 1 << 20;
-/// The longest hole entry (a chunk list length is a u32).
-const HOLE_ENTRY_MAX: u64 = 1 << 31;
+use crate::ingest::{HOLE_MIN, list_ref_change};
 /// `Staged::version` of a staging state that still equals the committed
 /// file (nothing written, truncated or re-timed since it was staged).
 const UNTOUCHED: u64 = 1;

@@ -256,123 +256,14 @@ impl Volume {
             self.read_staged(v, 0, &mut out)?;
             return Ok(NewContent::Inline(out));
         }
-        let base = &v.base;
-        let mut first = v.dirty.first_start().unwrap_or(u64::MAX);
-        if v.base_limit < base.len() {
-            first = first.min(v.base_limit);
-        }
-        if v.size != base.len() {
-            first = first.min(v.size.min(base.len()));
-        }
-        if first == u64::MAX {
-            return Ok(NewContent::Chunked(base.chunks.clone()));
-        }
-        // Start at the chunk holding the first change; a change at or past
-        // the end re-cuts the last chunk, whose end was only the file's end.
-        let i0 = base
-            .find(first)
-            .unwrap_or(base.chunks.len().saturating_sub(1));
-        let start = base.starts.get(i0).copied().unwrap_or(0);
-        let mut list: Vec<ChunkRef> = base.chunks[..i0].to_vec();
-        let last_dirty = v.dirty.last_end().unwrap_or(first);
-        let tail_ok = v.tail_intact();
-        // Where the base's own cut points take over again.
-        let resynced = |pos: u64| {
-            if tail_ok && pos > last_dirty {
-                base.is_cut(pos)
-            } else {
-                None
-            }
-        };
-        let mut pos = start;
-        let mut suffix: Option<usize> = None;
-        // Data runs are chunked; holes of HOLE_MIN and more are listed as
-        // holes, neither read, hashed nor stored.
-        while pos < v.size && suffix.is_none() {
-            let hole = if v.size - pos >= HOLE_MIN {
-                v.first_hole(pos, v.size, HOLE_MIN)
-                    .map_err(|e| io_err("finding holes in staging", e))?
-            } else {
-                None
-            };
-            let data_end = hole.map_or(v.size, |h| h.0);
-            let reader = MergedReader {
-                vol: self,
-                view: v,
-                pos,
-                end: data_end,
-            };
-            let res = crate::chunker::chunk_stream(
-                self.repo.store().config().chunker,
-                reader,
-                |data| -> std::result::Result<(), RechunkStop> {
-                    list.push(batch.put_chunk(data).map_err(RechunkStop::Store)?);
-                    pos += data.len() as u64;
-                    suffix = resynced(pos);
-                    match suffix {
-                        Some(_) => Err(RechunkStop::Resynced),
-                        None => Ok(()),
-                    }
-                },
-            );
-            match res {
-                Ok(_) | Err(RechunkStop::Resynced) => {}
-                Err(RechunkStop::Store(e)) => return Err(e.into()),
-                Err(RechunkStop::Io(e)) => return Err(io_err("reading staged data", e)),
-            }
-            let Some((_, hole_end)) = hole else { break };
-            while pos < hole_end && suffix.is_none() {
-                // Entries end at multiples of HOLE_ENTRY_MAX, so the same
-                // hole lists the same way wherever its re-chunk started.
-                let e = ((pos / HOLE_ENTRY_MAX + 1) * HOLE_ENTRY_MAX).min(hole_end);
-                list.push(ChunkRef::hole((e - pos) as u32));
-                pos = e;
-                suffix = resynced(pos);
-            }
-        }
-        if let Some(j) = suffix {
-            list.extend_from_slice(&base.chunks[j..]);
-        }
+        let src = Staging { vol: self, view: v };
+        let list = crate::ingest::rechunk(&src, self.repo.store().config().chunker, batch)
+            .map_err(|e| match e {
+                crate::ingest::Error::Store(e) => e.into(),
+                crate::ingest::Error::Io(e) => io_err("reading staged data", e),
+            })?;
         Ok(NewContent::Chunked(list))
     }
-}
-
-/// Queues the reference changes of an inode whose content versions held the
-/// chunks `before` and will hold `after` (one reference per chunk per inode,
-/// see `meta::chunks_of_ino`).
-/// The reference change of replacing `old` by `new` when they are a file's
-/// only versions (one reference per distinct chunk): the chunks of `new`
-/// that `old` lacks gain one, those of `old` that `new` lacks lose one.
-/// Only the middles between their common prefix and suffix can differ;
-/// None when those are long (a rewrite: the sets cost the same then).
-pub(super) fn list_ref_change(
-    old: &[ChunkRef],
-    new: &[ChunkRef],
-) -> Option<(Vec<ChunkId>, Vec<ChunkId>)> {
-    const MIDDLE_MAX: usize = 4096;
-    let p = old.iter().zip(new).take_while(|(a, b)| a == b).count();
-    let s = old[p..]
-        .iter()
-        .rev()
-        .zip(new[p..].iter().rev())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let (om, nm) = (&old[p..old.len() - s], &new[p..new.len() - s]);
-    if om.len() + nm.len() > MIDDLE_MAX {
-        return None;
-    }
-    let om: format::ChunkIdSet = format::chunk_ids(om).collect();
-    let nm: format::ChunkIdSet = format::chunk_ids(nm).collect();
-    let mut add: format::ChunkIdSet = nm.difference(&om).copied().collect();
-    let mut drop: format::ChunkIdSet = om.difference(&nm).copied().collect();
-    if !add.is_empty() || !drop.is_empty() {
-        // The shared prefix and suffix are in both versions.
-        for id in format::chunk_ids(&old[..p]).chain(format::chunk_ids(&old[old.len() - s..])) {
-            add.remove(&id);
-            drop.remove(&id);
-        }
-    }
-    Some((add.into_iter().collect(), drop.into_iter().collect()))
 }
 
 pub(super) fn queue_union_change(
@@ -419,41 +310,6 @@ pub(super) fn commit_content(
     rec.mtime = view.mtime;
     rec.ctime = rec.ctime.max(view.ctime);
     t.write_inode(ino, &rec)
-}
-
-pub(super) enum RechunkStop {
-    Resynced,
-    Store(store::Error),
-    Io(io::Error),
-}
-
-impl From<io::Error> for RechunkStop {
-    fn from(e: io::Error) -> Self {
-        RechunkStop::Io(e)
-    }
-}
-
-/// Reads a staged file's bytes in [pos, end), merging staging and base.
-pub(super) struct MergedReader<'a> {
-    vol: &'a Volume,
-    view: &'a StagedView,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for MergedReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let end = (self.pos + buf.len() as u64).min(self.end);
-        if self.pos >= end {
-            return Ok(0);
-        }
-        let n = (end - self.pos) as usize;
-        self.vol
-            .read_staged(self.view, self.pos, &mut buf[..n])
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        self.pos = end;
-        Ok(n)
-    }
 }
 
 pub(super) fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<Msg>>>) {
@@ -516,42 +372,49 @@ pub(super) fn ingest_loop(vol: std::sync::Weak<Volume>, rx: Arc<Mutex<Receiver<M
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A staged file as ingest's re-chunking sees it: its base, what changed,
+/// and its bytes merged from the staging file and the base.
+struct Staging<'a> {
+    vol: &'a Volume,
+    view: &'a StagedView,
+}
 
-    proptest::proptest! {
-        /// The middle diff gives what diffing the two lists' sets gives,
-        /// for edits anywhere, chunks repeated within a list, and holes.
-        #[test]
-        fn list_ref_change_matches_set_diff(
-            old in proptest::collection::vec(0u8..12, 0..40),
-            at in 0usize..40,
-            cut in 0usize..8,
-            ins in proptest::collection::vec(0u8..12, 0..8),
-        ) {
-            // Id 0 stands for a hole.
-            let r = |b: &u8| if *b == 0 {
-                ChunkRef::hole(7)
-            } else {
-                ChunkRef { id: ChunkId::of(&[*b]), len: 1 }
-            };
-            let old: Vec<ChunkRef> = old.iter().map(r).collect();
-            let at = at.min(old.len());
-            let end = (at + cut).min(old.len());
-            let mut new = old[..at].to_vec();
-            new.extend(ins.iter().map(r));
-            new.extend_from_slice(&old[end..]);
-            let set = |l: &[ChunkRef]| -> format::ChunkIdSet { format::chunk_ids(l).collect() };
-            let (before, after) = (set(&old), set(&new));
-            let mut want_add: Vec<ChunkId> = after.difference(&before).copied().collect();
-            let mut want_drop: Vec<ChunkId> = before.difference(&after).copied().collect();
-            let (mut add, mut drop) = list_ref_change(&old, &new).unwrap();
-            for v in [&mut want_add, &mut want_drop, &mut add, &mut drop] {
-                v.sort();
-            }
-            proptest::prop_assert_eq!(add, want_add);
-            proptest::prop_assert_eq!(drop, want_drop);
+impl crate::ingest::Changed for Staging<'_> {
+    fn size(&self) -> u64 {
+        self.view.size
+    }
+
+    fn base(&self) -> &ChunkMap {
+        &self.view.base
+    }
+
+    fn first_change(&self) -> Option<u64> {
+        let v = self.view;
+        let mut first = v.dirty.first_start().unwrap_or(u64::MAX);
+        if v.base_limit < v.base.len() {
+            first = first.min(v.base_limit);
         }
+        if v.size != v.base.len() {
+            first = first.min(v.size.min(v.base.len()));
+        }
+        (first != u64::MAX).then_some(first)
+    }
+
+    fn last_change_end(&self) -> Option<u64> {
+        self.view.dirty.last_end()
+    }
+
+    fn tail_intact(&self) -> bool {
+        self.view.tail_intact()
+    }
+
+    fn first_hole(&self, from: u64, end: u64, min: u64) -> io::Result<Option<(u64, u64)>> {
+        self.view.first_hole(from, end, min)
+    }
+
+    fn read_at(&self, off: u64, out: &mut [u8]) -> io::Result<()> {
+        self.vol
+            .read_staged(self.view, off, out)
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 }
