@@ -490,6 +490,32 @@ mod copyout {
         }
     }
 
+    /// A spinner naming the operation, on a terminal, for operations that
+    /// can take long on a big tree (restore, rollback, delete, prune, diff,
+    /// list with sizes); hidden otherwise and when not a terminal.
+    pub fn working(args: &serde_json::Value) -> ProgressBar {
+        let op = args.get("op").and_then(|v| v.as_str()).unwrap_or("");
+        let what = match op {
+            "restore" => "restoring",
+            "rollback" => "rolling back",
+            "delete" => "deleting",
+            "prune" => "pruning",
+            "diff" => "comparing",
+            "list" | "show" => "sizing snapshots",
+            _ => return ProgressBar::hidden(),
+        };
+        if !io::stderr().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            pb.set_style(style);
+        }
+        pb.set_message(what);
+        pb.enable_steady_tick(std::time::Duration::from_millis(120));
+        pb
+    }
+
     /// A bar on a terminal, nothing otherwise.
     pub fn bar(total: u64) -> ProgressBar {
         if !io::stderr().is_terminal() {
@@ -732,7 +758,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             include_manual,
         } => json!({"op": "prune", "dry_run": dry_run, "include_manual": include_manual}),
     };
-    let out = run_op(&target.store, mp, args)?;
+    let spinner = copyout::working(&args);
+    let out = run_op(&target.store, mp, args);
+    spinner.finish_and_clear();
+    let out = out?;
     if cli.json {
         outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
