@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod meta;
 pub mod repo;
 pub mod seal;
+pub mod serve;
 pub mod snap;
 pub mod snapcmd;
 pub mod store;
