@@ -17,6 +17,7 @@ pub mod fs;
 pub mod guard;
 pub mod ingest;
 pub mod meta;
+pub mod metrics;
 pub mod repo;
 pub mod seal;
 pub mod snap;
