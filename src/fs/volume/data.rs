@@ -329,8 +329,10 @@ impl Volume {
     }
 
     pub(super) fn chunk_map(&self, ino: u64) -> Result<Arc<ChunkMap>> {
-        if let Some(m) = self.maps.lock().get(&ino) {
-            return Ok(m.clone());
+        let hit = self.maps.lock().get(&ino).cloned();
+        self.metrics.cache(Cache::ChunkMap, hit.is_some());
+        if let Some(m) = hit {
+            return Ok(m);
         }
         let epoch = self.map_epoch.load(Ordering::SeqCst);
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
@@ -406,8 +408,10 @@ impl Volume {
     }
 
     pub(super) fn chunk(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.chunks.lock().get(id) {
-            return Ok(c.clone());
+        let hit = self.chunks.lock().get(id).cloned();
+        self.metrics.cache(Cache::Chunk, hit.is_some());
+        if let Some(c) = hit {
+            return Ok(c);
         }
         let data = Arc::new(
             self.repo
