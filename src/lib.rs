@@ -4,7 +4,8 @@
 //! `format` (persisted types) -> `chunker` -> `store` (packs + chunk index)
 //! -> `meta` (records that hold references) -> `repo` (orders store and meta
 //! commits, fsck, stats) -> `fs` (the live filesystem and its fuser layer)
-//! -> `snapcmd` (snapctl's operations and the retention policy) -> `ctl`
+//! -> `snapcmd` (snapctl's operations and the retention policy), `status`
+//! (`dedupfs status`, the metrics page; counters in `metrics`) -> `ctl`
 //! (the daemon's control socket) -> the `dedupfs` and `snapctl` binaries
 //! (thin CLIs).
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod repo;
 pub mod seal;
 pub mod snap;
 pub mod snapcmd;
+pub mod status;
 pub mod store;
 pub mod tree;
 
