@@ -1138,8 +1138,9 @@ impl log::Log for DaemonLog {
 /// treat a first argument that is not a subcommand as `mount`.
 fn args() -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    const SUBCOMMANDS: [&str; 11] = [
-        "init", "stats", "fsck", "gc", "object", "debug", "mount", "umount", "help", "-h", "--help",
+    const SUBCOMMANDS: [&str; 12] = [
+        "init", "stats", "fsck", "gc", "object", "debug", "mount", "umount", "status", "help",
+        "-h", "--help",
     ];
     if let Some(first) = a.get(1).and_then(|s| s.to_str())
         && !SUBCOMMANDS.contains(&first)

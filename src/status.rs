@@ -408,7 +408,7 @@ pub fn render_text(s: &Status) -> String {
         line(
             "last commit",
             match &i.last_commit {
-                Some(t) => format!("{t} ({} commits since mount)", i.commits),
+                Some(t) => format!("{t} ({} since mount)", count(i.commits, "commit")),
                 None => "none since mount".into(),
             },
         );
@@ -432,9 +432,25 @@ pub fn render_text(s: &Status) -> String {
         },
     );
     if let Some(r) = &s.requests {
-        line("requests", format!("{} ({} errors)", r.total, r.errors));
+        // Errors include the expected ones (ENOENT, ENODATA of xattr probes).
+        line(
+            "requests",
+            format!(
+                "{} since mount, {}",
+                r.total,
+                count(r.errors, "error reply")
+            ),
+        );
     }
     out
+}
+
+fn count(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 fn human(n: u64) -> String {
