@@ -235,6 +235,15 @@ impl Metrics {
         }
     }
 
+    /// Hits and misses of cache `c` so far.
+    pub fn cache_counts(&self, c: Cache) -> (u64, u64) {
+        let n = &self.caches[c as usize];
+        (
+            n.hits.load(Ordering::Relaxed),
+            n.misses.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn cache(&self, c: Cache, hit: bool) {
         let c = &self.caches[c as usize];
         if hit {

@@ -51,3 +51,46 @@ impl Volume {
         self.started.elapsed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Cache;
+
+    #[test]
+    fn backlog_and_counters_follow_a_write_through_ingest() {
+        let dir = tempfile::tempdir().unwrap();
+        Repo::init(dir.path(), &store::InitOptions::default()).unwrap();
+        let vol = Volume::start(Repo::open(dir.path()).unwrap(), false, 1).unwrap();
+        let root = Caller { uid: 0, gid: 0 };
+        let a = vol
+            .make_node(root, meta::ROOT_INO, b"f", Kind::File, 0o644, 0, 0, None)
+            .unwrap();
+        let o = vol.open_file(a.ino, libc::O_WRONLY, false).unwrap();
+        vol.write(o.fh, 0, &[7u8; 5000]).unwrap();
+        let b = vol.backlog();
+        assert_eq!((b.staged_files, b.staged_bytes), (1, 5000), "{b:?}");
+        assert!(b.pending_bytes >= 5000, "{b:?}");
+        vol.release(o.fh).unwrap();
+        assert!(vol.wait_all_committed(Duration::from_secs(30)));
+        assert_eq!(vol.backlog(), Backlog::default());
+        let t = vol.metrics().ingest_totals();
+        assert_eq!((t.files, t.bytes), (1, 5000), "{t:?}");
+        assert!(t.commits >= 1 && vol.metrics().last_commit().is_some());
+        // The first read builds the chunk map, the second finds it.
+        for _ in 0..2 {
+            assert_eq!(vol.read(a.ino, 0, 8192).unwrap().len(), 5000);
+        }
+        let (hits, misses) = vol.metrics().cache_counts(Cache::ChunkMap);
+        assert!(
+            hits >= 1 && misses >= 1,
+            "chunk map: {hits} hits, {misses} misses"
+        );
+        let (hits, misses) = vol.metrics().cache_counts(Cache::Chunk);
+        assert!(
+            hits >= 1 && misses >= 1,
+            "chunks: {hits} hits, {misses} misses"
+        );
+        vol.shutdown();
+    }
+}
