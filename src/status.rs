@@ -562,16 +562,26 @@ impl Drop for HttpServer {
     }
 }
 
-/// Reads one request head and answers it.
+/// Reads one request head and answers it. The head must arrive within
+/// `HTTP_TIMEOUT` in all: a per-read limit alone let a client trickling a
+/// byte at a time hold the thread, and so the unmount that joins it.
 fn answer(mut conn: TcpStream, page: &Page) -> io::Result<()> {
-    conn.set_read_timeout(Some(HTTP_TIMEOUT))?;
     conn.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    let deadline = Instant::now() + HTTP_TIMEOUT;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         if head.len() > HTTP_REQUEST_MAX {
             return respond(&mut conn, "431 Request Header Fields Too Large", "", false);
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head too slow",
+            ));
+        }
+        conn.set_read_timeout(Some(left))?;
         let n = conn.read(&mut buf)?;
         if n == 0 {
             break;
