@@ -5,9 +5,10 @@
 //! -> `meta` (records that hold references) -> `repo` (orders store and meta
 //! commits, fsck, stats) -> `fs` (the live filesystem and its fuser layer)
 //! -> `snapcmd` (snapctl's operations and the retention policy), `status`
-//! (`dedupfs status`, the metrics page; counters in `metrics`) -> `ctl`
+//! (`dedupfs status`, the metrics page) -> `ctl`
 //! (the daemon's control socket) -> the `dedupfs` and `snapctl` binaries
-//! (thin CLIs).
+//! (thin CLIs). `metrics` (counters, std only) sits beside `format`: `fs`
+//! records into it, `status` renders it.
 #![forbid(unsafe_code)]
 
 pub mod chunker;
