@@ -149,6 +149,7 @@ fn status_and_metrics_report_a_mount() {
         );
         let off = status_json(&t.store);
         assert_eq!(off["mounted"], false, "{off}");
+        assert_eq!(off["store"], s["store"], "{off}");
         assert!(off["requests"].is_null(), "{off}");
         assert_eq!(off["snapshots"]["count"], 1, "{off}");
         assert_eq!(off["space"]["logical_bytes"], s["space"]["logical_bytes"]);

@@ -159,7 +159,11 @@ pub fn offline(store: &Path, repo: &Repo) -> Result<Status, crate::snap::Error> 
     let (snaps, _) = crate::snap::list(&rt, repo.store(), false)?;
     Ok(Status {
         version: STATUS_VERSION,
-        store: store.display().to_string(),
+        // Canonical, as the daemon reports it.
+        store: std::fs::canonicalize(store)
+            .unwrap_or_else(|_| store.to_path_buf())
+            .display()
+            .to_string(),
         mounted: false,
         mountpoint: None,
         transport: None,
