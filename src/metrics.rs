@@ -164,16 +164,25 @@ pub enum Cache {
     ChunkMap,
     /// Directory listings being read in pieces (readdir).
     Listing,
+    /// Read-only opens of committed files through the daemon: a hit lets
+    /// the kernel keep the pages it cached (FOPEN_KEEP_CACHE).
+    KernelPages,
 }
 
 impl Cache {
-    pub const ALL: [Cache; 3] = [Cache::Chunk, Cache::ChunkMap, Cache::Listing];
+    pub const ALL: [Cache; 4] = [
+        Cache::Chunk,
+        Cache::ChunkMap,
+        Cache::Listing,
+        Cache::KernelPages,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Cache::Chunk => "chunk",
             Cache::ChunkMap => "chunk_map",
             Cache::Listing => "listing",
+            Cache::KernelPages => "kernel_pages",
         }
     }
 }

@@ -254,7 +254,9 @@ impl Volume {
             let mut cached = self.cached.lock();
             if !write && backing.is_none() && staged.is_none() && rec.kind == Kind::File {
                 let stamp = (rec.mtime, rec.ctime, rec.size);
-                cached.put(ino, stamp) == Some(stamp)
+                let keep = cached.put(ino, stamp) == Some(stamp);
+                self.metrics.cache(Cache::KernelPages, keep);
+                keep
             } else {
                 cached.pop(&ino);
                 false

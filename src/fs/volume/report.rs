@@ -91,6 +91,12 @@ mod tests {
             hits >= 1 && misses >= 1,
             "chunks: {hits} hits, {misses} misses"
         );
+        // A second read-only open of an unchanged file keeps the kernel's pages.
+        for _ in 0..2 {
+            let o = vol.open_file(a.ino, libc::O_RDONLY, false).unwrap();
+            vol.release(o.fh).unwrap();
+        }
+        assert_eq!(vol.metrics().cache_counts(Cache::KernelPages), (1, 1));
         vol.shutdown();
     }
 }
