@@ -15,6 +15,7 @@ mod formats;
 mod harness;
 mod many;
 mod model;
+mod observe;
 mod passthrough;
 mod posix;
 mod races;

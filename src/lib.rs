@@ -4,9 +4,11 @@
 //! `format` (persisted types) -> `chunker` -> `store` (packs + chunk index)
 //! -> `meta` (records that hold references) -> `repo` (orders store and meta
 //! commits, fsck, stats) -> `fs` (the live filesystem and its fuser layer)
-//! -> `snapcmd` (snapctl's operations and the retention policy) -> `ctl`
+//! -> `snapcmd` (snapctl's operations and the retention policy), `status`
+//! (`dedupfs status`, the metrics page) -> `ctl`
 //! (the daemon's control socket) -> the `dedupfs` and `snapctl` binaries
-//! (thin CLIs).
+//! (thin CLIs). `metrics` (counters, std only) sits beside `format`: `fs`
+//! records into it, `status` renders it.
 #![forbid(unsafe_code)]
 
 pub mod chunker;
@@ -17,11 +19,13 @@ pub mod fs;
 pub mod guard;
 pub mod ingest;
 pub mod meta;
+pub mod metrics;
 pub mod repo;
 pub mod seal;
 pub mod serve;
 pub mod snap;
 pub mod snapcmd;
+pub mod status;
 pub mod store;
 pub mod tree;
 

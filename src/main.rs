@@ -130,12 +130,28 @@ enum Cmd {
         #[arg(short = 'f', long)]
         foreground: bool,
         /// Mount options: allow_other, allow_root, ro, rw, noatime, nodev,
-        /// nosuid, noexec, snapdir=visible|hidden, nopassthrough.
+        /// nosuid, noexec, snapdir=visible|hidden, nopassthrough,
+        /// metrics=ADDR:PORT (serve GET /metrics; loopback unless
+        /// metrics_remote is given too).
         #[arg(short = 'o', value_delimiter = ',')]
         options: Vec<String>,
         /// FUSE request threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+    },
+    /// A store at a glance: mount, pending ingest, space, snapshots.
+    ///
+    /// TARGET is a mountpoint or a store. On a mounted store the daemon
+    /// answers, adding the transport, the ingest backlog, the last commit
+    /// and request totals; its counters in Prometheus format are served by
+    /// the control socket's "metrics" command and `-o metrics=ADDR`.
+    #[command(after_help = "Example:\n  dedupfs status ~/dedupfs\n  dedupfs status ~/store --json")]
+    Status {
+        /// A mountpoint of dedupfs, or a store directory.
+        target: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Unmount a mounted store (pending ingest finishes first).
     ///
@@ -517,6 +533,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             options,
             threads,
         } => return mount(&store, &mountpoint, foreground, &options, threads),
+        Cmd::Status { target, json } => {
+            let store = if target.join(dedupfs::meta::META_FILE).exists() {
+                target.clone()
+            } else {
+                dedupfs::ctl::store_of_mount(&target).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} is neither a store nor a dedupfs mount",
+                        target.display()
+                    )
+                })?
+            };
+            let s: dedupfs::status::Status = match Repo::open(&store) {
+                Ok(repo) => dedupfs::status::offline(&store, &repo)?,
+                Err(dedupfs::store::Error::Locked(_)) => {
+                    via_daemon(&store, dedupfs::status::CTL_STATUS)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if json {
+                print_json(&s)?;
+            } else {
+                outln!("{}", dedupfs::status::render_text(&s).trim_end());
+            }
+        }
         Cmd::Umount { mountpoint } => {
             let store = dedupfs::ctl::store_of_mount(&mountpoint);
             let ok = std::process::Command::new("fusermount3")
@@ -807,7 +847,8 @@ fn mount(
         .mount_options
         .push(MountOption::Subtype("dedupfs".into()));
     config.mount_options.push(MountOption::DefaultPermissions);
-    for o in options {
+    let (metrics_at, options) = dedupfs::status::metrics_options(options)?;
+    for o in &options {
         match o.as_str() {
             "allow_other" => config.acl = SessionACL::All,
             "allow_root" => config.acl = SessionACL::RootAndOwner,
@@ -854,6 +895,18 @@ fn mount(
     // Before the mount: resolving the path afterwards would ask the
     // daemon, which is not serving yet.
     let canonical = std::fs::canonicalize(mountpoint)?;
+    let status = dedupfs::status::Daemon::new(vol.clone(), store, mountpoint);
+    let metrics_http = match metrics_at {
+        Some((addr, remote)) => {
+            let s = status.clone();
+            Some(dedupfs::status::HttpServer::start(
+                addr,
+                remote,
+                Arc::new(move || s.metrics_text()),
+            )?)
+        }
+        None => None,
+    };
     let mut session = fuser::Session::new(fs, mountpoint, &config)?;
     dedupfs::fs::readahead::raise_readahead(&canonical, dedupfs::fs::readahead::READAHEAD_KIB);
     let notifier = session.notifier();
@@ -913,6 +966,7 @@ fn mount(
                     .map_err(|e| e.to_string())
             }
             dedupfs::snapcmd::CTL_COMMAND => dedupfs::snapcmd::handle(&handler_vol, args),
+            dedupfs::status::CTL_STATUS | dedupfs::status::CTL_METRICS => status.handle(cmd),
             other => Err(format!("unknown command '{other}'")),
         });
     let _ctl = dedupfs::ctl::Server::start(store, handler)?;
@@ -946,6 +1000,7 @@ fn mount(
     }
     log::info!("mounted {} on {}", store.display(), mountpoint.display());
     let res = session.run();
+    drop(metrics_http);
     handle.close();
     shutdown.run();
     ended.set();
@@ -1083,8 +1138,9 @@ impl log::Log for DaemonLog {
 /// treat a first argument that is not a subcommand as `mount`.
 fn args() -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    const SUBCOMMANDS: [&str; 11] = [
-        "init", "stats", "fsck", "gc", "object", "debug", "mount", "umount", "help", "-h", "--help",
+    const SUBCOMMANDS: [&str; 12] = [
+        "init", "stats", "fsck", "gc", "object", "debug", "mount", "umount", "status", "help",
+        "-h", "--help",
     ];
     if let Some(first) = a.get(1).and_then(|s| s.to_str())
         && !SUBCOMMANDS.contains(&first)

@@ -229,7 +229,15 @@ impl Creds {
 }
 
 fn errno(e: &Error) -> Errno {
+    FAILED.set(true);
     Errno::from_i32(e.errno())
+}
+
+thread_local! {
+    /// Set when the request running on this thread answers with an error
+    /// (`errno` is the one way errors become replies); `guarded` reads and
+    /// clears it to count errors by opcode without touching every reply.
+    static FAILED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Looking this name up panics in debug builds (see `lookup`).
@@ -424,11 +432,19 @@ impl DedupFs {
     /// Runs a request's handler; a panic in it (ours, or redb's on a
     /// damaged page) answers that request with EIO, through the reply the
     /// unwinding drops, and is logged, instead of taking the mount down.
+    /// Also where requests are counted and timed by opcode (atomics only:
+    /// see `crate::metrics`).
     fn guarded(&self, op: &str, f: impl FnOnce()) {
+        let t0 = Instant::now();
         self.vol.note_request();
-        if let Err(p) = crate::guard::catch(f) {
+        FAILED.set(false);
+        let panicked = crate::guard::catch(f).map_err(|p| {
             log::error!("{op}: {p}; answered with EIO");
-        }
+        });
+        let failed = FAILED.replace(false) || panicked.is_err();
+        self.vol
+            .metrics()
+            .record_request(crate::metrics::op_index(op), t0.elapsed(), failed);
     }
 
     /// Shares the volume's shutdown with whoever else may have to run it.

@@ -37,17 +37,20 @@ use super::acl;
 use super::staging::{self, ChunkMap, Piece, RangeSet, Sidecar, Staged, StagedView};
 use crate::format::{self, ChunkId, ChunkRef, Content, InodeRec, Kind, LIVE, OwnerId, Timespec};
 use crate::meta::{self, Gens};
+use crate::metrics::Cache;
 use crate::repo::Repo;
 use crate::store::{self, Batch};
 
 mod data;
 mod ingest;
 mod ns;
+mod report;
 mod snap;
 mod stage;
 mod upkeep;
 use self::{ingest::*, ns::*, stage::*, upkeep::*};
 pub use crate::snap::{DeleteReport, DiffEntry, SnapInfo, SnapRec, load_snaps, validate_name};
+pub use report::Backlog;
 pub use snap::{Invalidate, RestoreReport, RollbackReport, SNAPDIR_INO, SNAPDIR_NAME, is_snap_ino};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -295,6 +298,8 @@ pub struct Volume {
     /// Tells the kernel to forget cached entries and pages (set by the
     /// fuser layer once a session exists).
     invalidator: Mutex<Option<Invalidator>>,
+    /// Request, cache and ingest counters (see `crate::metrics`).
+    metrics: crate::metrics::Metrics,
 }
 
 pub type Invalidator = Box<dyn Fn(Invalidate) + Send + Sync>;
@@ -359,6 +364,7 @@ impl Volume {
             last_request: AtomicU64::new(0),
             snaps: snap::SnapState::default(),
             invalidator: Mutex::new(None),
+            metrics: crate::metrics::Metrics::default(),
         });
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {

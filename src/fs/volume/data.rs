@@ -254,7 +254,9 @@ impl Volume {
             let mut cached = self.cached.lock();
             if !write && backing.is_none() && staged.is_none() && rec.kind == Kind::File {
                 let stamp = (rec.mtime, rec.ctime, rec.size);
-                cached.put(ino, stamp) == Some(stamp)
+                let keep = cached.put(ino, stamp) == Some(stamp);
+                self.metrics.cache(Cache::KernelPages, keep);
+                keep
             } else {
                 cached.pop(&ino);
                 false
@@ -329,8 +331,10 @@ impl Volume {
     }
 
     pub(super) fn chunk_map(&self, ino: u64) -> Result<Arc<ChunkMap>> {
-        if let Some(m) = self.maps.lock().get(&ino) {
-            return Ok(m.clone());
+        let hit = self.maps.lock().get(&ino).cloned();
+        self.metrics.cache(Cache::ChunkMap, hit.is_some());
+        if let Some(m) = hit {
+            return Ok(m);
         }
         let epoch = self.map_epoch.load(Ordering::SeqCst);
         let rt = self.repo.meta().begin_read().map_err(store::Error::from)?;
@@ -406,8 +410,10 @@ impl Volume {
     }
 
     pub(super) fn chunk(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.chunks.lock().get(id) {
-            return Ok(c.clone());
+        let hit = self.chunks.lock().get(id).cloned();
+        self.metrics.cache(Cache::Chunk, hit.is_some());
+        if let Some(c) = hit {
+            return Ok(c);
         }
         let data = Arc::new(
             self.repo

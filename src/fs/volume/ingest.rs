@@ -152,6 +152,13 @@ impl Volume {
             }
             Ok(())
         })?;
+        let (files, bytes) = built
+            .iter()
+            .zip(&keep)
+            .zip(&live)
+            .filter(|((_, k), l)| **k && **l)
+            .fold((0, 0), |(n, b), ((x, _), _)| (n + 1, b + x.2.dirty.total()));
+        self.metrics.ingest_committed(files, bytes);
         let mut again = Vec::new();
         for (i, (ino, _, _, _)) in built.iter().enumerate() {
             let gd = &mut guards[i];

@@ -596,14 +596,15 @@ impl Volume {
     pub fn listing(&self, ino: u64, offset: u64) -> Result<Listing> {
         let id = (offset >> 32) as u32;
         let start = (offset & 0xffff_ffff) as usize;
-        if offset != 0
-            && let Some(entries) = self.listings.lock().get(&id)
-        {
-            return Ok(Listing {
-                id,
-                entries: entries.clone(),
-                start,
-            });
+        // Offset 0 starts a listing; any other resumes one, from the cache.
+        let hit = (offset != 0)
+            .then(|| self.listings.lock().get(&id).cloned())
+            .flatten();
+        if offset != 0 {
+            self.metrics.cache(Cache::Listing, hit.is_some());
+        }
+        if let Some(entries) = hit {
+            return Ok(Listing { id, entries, start });
         }
         let entries = Arc::new(if is_snap_ino(ino) {
             self.snap_entries(ino)?

@@ -211,8 +211,10 @@ impl Volume {
     /// reused and their content never changes, so the live map cache can
     /// hold them too.
     pub(super) fn snap_chunk_map(&self, ino: u64) -> Result<Arc<ChunkMap>> {
-        if let Some(m) = self.maps.lock().get(&ino) {
-            return Ok(m.clone());
+        let hit = self.maps.lock().get(&ino).cloned();
+        self.metrics.cache(Cache::ChunkMap, hit.is_some());
+        if let Some(m) = hit {
+            return Ok(m);
         }
         let (sid, inner) = split(ino);
         let list = self.snap_view(sid)?.chunks(inner)?.unwrap_or_default();
