@@ -153,6 +153,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a mirror target that many hosts share and none can read.
+    ///
+    /// Runs in the foreground (for systemd) and keeps, in DIR, the sealed
+    /// blobs of every registered client and their owner counts
+    /// (docs/protocol.md, docs/security.md). Plain HTTP on loopback only:
+    /// TLS is not built yet. `client add|list|remove` manage who may use
+    /// it, while it runs or not. GET /metrics gives its figures.
+    #[command(
+        after_help = "Examples:\n  dedupfs serve --store /srv/dedupfs --listen 127.0.0.1:8417\n  dedupfs serve --store /srv/dedupfs client add laptop --key HEX --quota 100000000000\n  dedupfs serve --store /srv/dedupfs client list --json"
+    )]
+    Serve {
+        /// The target's directory (created if missing).
+        #[arg(long, global = true)]
+        store: Option<PathBuf>,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8417")]
+        listen: std::net::SocketAddr,
+        #[command(subcommand)]
+        cmd: Option<ServeCmd>,
+    },
     /// Unmount a mounted store (pending ingest finishes first).
     ///
     /// Unmounts MOUNTPOINT and waits until the daemon has committed what
@@ -285,6 +305,36 @@ impl Drop for Bar {
     fn drop(&mut self) {
         self.0.finish_and_clear();
     }
+}
+
+#[derive(Subcommand)]
+enum ServeCmd {
+    /// Manage the clients allowed to use this target.
+    #[command(subcommand)]
+    Client(ClientCmd),
+}
+
+#[derive(Subcommand)]
+enum ClientCmd {
+    /// Register a client by its Ed25519 public key.
+    Add {
+        name: String,
+        /// The client's public key, 64 hex digits.
+        #[arg(long)]
+        key: String,
+        /// Bytes the client may keep referenced and pending.
+        #[arg(long)]
+        quota: Option<u64>,
+    },
+    /// List clients: bytes referenced, pending, quota, last seen.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a client with its references and roots; blobs nobody else
+    /// holds are deleted.
+    Remove { name: String },
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -533,6 +583,56 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             options,
             threads,
         } => return mount(&store, &mountpoint, foreground, &options, threads),
+        Cmd::Serve { store, listen, cmd } => {
+            let dir = store.ok_or_else(|| anyhow::anyhow!("--store DIR is required"))?;
+            let admin = |c: &str, args: serde_json::Value| {
+                dedupfs::serve::admin_call(&dir, c, args).map_err(|e| anyhow::anyhow!(e))
+            };
+            match cmd {
+                None => dedupfs::serve::run(&dir, listen).map_err(|e| anyhow::anyhow!(e))?,
+                Some(ServeCmd::Client(ClientCmd::Add { name, key, quota })) => {
+                    admin(
+                        "client_add",
+                        serde_json::json!({"name": name, "key": key, "quota": quota}),
+                    )?;
+                    outln!("added client {name}");
+                }
+                Some(ServeCmd::Client(ClientCmd::List { json })) => {
+                    let v = admin("client_list", serde_json::Value::Null)?;
+                    if json {
+                        print_json(&v)?;
+                    } else {
+                        outln!(
+                            "{:<20} {:>14} {:>14} {:>14} LAST SEEN",
+                            "NAME",
+                            "REFERENCED",
+                            "PENDING",
+                            "QUOTA"
+                        );
+                        for c in v.as_array().into_iter().flatten() {
+                            let seen = c["last_seen"].as_i64().unwrap_or(0);
+                            outln!(
+                                "{:<20} {:>14} {:>14} {:>14} {}",
+                                c["name"].as_str().unwrap_or(""),
+                                c["referenced_bytes"],
+                                c["pending_bytes"],
+                                c["quota"].as_u64().map_or("-".into(), |q| q.to_string()),
+                                if seen == 0 {
+                                    "never".to_string()
+                                } else {
+                                    chrono::DateTime::from_timestamp(seen, 0)
+                                        .map_or(seen.to_string(), |t| t.to_rfc3339())
+                                }
+                            );
+                        }
+                    }
+                }
+                Some(ServeCmd::Client(ClientCmd::Remove { name })) => {
+                    let v = admin("client_remove", serde_json::json!({"name": name}))?;
+                    outln!("removed client {name} ({} blobs freed)", v["blobs_freed"]);
+                }
+            }
+        }
         Cmd::Status { target, json } => {
             let store = if target.join(dedupfs::meta::META_FILE).exists() {
                 target.clone()
@@ -1138,9 +1238,9 @@ impl log::Log for DaemonLog {
 /// treat a first argument that is not a subcommand as `mount`.
 fn args() -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    const SUBCOMMANDS: [&str; 12] = [
-        "init", "stats", "fsck", "gc", "object", "debug", "mount", "umount", "status", "help",
-        "-h", "--help",
+    const SUBCOMMANDS: [&str; 13] = [
+        "init", "stats", "fsck", "gc", "object", "debug", "mount", "umount", "status", "serve",
+        "help", "-h", "--help",
     ];
     if let Some(first) = a.get(1).and_then(|s| s.to_str())
         && !SUBCOMMANDS.contains(&first)
