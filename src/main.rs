@@ -25,7 +25,13 @@ use dedupfs::cli::is_broken_pipe;
 #[command(
     name = "dedupfs",
     version,
-    about = "A deduplicating filesystem and chunkstore"
+    about = "A deduplicating filesystem and chunkstore",
+    long_about = "A deduplicating filesystem and chunkstore.\n\n\
+Files are split by content (FastCDC), each chunk is named by its SHA-1 and \
+stored once, compressed, in append-only pack files. A store is a directory; \
+`dedupfs mount` serves it as a filesystem with snapshots (see snapctl(1)), \
+and `dedupfs object` uses it without the filesystem.",
+    after_long_help = MOUNT_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -196,6 +202,13 @@ enum Cmd {
     /// Internal measurements used by scripts/bench.
     #[command(subcommand, hide = true)]
     Debug(DebugCmd),
+    /// Write the manual pages and shell completions into DIR (man/man1,
+    /// bash-completion, zsh, fish), for scripts/mount and scripts/package.
+    #[command(hide = true)]
+    Generate {
+        /// Directory to write into, laid out as /usr/local/share.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -271,6 +284,34 @@ enum DebugCmd {
         threads: usize,
     },
 }
+
+/// How mount(8) and /etc/fstab reach the daemon, for `dedupfs --help` and
+/// the manual page (see `args()` for the argument handling it relies on).
+const MOUNT_HELP: &str = "\
+Mounting with mount(8) and /etc/fstab:
+For the type fuse.dedupfs, mount(8) runs the FUSE helper mount.fuse3, which
+runs `dedupfs STORE MOUNTPOINT -o OPTIONS` from the PATH; a first argument
+that is not a subcommand means `dedupfs mount`. So, with dedupfs on the PATH:
+
+    mount -t fuse.dedupfs /home/me/.dedupfs /home/me/dedupfs -o allow_other
+
+or in /etc/fstab:
+
+    /home/me/.dedupfs  /home/me/dedupfs  fuse.dedupfs  defaults,allow_other,nofail  0 0
+
+The options are those of `dedupfs mount -o` (see dedupfs-mount(1)); others
+that reach dedupfs are logged and ignored. Unmount with
+`dedupfs umount MOUNTPOINT` or umount(8).
+
+Files:
+  STORE/dedupfs.log   the daemon's log (RUST_LOG=debug for more)
+  STORE/ctl.sock      how stats, fsck, gc and snapctl reach a mounted store
+
+Examples:
+  dedupfs init ~/store
+  dedupfs mount ~/store ~/dedupfs
+  dedupfs stats ~/store
+  dedupfs umount ~/dedupfs";
 
 /// An indicatif bar on a terminal; nothing otherwise.
 struct Bar(ProgressBar);
@@ -693,6 +734,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(_) | Err(dedupfs::store::Error::Locked(_)) => {}
                     Err(e) => log::warn!("compacting the databases of {}: {e}", store.display()),
                 }
+            }
+        }
+        Cmd::Generate { dir } => {
+            use clap::CommandFactory;
+            for path in dedupfs::cli::write_docs(Cli::command(), &dir)? {
+                outln!("{}", path.display());
             }
         }
         Cmd::Debug(DebugCmd::Pipeline {
@@ -1238,9 +1285,9 @@ impl log::Log for DaemonLog {
 /// treat a first argument that is not a subcommand as `mount`.
 fn args() -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    const SUBCOMMANDS: [&str; 13] = [
-        "init", "stats", "fsck", "gc", "object", "debug", "mount", "umount", "status", "serve",
-        "help", "-h", "--help",
+    const SUBCOMMANDS: [&str; 14] = [
+        "init", "stats", "fsck", "gc", "object", "debug", "generate", "mount", "umount", "status",
+        "serve", "help", "-h", "--help",
     ];
     if let Some(first) = a.get(1).and_then(|s| s.to_str())
         && !SUBCOMMANDS.contains(&first)

@@ -100,6 +100,13 @@ enum Cmd {
         #[arg(long)]
         include_manual: bool,
     },
+    /// Write the manual pages and shell completions into DIR (man/man1,
+    /// bash-completion, zsh, fish), for scripts/mount and scripts/package.
+    #[command(hide = true)]
+    Generate {
+        /// Directory to write into, laid out as /usr/local/share.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -681,6 +688,13 @@ mod copyout {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Cmd::Generate { dir } = &cli.cmd {
+        use clap::CommandFactory;
+        for path in dedupfs::cli::write_docs(Cli::command(), dir)? {
+            outln!("{}", path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let target = find_target(&cli)?;
     let mp = target.mountpoint.as_deref();
     if let Cmd::Restore {
@@ -726,6 +740,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             "to": to.as_ref().map(|t| bytes_json(&tree_path(t, mp))),
         }),
         Cmd::Rollback { snap, force } => json!({"op": "rollback", "snap": snap, "force": force}),
+        // Answered above, without a store.
+        Cmd::Generate { .. } => return Ok(ExitCode::SUCCESS),
         Cmd::Policy { cmd } => match cmd {
             PolicyCmd::Show => json!({"op": "policy_show"}),
             PolicyCmd::Set {
@@ -810,6 +826,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             count(out["records_reverted"].as_u64().unwrap_or(0), "record")
         ),
         Cmd::Policy { .. } => print_policy(&out),
+        Cmd::Generate { .. } => {}
         Cmd::Prune { dry_run, .. } => {
             let key = if *dry_run { "would_delete" } else { "deleted" };
             let names: Vec<&str> = out[key]
