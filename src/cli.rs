@@ -78,11 +78,33 @@ pub fn write_docs(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<
             std::fs::create_dir_all(parent)?;
         }
         let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
-        clap_complete::generate(shell, &mut cmd, &name, &mut out);
+        clap_complete::generate(shell, &mut visible(&cmd), &name, &mut out);
         std::io::Write::flush(&mut out)?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// `cmd` without its hidden subcommands and arguments, for completions:
+/// clap_complete offers hidden subcommands (`debug`, `generate`) unless
+/// they are gone from the command it is given.
+fn visible(cmd: &clap::Command) -> clap::Command {
+    let mut out = clap::Command::new(cmd.get_name().to_owned())
+        .disable_help_subcommand(true)
+        .args(
+            cmd.get_arguments()
+                .filter(|a| !a.is_hide_set() && !matches!(a.get_id().as_str(), "help" | "version"))
+                .cloned(),
+        )
+        .subcommands(
+            cmd.get_subcommands()
+                .filter(|s| !s.is_hide_set())
+                .map(visible),
+        );
+    if let Some(about) = cmd.get_about() {
+        out = out.about(about.clone());
+    }
+    out
 }
 
 /// One page for `cmd`, then one for each subcommand that is not hidden,
@@ -195,6 +217,9 @@ mod tests {
             "fish/vendor_completions.d/tool.fish",
         ] {
             assert!(written.contains(&dir.path().join(f)), "{f} not written");
+            let text = std::fs::read_to_string(dir.path().join(f)).unwrap();
+            assert!(text.contains("run"), "{f}");
+            assert!(!text.contains("secret"), "{f} offers a hidden subcommand");
         }
         let top = std::fs::read_to_string(man.join("tool.1")).unwrap();
         assert!(top.contains(".SH EXAMPLES\n.RS 4\n.nf\ntool run x\n.fi\n.RE\n"));
