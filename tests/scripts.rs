@@ -23,7 +23,8 @@ fn mount_script_installs_what_a_fresh_machine_lacks() {
     }
     // The few real tools the script uses; no fusermount3, cc, pkg-config.
     for tool in [
-        "bash", "dirname", "id", "sed", "cut", "sort", "head", "mkdir", "cat", "cp",
+        "bash", "dirname", "id", "sed", "cut", "sort", "head", "mkdir", "cat", "cp", "mktemp",
+        "find", "rm",
     ] {
         let real = ["/usr/bin", "/bin"]
             .iter()
@@ -62,7 +63,26 @@ fn mount_script_installs_what_a_fresh_machine_lacks() {
     );
     stub(&bin, "cargo", &format!("echo \"cargo $*\" >> {l}"));
     stub(&bin, "install", &format!("echo \"install $*\" >> {l}"));
-    stub(&prefix, "dedupfs", &format!("echo \"dedupfs $*\" >> {l}"));
+    // PREFIX is a prefix: the installed command is PREFIX/bin/dedupfs.
+    fs::create_dir(prefix.join("bin")).unwrap();
+    stub(
+        &prefix.join("bin"),
+        "dedupfs",
+        &format!("echo \"dedupfs $*\" >> {l}"),
+    );
+    // What cargo would have built, in CARGO_TARGET_DIR: `generate DIR`
+    // writes a manual page there, as the real commands do.
+    let built = t.path().join("target/release");
+    fs::create_dir_all(&built).unwrap();
+    for name in ["dedupfs", "snapctl"] {
+        stub(
+            &built,
+            name,
+            &format!(
+                "echo \"built-{name} $*\" >> {l}; mkdir -p \"$2/man/man1\"; echo page > \"$2/man/man1/{name}.1\""
+            ),
+        );
+    }
     let out = Command::new(bin.join("bash"))
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mount"))
         .arg(t.path().join("store"))
@@ -71,6 +91,7 @@ fn mount_script_installs_what_a_fresh_machine_lacks() {
         .env("PATH", &bin)
         .env("HOME", &home)
         .env("PREFIX", &prefix)
+        .env("CARGO_TARGET_DIR", t.path().join("target"))
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
@@ -105,8 +126,14 @@ fn mount_script_installs_what_a_fresh_machine_lacks() {
             .any(|l| l.starts_with("cargo build --release") && !l.contains("quiet")),
         "{log}"
     );
+    assert!(has("release/dedupfs") && has("release/snapctl"), "{log}");
+    // Manual pages (and completions) generated and installed under share/.
     assert!(
-        has("target/release/dedupfs target/release/snapctl"),
+        has("built-dedupfs generate") && has("built-snapctl generate"),
+        "{log}"
+    );
+    assert!(
+        has("share/man/man1/dedupfs.1") && has("share/man/man1/snapctl.1"),
         "{log}"
     );
     assert!(has("dedupfs mount"), "{log}");
