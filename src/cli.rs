@@ -193,6 +193,31 @@ fn after_help_sections(text: &str, roff: &mut roff::Roff) {
     }
 }
 
+/// "1 chunk", "2 chunks".
+pub fn count(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// Bytes in binary units with `places` decimals ("512 B", "1.50 MiB").
+pub fn human(n: u64, places: usize) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.places$} {}", U[i])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +254,15 @@ mod tests {
         assert!(run.contains(".SH EXAMPLE\n"));
         assert!(run.contains(".SH \"SEE ALSO\"") || run.contains(".SH SEE ALSO"));
         assert!(run.contains("tool 1.2.3"), "every page names the version");
+    }
+
+    #[test]
+    fn sizes_and_counts_read_as_text() {
+        assert_eq!(human(512, 2), "512 B");
+        assert_eq!(human(1536, 2), "1.50 KiB");
+        assert_eq!(human(1536, 1), "1.5 KiB");
+        assert_eq!(human(3 << 30, 1), "3.0 GiB");
+        assert_eq!(count(1, "chunk"), "1 chunk");
+        assert_eq!(count(2, "chunk"), "2 chunks");
     }
 }

@@ -450,26 +450,11 @@ pub fn render_text(s: &Status) -> String {
 }
 
 fn count(n: u64, what: &str) -> String {
-    if n == 1 {
-        format!("1 {what}")
-    } else {
-        format!("{n} {what}s")
-    }
+    crate::cli::count(n, what)
 }
 
 fn human(n: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
+    crate::cli::human(n, 1)
 }
 
 /// The metrics page over HTTP (`-o metrics=ADDR`): answers `GET /metrics`
