@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody as _};
 use axum::http::{HeaderMap, Method, Request, Response, StatusCode};
 
 use super::target::{self, Commit, Refusal, Target};
@@ -104,8 +104,6 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
         }
     }
 }
-
-use axum::body::HttpBody as _;
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())

@@ -83,6 +83,7 @@ pub struct ClientRec {
     pub referenced_bytes: u64,
     pub pending_bytes: u64,
     pub added: i64,
+    /// Unix seconds, to the minute (see `Target::seen`).
     pub last_seen: i64,
 }
 
@@ -129,12 +130,22 @@ pub struct Target {
     /// Nonces seen per client, with their request time, for the skew
     /// window. Not persisted: a restarted target accepts only requests
     /// signed after it started (`started`), so none seen before can replay.
-    nonces: Mutex<HashMap<(String, String), i64>>,
+    nonces: Mutex<Nonces>,
+    /// When each client's `last_seen` was last written: it is written at
+    /// most once a minute, not in a write transaction per request.
+    noted: Mutex<HashMap<String, i64>>,
     /// Held across every change of the `blobs` table together with the
     /// file it names (a put's commit, a collect's commit and its deletes),
     /// so a blob listed is always a blob stored.
     lock: Mutex<()>,
     pub started: i64,
+}
+
+/// Nonces seen, and when they were last pruned.
+#[derive(Default)]
+struct Nonces {
+    seen: HashMap<(String, String), i64>,
+    pruned: i64,
 }
 
 pub fn now() -> i64 {
@@ -167,7 +178,8 @@ impl Target {
         Ok(Target {
             db,
             blobs,
-            nonces: Mutex::new(HashMap::new()),
+            nonces: Mutex::new(Nonces::default()),
+            noted: Mutex::new(HashMap::new()),
             lock: Mutex::new(()),
             started: now(),
         })
@@ -342,9 +354,13 @@ impl Target {
         let msg = crate::seal::request_message(method, path, time, nonce, body);
         crate::seal::verify_request(&key, &msg, &sig)
             .map_err(|_| Refusal::new(401, "bad_signature", "the signature does not verify"))?;
-        let mut seen = self.nonces.lock();
-        seen.retain(|_, at| (t - *at).abs() <= 2 * SKEW_SECS);
-        if seen
+        let mut n = self.nonces.lock();
+        // Expired nonces go once per skew window, not at every request.
+        if t - n.pruned >= SKEW_SECS {
+            n.seen.retain(|_, at| (t - *at).abs() <= 2 * SKEW_SECS);
+            n.pruned = t;
+        }
+        if n.seen
             .insert((client.to_string(), nonce.to_string()), time)
             .is_some()
         {
@@ -353,8 +369,17 @@ impl Target {
         Ok(client.to_string())
     }
 
-    /// Notes that a client was seen (for `client list`); best effort.
+    /// Notes that a client was seen (for `client list`), at most once a
+    /// minute per client; best effort.
     pub fn seen(&self, client: &str) {
+        let at = now();
+        {
+            let mut noted = self.noted.lock();
+            if noted.get(client).is_some_and(|last| at - last < 60) {
+                return;
+            }
+            noted.insert(client.to_string(), at);
+        }
         let r = (|| -> Result<(), Refusal> {
             let mut tx = db!(self.db.begin_write());
             db!(tx.set_durability(redb::Durability::None));
@@ -363,7 +388,7 @@ impl Target {
                 let cur = db!(t.get(client)).map(|v| v.value().to_vec());
                 if let Some(b) = cur {
                     let mut rec: ClientRec = db!(serde_json::from_slice(&b));
-                    rec.last_seen = now();
+                    rec.last_seen = at;
                     let b = db!(serde_json::to_vec(&rec));
                     db!(t.insert(client, b.as_slice()));
                 }
