@@ -266,3 +266,20 @@ mod tests {
         assert_eq!(count(2, "chunk"), "2 chunks");
     }
 }
+
+/// A spinner naming a long operation, on stderr when it is a terminal;
+/// hidden otherwise. Drop it to clear it.
+pub fn spinner(msg: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+        pb.set_style(style);
+    }
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}

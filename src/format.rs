@@ -310,6 +310,9 @@ pub enum Sealing {
     None,
     /// Convergent AEAD (decision 8); used on the wire to untrusted remotes.
     Convergent,
+    /// Sealed under one host's metadata key (a mirror's tree or chunk
+    /// list, docs/security.md); only on the wire.
+    Host,
 }
 
 /// The header in front of every blob, on disk and on the wire.
@@ -334,6 +337,7 @@ impl BlobHeader {
         h[2] = match self.sealing {
             Sealing::None => 0,
             Sealing::Convergent => 1,
+            Sealing::Host => 2,
         };
         h[4..8].copy_from_slice(&self.raw_len.to_le_bytes());
         h
@@ -357,6 +361,7 @@ impl BlobHeader {
         let sealing = match b[2] {
             0 => Sealing::None,
             1 => Sealing::Convergent,
+            2 => Sealing::Host,
             c => return Err(FormatError::UnknownSealing(c)),
         };
         Ok(BlobHeader {

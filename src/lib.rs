@@ -20,6 +20,7 @@ pub mod guard;
 pub mod ingest;
 pub mod meta;
 pub mod metrics;
+pub mod mirror;
 pub mod repo;
 pub mod seal;
 pub mod serve;

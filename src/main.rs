@@ -189,6 +189,42 @@ enum Cmd {
         /// Where the store is mounted.
         mountpoint: PathBuf,
     },
+    /// Rebuild a store from a remote, on an empty machine.
+    ///
+    /// With the passphrase and the host name the snapshots were mirrored
+    /// under, fetches every snapshot of that host from the target, writes
+    /// each into a new store (only what changed from the one before) and
+    /// snapshots it under its old name and labels. The remote stays
+    /// configured in the new store, so mounting it shows the snapshots and
+    /// the mirror continues from the newest.
+    #[command(after_help = "Example:
+  dedupfs recover --remote https://backup.example:8443 --host laptop ~/.local/share/dedupfs/store")]
+    Recover {
+        /// The target's URL.
+        #[arg(long, value_name = "URL")]
+        remote: String,
+        /// The host name the snapshots were mirrored under.
+        #[arg(long)]
+        host: String,
+        /// The new store's directory (missing or empty).
+        store: PathBuf,
+        /// Read the passphrase from this file (mode 600) instead of
+        /// DEDUPFS_PASSPHRASE or a prompt.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        /// The convergence secret the host used, if any (mode 600).
+        #[arg(long, value_name = "FILE")]
+        convergence_secret_file: Option<PathBuf>,
+        /// Trust this CA certificate (PEM) for the target's TLS.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// The remote's name in the new store.
+        #[arg(long, default_value = "origin")]
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Named objects: byte streams kept as chunk lists (tools, tests, bench).
     ///
     /// The chunk store without the filesystem: put files or stdin under a
@@ -682,6 +718,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outln!("{}", dedupfs::status::render_text(&s).trim_end());
             }
         }
+        Cmd::Recover {
+            remote,
+            host,
+            store,
+            passphrase_file,
+            convergence_secret_file,
+            ca_file,
+            name,
+            json,
+        } => {
+            use dedupfs::mirror;
+            let err = |e: String| anyhow::anyhow!(e);
+            let pass = mirror::passphrase(passphrase_file.as_deref(), false).map_err(err)?;
+            let secret = match &convergence_secret_file {
+                Some(f) => mirror::read_secret_file(f).map_err(err)?,
+                None => Vec::new(),
+            };
+            let ca_file = match ca_file {
+                Some(f) => Some(std::path::absolute(f)?),
+                None => None,
+            };
+            let spin = dedupfs::cli::spinner("deriving keys (Argon2id, 256 MiB)");
+            let keys = mirror::derive(&pass, &host, secret).map_err(err)?;
+            spin.set_message(format!("recovering from {remote}"));
+            let cfg = mirror::Config {
+                url: remote.trim_end_matches('/').to_string(),
+                host,
+                ca_file,
+                added: mirror::unix_now(),
+            };
+            let store = std::path::absolute(&store)?;
+            let rep = mirror::recover::recover(&store, &name, cfg, keys).map_err(err)?;
+            drop(spin);
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                outln!(
+                    "recovered {} snapshot(s) into {} ({} blobs, {} fetched); remote {} set up",
+                    rep.snapshots.len(),
+                    rep.store.display(),
+                    rep.blobs_fetched,
+                    dedupfs::cli::human(rep.bytes_fetched, 1),
+                    rep.remote
+                );
+            }
+        }
         Cmd::Umount { mountpoint } => {
             let store = dedupfs::ctl::store_of_mount(&mountpoint);
             let ok = std::process::Command::new("fusermount3")
@@ -1057,6 +1139,23 @@ fn mount(
             log::debug!("cache invalidation: {e}");
         }
     }));
+    let mirror = {
+        let weak = Arc::downgrade(&vol);
+        Arc::new(dedupfs::mirror::worker::Worker::start(
+            store.to_path_buf(),
+            Box::new(
+                move |f: &mut dyn FnMut(&dedupfs::repo::Repo)| match weak.upgrade() {
+                    Some(v) if v.is_running() => {
+                        f(v.repo());
+                        true
+                    }
+                    _ => false,
+                },
+            ),
+        )?)
+    };
+    let handler_mirror = mirror.clone();
+    let handler_store = store.to_path_buf();
     let handler_vol = vol.clone();
     let handler: std::sync::Arc<dedupfs::ctl::Handler> =
         std::sync::Arc::new(move |cmd: &str, args: &serde_json::Value| match cmd {
@@ -1096,7 +1195,19 @@ fn mount(
                     .map(|_| serde_json::Value::Null)
                     .map_err(|e| e.to_string())
             }
-            dedupfs::snapcmd::CTL_COMMAND => dedupfs::snapcmd::handle(&handler_vol, args),
+            dedupfs::snapcmd::CTL_COMMAND => {
+                let r = dedupfs::snapcmd::handle(&handler_vol, args);
+                if r.is_ok() && args.get("op").and_then(|o| o.as_str()) == Some("create") {
+                    handler_mirror.wake();
+                }
+                r
+            }
+            dedupfs::mirror::cmd::CTL_COMMAND => dedupfs::mirror::cmd::handle(
+                handler_vol.repo(),
+                &handler_store,
+                args,
+                Some(&handler_mirror),
+            ),
             dedupfs::status::CTL_STATUS | dedupfs::status::CTL_METRICS => status.handle(cmd),
             other => Err(format!("unknown command '{other}'")),
         });
@@ -1269,9 +1380,9 @@ impl log::Log for DaemonLog {
 /// treat a first argument that is not a subcommand as `mount`.
 fn args() -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    const SUBCOMMANDS: [&str; 14] = [
+    const SUBCOMMANDS: [&str; 15] = [
         "init", "stats", "fsck", "gc", "object", "debug", "generate", "mount", "umount", "status",
-        "serve", "help", "-h", "--help",
+        "recover", "serve", "help", "-h", "--help",
     ];
     if let Some(first) = a.get(1).and_then(|s| s.to_str())
         && !SUBCOMMANDS.contains(&first)

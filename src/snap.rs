@@ -171,7 +171,7 @@ pub fn load_snaps(rt: &ReadTransaction) -> store::Result<Vec<(String, SnapRec)>>
     Ok(out)
 }
 
-fn format_time(secs: i64, nanos: u32) -> String {
+pub fn format_time(secs: i64, nanos: u32) -> String {
     chrono::DateTime::from_timestamp(secs, nanos)
         .map(|t| {
             t.with_timezone(&chrono::Local)

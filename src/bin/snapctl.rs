@@ -77,6 +77,12 @@ enum Cmd {
         /// plain copy. With the store unmounted, a path in the tree.
         #[arg(long)]
         to: Option<PathBuf>,
+        /// Restore from this remote's copy of the snapshot instead (PATH
+        /// is inside the snapshot; --to, a new local path, is required).
+        /// Only blobs the local store lacks are fetched; every blob is
+        /// checked.
+        #[arg(long, value_name = "NAME")]
+        remote: Option<String>,
     },
     /// Put the whole live tree back to a snapshot.
     Rollback {
@@ -90,6 +96,13 @@ enum Cmd {
     Policy {
         #[command(subcommand)]
         cmd: PolicyCmd,
+    },
+    /// Mirrors of the snapshots on `dedupfs serve` targets: each new
+    /// snapshot's delta is sealed (the target reads none of it) and sent
+    /// by the daemon, deduplicated against all the target holds.
+    Remote {
+        #[command(subcommand)]
+        cmd: RemoteCmd,
     },
     /// Delete the automatic snapshots the policy no longer keeps.
     Prune {
@@ -107,6 +120,44 @@ enum Cmd {
         /// Directory to write into, laid out as /usr/local/share.
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum RemoteCmd {
+    /// Add a remote. The keys are derived from the passphrase and the
+    /// host name (Argon2id): with both, `dedupfs recover` rebuilds the
+    /// store on another machine. Prints the public key to register on
+    /// the target (`dedupfs serve client add HOST --key KEY`).
+    Add {
+        name: String,
+        /// The target, e.g. https://backup.example:8443 (plain http only
+        /// to a loopback address).
+        url: String,
+        /// Read the passphrase from this file (mode 600) instead of
+        /// DEDUPFS_PASSPHRASE or a prompt.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        /// Seal chunks with this secret too (mode 600): chunks then dedup
+        /// only among hosts sharing it, and hosts without it cannot
+        /// confirm that this host stores a file they know. Default: none
+        /// (dedup with every host of the target).
+        #[arg(long, value_name = "FILE")]
+        convergence_secret_file: Option<PathBuf>,
+        /// The name this host has on the target (default: its host name).
+        #[arg(long)]
+        host: Option<String>,
+        /// Trust this CA certificate (PEM) for the target's TLS.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+    },
+    /// The remotes, with their URLs and this host's public key.
+    List,
+    /// Forget a remote here (what the target holds stays there).
+    Remove { name: String },
+    /// Last snapshot mirrored, bytes sent, lag, last error, next attempt.
+    Status { name: Option<String> },
+    /// Mirror now: every snapshot the remote lacks, or only SNAP.
+    Push { name: String, snap: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -253,6 +304,263 @@ fn run_op(store: &Path, mountpoint: Option<&Path>, args: Value) -> anyhow::Resul
             dedupfs::ctl::call(store, snapcmd::CTL_COMMAND, args).map_err(|e| anyhow::anyhow!(e))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs a remote operation: through the daemon when the store is
+/// mounted, on the store directly otherwise.
+fn mirror_op(store: &Path, args: Value) -> anyhow::Result<Value> {
+    use dedupfs::mirror::cmd;
+    match Repo::open(store) {
+        Ok(repo) => cmd::handle(&repo, store, &args, None).map_err(|e| anyhow::anyhow!(e)),
+        Err(dedupfs::store::Error::Locked(_)) => {
+            dedupfs::ctl::call(store, cmd::CTL_COMMAND, args).map_err(|e| anyhow::anyhow!(e))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `snapctl remote ...` and `restore --remote`; None for other commands.
+fn remote_cmd(cli: &Cli, target: &Target) -> anyhow::Result<Option<ExitCode>> {
+    let store = &target.store;
+    let mp = target.mountpoint.as_deref();
+    let out = match &cli.cmd {
+        Cmd::Restore {
+            snap,
+            path,
+            to,
+            remote: Some(remote),
+        } => {
+            let Some(to) = to else {
+                anyhow::bail!("restore --remote needs --to DEST (a new local path)");
+            };
+            let to = std::path::absolute(to)?;
+            mirror_op(
+                store,
+                json!({"op": "restore", "remote": remote, "snap": snap,
+                       "path": bytes_json(&tree_path(path, mp)),
+                       "to": to.to_string_lossy()}),
+            )?
+        }
+        Cmd::Remote { cmd } => match cmd {
+            RemoteCmd::Add {
+                name,
+                url,
+                passphrase_file,
+                convergence_secret_file,
+                host,
+                ca_file,
+            } => remote_add(
+                store,
+                name,
+                url,
+                passphrase_file.as_deref(),
+                convergence_secret_file.as_deref(),
+                host.clone(),
+                ca_file.clone(),
+            )?,
+            RemoteCmd::List => mirror_op(store, json!({"op": "list"}))?,
+            RemoteCmd::Remove { name } => {
+                mirror_op(store, json!({"op": "remove", "remote": name}))?
+            }
+            RemoteCmd::Status { name } => {
+                mirror_op(store, json!({"op": "status", "remote": name}))?
+            }
+            RemoteCmd::Push { name, snap } => {
+                let spin = dedupfs::cli::spinner(&format!("mirroring to {name}"));
+                let r = mirror_op(store, json!({"op": "push", "remote": name, "snap": snap}));
+                drop(spin);
+                r?
+            }
+        },
+        _ => return Ok(None),
+    };
+    if cli.json {
+        outln!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_remote(&cli.cmd, &out);
+    }
+    Ok(Some(ExitCode::SUCCESS))
+}
+
+fn remote_add(
+    store: &Path,
+    name: &str,
+    url: &str,
+    passphrase_file: Option<&Path>,
+    secret_file: Option<&Path>,
+    host: Option<String>,
+    ca_file: Option<PathBuf>,
+) -> anyhow::Result<Value> {
+    use dedupfs::mirror;
+    mirror::validate_name(name).map_err(|e| anyhow::anyhow!(e))?;
+    check_url(url)?;
+    let host = host.unwrap_or_else(mirror::hostname);
+    let pass = mirror::passphrase(passphrase_file, true).map_err(|e| anyhow::anyhow!(e))?;
+    let secret = match secret_file {
+        Some(f) => mirror::read_secret_file(f).map_err(|e| anyhow::anyhow!(e))?,
+        None => Vec::new(),
+    };
+    let ca_file = match ca_file {
+        Some(f) => Some(std::path::absolute(f)?),
+        None => None,
+    };
+    let spin = dedupfs::cli::spinner("deriving keys (Argon2id, 256 MiB)");
+    let keys = mirror::derive(&pass, &host, secret).map_err(|e| anyhow::anyhow!(e))?;
+    drop(spin);
+    let cfg = mirror::Config {
+        url: url.trim_end_matches('/').to_string(),
+        host: host.clone(),
+        ca_file,
+        added: mirror::unix_now(),
+    };
+    let r = mirror::Remote::add(store, name, cfg, &keys).map_err(|e| anyhow::anyhow!(e))?;
+    let public = mirror::hex(keys.signing.verifying_key().as_bytes());
+    // Is the host registered yet? A hint only: the remote is added either way.
+    let registered = match r.client().map(|c| c.account()) {
+        Ok(Ok(_)) => json!(true),
+        Ok(Err(e)) if e.code() == Some("unknown_client") => json!(false),
+        Ok(Err(e)) => json!(format!("could not ask: {e}")),
+        Err(e) => json!(format!("could not ask: {e}")),
+    };
+    if dedupfs::ctl::socket_path(store).exists() {
+        let _ = dedupfs::ctl::call(
+            store,
+            dedupfs::mirror::cmd::CTL_COMMAND,
+            json!({"op": "wake"}),
+        );
+    }
+    Ok(
+        json!({"name": name, "url": r.cfg.url, "host": host, "public_key": public,
+              "registered": registered,
+              "register_with": format!("dedupfs serve --store DIR client add {host} --key {public}")}),
+    )
+}
+
+/// Plain HTTP only to a loopback address: everything else must be https.
+fn check_url(url: &str) -> anyhow::Result<()> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        anyhow::bail!("{url}: the URL must start with https:// (or http:// to a loopback address)");
+    };
+    let hostport = rest.split('/').next().unwrap_or("");
+    let host = hostport
+        .strip_prefix('[')
+        .and_then(|h| h.split(']').next())
+        .unwrap_or_else(|| hostport.rsplit_once(':').map_or(hostport, |(h, _)| h));
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        anyhow::bail!("{url}: plain http is for loopback targets only; use https://");
+    }
+    Ok(())
+}
+
+fn print_remote(cmd: &Cmd, v: &Value) {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    match cmd {
+        Cmd::Restore { .. } => outln!(
+            "restored {} files, {} directories, {} from snapshot {} ({} blobs fetched, {}; {} chunks from the local store)",
+            n("files"),
+            n("dirs"),
+            human(n("bytes")),
+            v["snapshot"].as_str().unwrap_or(""),
+            n("blobs_fetched"),
+            human(n("bytes_fetched")),
+            n("chunks_local")
+        ),
+        Cmd::Remote { cmd } => match cmd {
+            RemoteCmd::Add { .. } => {
+                outln!(
+                    "added remote {} ({}) as host {}",
+                    v["name"].as_str().unwrap_or(""),
+                    v["url"].as_str().unwrap_or(""),
+                    v["host"].as_str().unwrap_or("")
+                );
+                outln!("public key: {}", v["public_key"].as_str().unwrap_or(""));
+                if v["registered"] != json!(true) {
+                    outln!("not registered on the target yet; there, run:");
+                    outln!("  {}", v["register_with"].as_str().unwrap_or(""));
+                }
+            }
+            RemoteCmd::List => {
+                for r in v.as_array().into_iter().flatten() {
+                    outln!(
+                        "{:<16} {:<40} host {}  key {}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["url"].as_str().unwrap_or(""),
+                        r["host"].as_str().unwrap_or(""),
+                        r["public_key"]
+                            .as_str()
+                            .unwrap_or(r["error"].as_str().unwrap_or(""))
+                    );
+                }
+            }
+            RemoteCmd::Remove { .. } => {
+                outln!("removed remote {}", v["removed"].as_str().unwrap_or(""))
+            }
+            RemoteCmd::Status { .. } => {
+                for r in v.as_array().into_iter().flatten() {
+                    let when = |k: &str| {
+                        r[k].as_i64()
+                            .map(|t| dedupfs::snap::format_time(t, 0))
+                            .unwrap_or_else(|| "-".into())
+                    };
+                    outln!(
+                        "{} ({})",
+                        r["remote"].as_str().unwrap_or(""),
+                        r["url"].as_str().unwrap_or("")
+                    );
+                    outln!(
+                        "  last snapshot mirrored: {} at {}",
+                        r["last_snapshot"].as_str().unwrap_or("none"),
+                        when("last_mirrored")
+                    );
+                    outln!(
+                        "  behind: {} snapshot(s){}",
+                        r["snapshots_behind"].as_u64().unwrap_or(0),
+                        r["lag_seconds"]
+                            .as_i64()
+                            .map(|s| format!(", oldest unmirrored {s} s old"))
+                            .unwrap_or_default()
+                    );
+                    outln!(
+                        "  sent: {} last run, {} in all",
+                        human(r["bytes_sent_last_run"].as_u64().unwrap_or(0)),
+                        human(r["bytes_sent_total"].as_u64().unwrap_or(0))
+                    );
+                    if let Some(e) = r["last_error"].as_str() {
+                        outln!("  last error: {e}");
+                        outln!("  next attempt: {}", when("next_attempt"));
+                    }
+                }
+            }
+            RemoteCmd::Push { name, .. } => {
+                let snaps: Vec<&str> = v["snapshots"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str())
+                    .collect();
+                if snaps.is_empty() {
+                    outln!("{name}: nothing to mirror");
+                } else {
+                    outln!(
+                        "{name}: mirrored {} ({} blobs, {} sent, {} chunks sealed, {:.1} s)",
+                        snaps.join(", "),
+                        n("blobs_sent"),
+                        human(n("bytes_sent")),
+                        n("chunks_sealed"),
+                        v["seconds"].as_f64().unwrap_or(0.0)
+                    );
+                }
+            }
+        },
+        _ => {}
     }
 }
 
@@ -697,10 +1005,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let target = find_target(&cli)?;
     let mp = target.mountpoint.as_deref();
+    if let Some(code) = remote_cmd(&cli, &target)? {
+        return Ok(code);
+    }
     if let Cmd::Restore {
         snap,
         path,
         to: Some(to),
+        remote: None,
     } = &cli.cmd
         && let Some(dest) = outside_the_tree(to, mp)
     {
@@ -733,15 +1045,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Show { name } => json!({"op": "show", "name": name}),
         Cmd::Delete { names } => json!({"op": "delete", "names": names}),
         Cmd::Diff { a, b } => json!({"op": "diff", "a": a, "b": b}),
-        Cmd::Restore { snap, path, to } => json!({
+        Cmd::Restore { snap, path, to, .. } => json!({
             "op": "restore",
             "snap": snap,
             "path": bytes_json(&tree_path(path, mp)),
             "to": to.as_ref().map(|t| bytes_json(&tree_path(t, mp))),
         }),
         Cmd::Rollback { snap, force } => json!({"op": "rollback", "snap": snap, "force": force}),
-        // Answered above, without a store.
-        Cmd::Generate { .. } => return Ok(ExitCode::SUCCESS),
+        // Answered above.
+        Cmd::Generate { .. } | Cmd::Remote { .. } => return Ok(ExitCode::SUCCESS),
         Cmd::Policy { cmd } => match cmd {
             PolicyCmd::Show => json!({"op": "policy_show"}),
             PolicyCmd::Set {
@@ -820,6 +1132,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Restore { .. } => print_restored(&out),
+        Cmd::Remote { .. } => {}
         Cmd::Rollback { .. } => outln!(
             "rolled back to {}: {} reverted",
             out["snapshot"].as_str().unwrap_or(""),

@@ -442,7 +442,7 @@ impl Target {
             ));
         }
         match crate::format::BlobHeader::decode(body) {
-            Ok(h) if h.sealing == crate::format::Sealing::Convergent => {}
+            Ok(h) if h.sealing != crate::format::Sealing::None => {}
             _ => {
                 return Err(Refusal::new(
                     422,

@@ -783,6 +783,25 @@ impl Store {
         Err(Error::NotFound(*id))
     }
 
+    /// A chunk's stored blob (header and payload, compressed as stored),
+    /// its record's CRC checked: what the mirror seals and ships, without
+    /// decompressing it. Read through the page cache.
+    pub fn read_blob(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        for attempt in 0..2 {
+            let entry = self.lookup(id)?.ok_or(Error::NotFound(*id))?;
+            let file = match self.pack_file(entry.pack) {
+                Ok(f) => f,
+                // gc moved it between the lookup and the open: look again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => continue,
+                Err(e) => return Err(Error::io(format!("opening {}", entry.pack), e)),
+            };
+            return pack::read_record(&file, entry.offset, entry.record_len)
+                .and_then(|rec| pack::check_record_as(&rec, id, true).map(<[u8]>::to_vec))
+                .map_err(|why| self.corrupt(id, &entry, why));
+        }
+        Err(Error::NotFound(*id))
+    }
+
     /// Logs a chunk that failed its check (or could not be read) and makes
     /// the error that names it.
     fn corrupt(&self, id: &ChunkId, entry: &ChunkEntry, why: String) -> Error {
