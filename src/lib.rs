@@ -8,7 +8,8 @@
 //! (`dedupfs status`, the metrics page) -> `ctl`
 //! (the daemon's control socket) -> the `dedupfs` and `snapctl` binaries
 //! (thin CLIs). `metrics` (counters, std only) sits beside `format`: `fs`
-//! records into it, `status` renders it.
+//! records into it, `status` renders it. `tlsconf` (rustls settings for
+//! both ends of the mirror protocol) sits below `serve`.
 #![forbid(unsafe_code)]
 
 pub mod chunker;
@@ -28,6 +29,7 @@ pub mod snap;
 pub mod snapcmd;
 pub mod status;
 pub mod store;
+pub mod tlsconf;
 pub mod tree;
 
 /// Progress of a long operation; the CLI draws it, the library only reports.

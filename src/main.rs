@@ -163,11 +163,12 @@ enum Cmd {
     ///
     /// Runs in the foreground (for systemd) and keeps, in DIR, the sealed
     /// blobs of every registered client and their owner counts
-    /// (docs/protocol.md, docs/security.md). Plain HTTP on loopback only:
-    /// TLS is not built yet. `client add|list|remove` manage who may use
-    /// it, while it runs or not. GET /metrics gives its figures.
+    /// (docs/protocol.md, docs/security.md). HTTPS (TLS 1.3, HTTP/2 or
+    /// HTTP/1.1) with --tls-cert and --tls-key; plain HTTP without them, and
+    /// then on a loopback address only. `client add|list|remove` manage who
+    /// may use it, while it runs or not. GET /metrics gives its figures.
     #[command(
-        after_help = "Examples:\n  dedupfs serve --store /srv/dedupfs --listen 127.0.0.1:8417\n  dedupfs serve --store /srv/dedupfs client add laptop --key HEX --quota 100000000000\n  dedupfs serve --store /srv/dedupfs client list --json"
+        after_help = "Examples:\n  dedupfs serve --store /srv/dedupfs --listen 0.0.0.0:8417 --tls-cert /etc/dedupfs/cert.pem --tls-key /etc/dedupfs/key.pem\n  dedupfs serve --store /srv/dedupfs --listen 127.0.0.1:8417\n  dedupfs serve --store /srv/dedupfs client add laptop --key HEX --quota 100000000000\n  dedupfs serve --store /srv/dedupfs client list --json"
     )]
     Serve {
         /// The target's directory (created if missing).
@@ -176,6 +177,14 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8417")]
         listen: std::net::SocketAddr,
+        /// Serve HTTPS with this certificate chain (PEM, the server's
+        /// certificate first, then any intermediates). Needs --tls-key.
+        /// Without both, plain HTTP is served on a loopback address only.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         #[command(subcommand)]
         cmd: Option<ServeCmd>,
     },
@@ -644,13 +653,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             options,
             threads,
         } => return mount(&store, &mountpoint, foreground, &options, threads),
-        Cmd::Serve { store, listen, cmd } => {
+        Cmd::Serve {
+            store,
+            listen,
+            tls_cert,
+            tls_key,
+            cmd,
+        } => {
             let dir = store.ok_or_else(|| anyhow::anyhow!("--store DIR is required"))?;
             let admin = |c: &str, args: serde_json::Value| {
                 dedupfs::serve::admin_call(&dir, c, args).map_err(|e| anyhow::anyhow!(e))
             };
             match cmd {
-                None => dedupfs::serve::run(&dir, listen).map_err(|e| anyhow::anyhow!(e))?,
+                None => {
+                    let tls = match (tls_cert, tls_key) {
+                        (Some(cert), Some(key)) => Some(dedupfs::serve::TlsFiles { cert, key }),
+                        // clap makes each flag require the other.
+                        _ => None,
+                    };
+                    dedupfs::serve::run(&dir, listen, tls).map_err(|e| anyhow::anyhow!(e))?
+                }
                 Some(ServeCmd::Client(ClientCmd::Add { name, key, quota })) => {
                     admin(
                         "client_add",

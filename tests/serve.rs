@@ -18,6 +18,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_dedupfs");
 struct Server {
     child: Child,
     base: String,
+    port: u16,
+    agent: ureq::Agent,
 }
 
 impl Drop for Server {
@@ -27,26 +29,39 @@ impl Drop for Server {
     }
 }
 
-fn start(dir: &Path) -> Server {
-    let port = TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+/// Starts `dedupfs serve` on a free loopback port with `extra` arguments
+/// and waits until it accepts connections.
+fn spawn(dir: &Path, extra: &[&std::ffi::OsStr], scheme: &str, agent: ureq::Agent) -> Server {
+    let port = free_port();
     let child = Command::new(BIN)
         .args(["serve", "--store"])
         .arg(dir)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let s = Server {
+    let mut s = Server {
         child,
-        base: format!("http://127.0.0.1:{port}"),
+        base: format!("{scheme}://127.0.0.1:{port}"),
+        port,
+        agent,
     };
     let t0 = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            s.child.try_wait().unwrap().is_none(),
+            "serve exited before listening"
+        );
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "serve did not start"
@@ -54,6 +69,38 @@ fn start(dir: &Path) -> Server {
         std::thread::sleep(Duration::from_millis(50));
     }
     s
+}
+
+fn start(dir: &Path) -> Server {
+    spawn(dir, &[], "http", dedupfs::tlsconf::agent(None).unwrap())
+}
+
+/// A certificate for 127.0.0.1 and localhost, self-signed, written as
+/// `cert.pem` and `key.pem` in `dir`; returns the certificate's PEM.
+fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key, ck.cert.pem())
+}
+
+/// Starts the server on HTTPS with the certificate in `cert` and `key`,
+/// its agent trusting `ca`.
+fn start_tls(dir: &Path, cert: &Path, key: &Path, ca: &str) -> Server {
+    spawn(
+        dir,
+        &[
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ],
+        "https",
+        dedupfs::tlsconf::agent(Some(ca.as_bytes())).unwrap(),
+    )
 }
 
 fn hex(b: &[u8]) -> String {
@@ -67,13 +114,6 @@ fn keys(host: &str) -> HostKeys {
         lanes: 1,
     };
     HostKeys::derive(b"pass", host, cheap).unwrap()
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
 }
 
 struct Reply {
@@ -98,7 +138,7 @@ fn send(
     body: &[u8],
     nonce: Option<&str>,
 ) -> Reply {
-    let a = agent();
+    let a = s.agent.clone();
     let url = format!("{}{path}", s.base);
     let mut headers: Vec<(String, String)> = Vec::new();
     if let Some((who, k)) = k {
@@ -329,5 +369,165 @@ fn plain_http_is_refused_off_loopback() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("loopback") && err.contains("--tls-cert"),
+        "{err}"
+    );
+}
+
+/// The rustls error behind a failed request, if a TLS failure it was.
+fn tls_error(e: &ureq::Error) -> Option<&tokio_rustls::rustls::Error> {
+    match e {
+        ureq::Error::Rustls(r) => Some(r),
+        ureq::Error::Io(io) => io.get_ref()?.downcast_ref(),
+        _ => None,
+    }
+}
+
+#[test]
+fn https_answers_a_client_that_trusts_its_certificate_and_no_other() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("target");
+    let (cert, key, ca) = self_signed(d.path());
+    let s = start_tls(&dir, &cert, &key, &ca);
+    let info = send(&s, None, "GET", "/v1/info", b"", None);
+    assert_eq!(info.status, 200);
+    assert!(String::from_utf8_lossy(&info.body).contains("\"protocols\":[1]"));
+    // A signed request, from a client registered while it runs.
+    let a = keys("a");
+    let out = admin(
+        &dir,
+        &["client", "add", "a", "--key", &hex(a.public().as_bytes())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = send(&s, Some(("a", &a)), "GET", "/v1/client", b"", None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["name"], "a");
+
+    // Not trusted: the built-in roots, or another self-signed certificate.
+    let url = format!("{}/v1/info", s.base);
+    let other = d.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let other_ca = self_signed(&other).2;
+    for agent in [
+        dedupfs::tlsconf::agent(None).unwrap(),
+        dedupfs::tlsconf::agent(Some(other_ca.as_bytes())).unwrap(),
+    ] {
+        let e = agent.get(&url).call().unwrap_err();
+        assert!(
+            matches!(
+                tls_error(&e),
+                Some(tokio_rustls::rustls::Error::InvalidCertificate(_))
+            ),
+            "{e:?}"
+        );
+    }
+    // Plain HTTP to the TLS port gets no answer.
+    let plain = format!("http://127.0.0.1:{}/v1/info", s.port);
+    assert!(s.agent.get(&plain).call().is_err());
+}
+
+#[test]
+fn https_is_tls_1_3_and_offers_h2_then_http_1_1() {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let d = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = self_signed(d.path());
+    let s = start_tls(&d.path().join("target"), &cert, &key, &ca);
+    for (offer, chosen) in [
+        (vec![b"h2".to_vec(), b"http/1.1".to_vec()], &b"h2"[..]),
+        (vec![b"http/1.1".to_vec()], &b"http/1.1"[..]),
+    ] {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(dedupfs::tlsconf::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = offer;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).unwrap();
+        }
+        assert_eq!(conn.alpn_protocol(), Some(chosen));
+        assert_eq!(
+            conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+    }
+}
+
+fn serve_fails(dir: &Path, extra: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--store"])
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn tls_needs_both_files_and_names_a_bad_one() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("target");
+    let (cert, key, _) = self_signed(d.path());
+    let err = serve_fails(&dir, &["--tls-cert".as_ref(), cert.as_os_str()]);
+    assert!(err.contains("--tls-key"), "{err}");
+    let err = serve_fails(&dir, &["--tls-key".as_ref(), key.as_os_str()]);
+    assert!(err.contains("--tls-cert"), "{err}");
+    // The key where the certificate should be, and the other way round.
+    let err = serve_fails(
+        &dir,
+        &[
+            "--tls-cert".as_ref(),
+            key.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ],
+    );
+    assert!(
+        err.contains("key.pem") && err.contains("no certificate"),
+        "{err}"
+    );
+    let err = serve_fails(
+        &dir,
+        &[
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            cert.as_os_str(),
+        ],
+    );
+    assert!(
+        err.contains("cert.pem") && err.contains("no private key"),
+        "{err}"
+    );
+    // A key that is not the certificate's.
+    let other = d.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (_, other_key, _) = self_signed(&other);
+    let err = serve_fails(
+        &dir,
+        &[
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            other_key.as_os_str(),
+        ],
+    );
+    assert!(err.contains("--tls-key"), "{err}");
 }

@@ -5,14 +5,15 @@
 //! Client administration goes through `DIR/ctl.sock` while it runs and to
 //! the database directly when it does not.
 //!
-//! Calls `seal`, `ctl`, `guard`; never `fs` or a local store.
+//! Calls `seal`, `ctl`, `guard`, `tlsconf`; never `fs` or a local store.
 
 pub mod blobs;
 pub mod http;
 pub mod target;
+mod tls;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -26,14 +27,26 @@ pub fn open(dir: &Path) -> Result<Target, String> {
     Target::open(dir, Box::new(blobs))
 }
 
-/// Serves `dir` on `listen` until SIGINT or SIGTERM.
-pub fn run(dir: &Path, listen: SocketAddr) -> Result<(), String> {
-    if !listen.ip().is_loopback() {
+/// The certificate chain and private key (PEM files) to serve HTTPS with.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Serves `dir` on `listen` until SIGINT or SIGTERM: HTTPS with `tls`,
+/// plain HTTP without, and then only on a loopback address.
+pub fn run(dir: &Path, listen: SocketAddr, tls: Option<TlsFiles>) -> Result<(), String> {
+    if tls.is_none() && !listen.ip().is_loopback() {
         return Err(format!(
-            "{listen}: plain HTTP is served on loopback only, and TLS is not built yet; \
-             listen on 127.0.0.1 or [::1] (and put a TLS proxy in front for now)"
+            "{listen}: plain HTTP is served on loopback only; give --tls-cert FILE \
+             --tls-key FILE to serve HTTPS there, or listen on 127.0.0.1 or [::1]"
         ));
     }
+    // Bad certificate files are found before anything is opened or bound.
+    let tls_config = match &tls {
+        Some(f) => Some(crate::tlsconf::server_config(&f.cert, &f.key)?),
+        None => None,
+    };
     let state = Arc::new(http::State {
         target: open(dir)?,
         counters: http::Counters::default(),
@@ -54,27 +67,42 @@ pub fn run(dir: &Path, listen: SocketAddr) -> Result<(), String> {
             .await
             .map_err(|e| format!("listening on {listen}: {e}"))?;
         let bound = listener.local_addr().map_err(|e| e.to_string())?;
-        log::info!("serving {} on http://{bound}", dir.display());
-        axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(async {
-                let term = async {
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(mut s) => {
-                            s.recv().await;
-                        }
-                        Err(_) => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = term => {},
-                }
-                log::info!("stopping");
-            })
-            .await
-            .map_err(|e| e.to_string())
+        let router = http::router(state);
+        let served = match tls_config {
+            Some(config) => {
+                let listener = tls::TlsListener::start(listener, config)
+                    .map_err(|e| format!("listening on {listen}: {e}"))?;
+                log::info!("serving {} on https://{bound}", dir.display());
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop_signal())
+                    .await
+            }
+            None => {
+                log::info!("serving {} on http://{bound}", dir.display());
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop_signal())
+                    .await
+            }
+        };
+        served.map_err(|e| e.to_string())
     })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    log::info!("stopping");
 }
 
 /// One administration command (`client add|list|remove`), run in the
