@@ -14,6 +14,7 @@ mod diskfull;
 mod formats;
 mod harness;
 mod many;
+mod mirror;
 mod model;
 mod observe;
 mod passthrough;

@@ -218,6 +218,23 @@ pub fn human(n: u64, places: usize) -> String {
     }
 }
 
+/// A spinner naming a long operation, on stderr when it is a terminal;
+/// hidden otherwise. Drop it to clear it.
+pub fn spinner(msg: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+        pb.set_style(style);
+    }
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,21 +282,4 @@ mod tests {
         assert_eq!(count(1, "chunk"), "1 chunk");
         assert_eq!(count(2, "chunk"), "2 chunks");
     }
-}
-
-/// A spinner naming a long operation, on stderr when it is a terminal;
-/// hidden otherwise. Drop it to clear it.
-pub fn spinner(msg: &str) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb =
-        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
-        pb.set_style(style);
-    }
-    pb.set_message(msg.to_string());
-    pb.enable_steady_tick(std::time::Duration::from_millis(120));
-    pb
 }

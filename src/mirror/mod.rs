@@ -92,7 +92,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -386,13 +386,7 @@ impl Remote {
 }
 
 /// An HTTP agent for targets: TLS trusting `ca_pem` (a self-signed
-/// target) or the system's roots; refusals come back as replies.
+/// target) or the built-in roots; refusals come back as replies.
 pub fn make_agent(ca_pem: Option<&[u8]>) -> Result<ureq::Agent, String> {
-    let _ = ca_pem;
-    Ok(ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(std::time::Duration::from_secs(10)))
-        .timeout_global(Some(std::time::Duration::from_secs(300)))
-        .build()
-        .into())
+    crate::tlsconf::agent(ca_pem)
 }

@@ -176,7 +176,10 @@ pub fn run_logged_only(
                 }
                 st.referenced_bytes = Some(rep.referenced_bytes);
             }
-            st.bytes_sent_last_run = rep.bytes_sent;
+            // "Last run": the last that mirrored something.
+            if !rep.snapshots.is_empty() {
+                st.bytes_sent_last_run = rep.bytes_sent;
+            }
             st.bytes_sent_total += rep.bytes_sent;
             st.blobs_sent_total += rep.blobs_sent;
             st.last_error = None;
